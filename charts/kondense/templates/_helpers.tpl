@@ -1,0 +1,85 @@
+{{/* The chart's name, or nameOverride. */}}
+{{- define "kondense.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The release's full name: fullnameOverride, the release name when it contains the chart name, or <release>-<chart>. */}}
+{{- define "kondense.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kondense.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "kondense.labels" -}}
+helm.sh/chart: {{ include "kondense.chart" . }}
+{{ include "kondense.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kondense
+{{- end }}
+
+{{/* Labels that select the operator pod (immutable once deployed). */}}
+{{- define "kondense.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kondense.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* The operator's ServiceAccount name. */}}
+{{- define "kondense.serviceAccountName" -}}
+{{- default (include "kondense.fullname" .) .Values.serviceAccount.name }}
+{{- end }}
+
+{{/* image: repository:tag, the tag defaulting to the chart's appVersion. */}}
+{{- define "kondense.image" -}}
+{{- printf "%s:%s" .image.repository (default .chart.AppVersion .image.tag) }}
+{{- end }}
+
+{{/* Namespaces that get the Job ServiceAccount, as a JSON list: jobNamespaces, else watchNamespaces, else the release namespace. */}}
+{{- define "kondense.jobNamespaces" -}}
+{{- .Values.jobNamespaces | default .Values.watchNamespaces | default (list .Release.Namespace) | uniq | toJson }}
+{{- end }}
+
+{{/* kopf's framework rules: events about the objects it handles, and the peering object when peering is on. Namespaced part. */}}
+{{- define "kondense.frameworkNamespacedRules" -}}
+# kopf posts events about the pipelines it handles.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create, patch]
+{{- if .Values.operator.peering.enabled }}
+# kopf peering: one active replica at a time.
+- apiGroups: [kopf.dev]
+  resources: [{{ if .Values.watchNamespaces }}kopfpeerings{{ else }}clusterkopfpeerings{{ end }}]
+  verbs: [get, list, watch, patch]
+{{- end }}
+{{- end }}
+
+{{/* The application's rules: pipelines, their Jobs, pods and spec ConfigMaps. Never Secrets: credentials reach pods only as secretKeyRef. */}}
+{{- define "kondense.applicationRules" -}}
+- apiGroups: [kondense.io]
+  resources: [compressionpipelines]
+  verbs: [get, list, watch, patch, update]
+- apiGroups: [kondense.io]
+  resources: [compressionpipelines/status]
+  verbs: [get, patch, update]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [create, get, list, watch, delete, patch]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [create, get, list, watch, delete, patch]
+{{- end }}

@@ -1,0 +1,1 @@
+"""kondense_jobs: the compression stages (distill, quantize, evaluate) behind one entrypoint."""

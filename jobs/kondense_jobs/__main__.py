@@ -1,0 +1,128 @@
+"""One entrypoint for every stage: `python -m kondense_jobs <stage-kind> --spec stage.json`.
+
+The operator's Jobs and `kondense run` both start stages this way. The process prints progress
+as structured lines, writes a one-line JSON summary to the termination-message file and exits
+with a code from kondense.errors that tells retryable failures from permanent ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from kondense.api import StageRun, Summary
+from kondense.errors import BY_REASON, InvalidSpec, KondenseError, Reason, outcome_for_exit
+from kondense.events import summary_line
+
+log = logging.getLogger("kondense_jobs")
+
+# stage kind -> "module:function"; imported lazily so that a missing heavy dependency
+# becomes a MissingDependency error instead of an ImportError at startup.
+STAGES = {
+    "distill": "kondense_jobs.distill:run",
+    "quantize": "kondense_jobs.quantize:run",
+    "evaluate": "kondense_jobs.evaluate:run",
+}
+
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+
+
+def load_stage(kind: str):
+    if kind not in STAGES:
+        raise InvalidSpec(f"unknown stage kind {kind!r}; known kinds: {', '.join(sorted(STAGES))}")
+    module, _, fn = STAGES[kind].partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def read_spec(path: Path, kind: str) -> StageRun:
+    try:
+        run = StageRun.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise InvalidSpec(f"--spec {path}: no such file") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise InvalidSpec(f"{path}: {where}: {first['msg']} ({e.error_count()} errors)") from None
+    if run.stage_kind != kind:
+        raise InvalidSpec(f"{path} is a {run.stage_kind} stage, not {kind}")
+    if run.config is None:
+        raise InvalidSpec(f"{path}: the {kind} section is missing")
+    return run
+
+
+def classify(exc: BaseException) -> tuple[str, str]:
+    """(reason, message) of an exception, one line, never a credential."""
+    if isinstance(exc, KondenseError):
+        return exc.reason, str(exc)
+    name = type(exc).__name__
+    if name == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
+        return Reason.CUDA_OUT_OF_MEMORY, f"CUDA out of memory: {str(exc).splitlines()[0][:300]}"
+    if isinstance(exc, MemoryError):
+        return Reason.OOM_KILLED, "host memory exhausted"
+    return Reason.ERROR, f"{name}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+
+
+def write_termination(summary: Summary, path: str | None) -> None:
+    line = summary_line(summary)
+    print(line, flush=True)
+    target = path or os.environ.get("KONDENSE_TERMINATION_LOG") or DEFAULT_TERMINATION_LOG
+    try:
+        with open(target, "w") as f:
+            f.write(line[:4000])  # the kubelet keeps at most 4096 bytes
+    except OSError:
+        if path:  # asked for explicitly: say so; the default may simply not exist outside a pod
+            log.warning("cannot write the termination message to %s", target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kondense_jobs", description=__doc__.splitlines()[0])
+    parser.add_argument("kind", help=f"stage kind: {', '.join(sorted(STAGES))}")
+    parser.add_argument("--spec", required=True, type=Path, help="the StageRun JSON document")
+    parser.add_argument("--termination-log", help=f"summary file (default $KONDENSE_TERMINATION_LOG or {DEFAULT_TERMINATION_LOG})")
+    parser.add_argument("--work-dir", type=Path, help="scratch space (default: a temp dir)")
+    parser.add_argument("--cache-dir", type=Path, help="input cache (default $KONDENSE_CACHE or ~/.cache/kondense)")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(
+        level=os.environ.get("KONDENSE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("botocore", "urllib3", "s3transfer", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    from kondense_jobs.runtime import Context
+
+    try:
+        stage_fn = load_stage(args.kind)
+        run = read_spec(args.spec, args.kind)
+        cache = args.cache_dir or Path(os.environ.get("KONDENSE_CACHE", Path.home() / ".cache" / "kondense"))
+        with tempfile.TemporaryDirectory(prefix=f"kondense-{run.stage}-", dir=args.work_dir) as work:
+            log.info("Stage %s (%s) -> %s", run.stage, run.stage_kind, run.output)
+            summary = stage_fn(Context(run, Path(work), cache))
+    except KeyboardInterrupt:
+        summary = Summary(state="Failed", reason=Reason.INTERRUPTED, message="interrupted")
+        write_termination(summary, args.termination_log)
+        return 130
+    except BaseException as exc:  # noqa: BLE001 - turned into a reason and an exit code
+        reason, message = classify(exc)
+        if reason == Reason.ERROR:
+            traceback.print_exc()
+        else:
+            log.error("%s: %s", reason, message)
+        write_termination(Summary(state="Failed", reason=reason, message=message), args.termination_log)
+        return BY_REASON[reason].exit_code
+    write_termination(summary, args.termination_log)
+    return 0 if summary.state == "Succeeded" else outcome_for_exit(1).exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

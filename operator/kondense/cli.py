@@ -1,0 +1,156 @@
+"""The `kondense` command: run, demo, validate, report, crd."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from kondense.errors import InvalidSpec, KondenseError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _state_dir(args, namespace: str, name: str) -> Path:
+    return Path(args.state_dir or Path(".kondense") / namespace / name)
+
+
+def _run_pipeline(pipeline, args) -> int:
+    from kondense.local import LocalRunner, format_table
+
+    runner = LocalRunner(pipeline, _state_dir(args, pipeline.metadata.namespace, pipeline.metadata.name), parallel=args.parallel)
+    print(f"Pipeline {pipeline.metadata.name}: {len(runner.plans)} stages, artifacts in {pipeline.spec.storage.uri}")
+    started = time.monotonic()
+    try:
+        status = runner.run()
+    except KeyboardInterrupt:
+        print("\nInterrupted. Run the same command again to resume.", file=sys.stderr)
+        return 130
+    elapsed = time.monotonic() - started
+    ran = ", ".join(runner.executed) or "none (all up to date)"
+    print(f"\nStages run: {ran} in {elapsed:.1f}s. Status: {runner.state_dir / 'status.json'}")
+    if status.report:
+        print("\n" + format_table(status.report))
+        print(f"\nReport: {status.report.uri}/report.md, plot: {status.report.uri}/plot.png")
+    ready = next(c for c in status.conditions if c.type == "Ready")
+    if ready.status != "True":
+        print(f"\nPipeline not ready: {ready.reason}: {ready.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_run(args) -> int:
+    from kondense.store import to_uri
+    from kondense.validation import load_file
+
+    pipeline = load_file(Path(args.pipeline))
+    if args.store:
+        pipeline.spec.storage.uri = to_uri(args.store)
+    return _run_pipeline(pipeline, args)
+
+
+def cmd_demo(args) -> int:
+    from kondense import demo
+    from kondense.store import FileStore, to_uri
+
+    base = to_uri(args.base or str(Path.home() / ".cache" / "kondense" / "demo"))
+    local_inputs = (FileStore.path(base) if base.startswith("file://") else Path.home() / ".cache" / "kondense" / "demo") / "inputs"
+    demo.build_inputs(local_inputs)
+    demo.stage_inputs(local_inputs, base)
+    return _run_pipeline(demo.pipeline(base), args)
+
+
+def cmd_validate(args) -> int:
+    from kondense.validation import load_file
+
+    bad = 0
+    for path in args.pipelines:
+        try:
+            p = load_file(Path(path))
+            print(f"{path}: valid ({p.metadata.name}, {len(p.spec.stages)} stages)")
+        except InvalidSpec as e:
+            print(str(e), file=sys.stderr)
+            bad += 1
+    return 1 if bad else 0
+
+
+def cmd_report(args) -> int:
+    from kondense.api import Report
+    from kondense.local import format_table
+    from kondense.plan import resolve
+    from kondense.store import join, open_store, to_uri
+    from kondense.validation import load_file
+
+    target = args.target
+    if Path(target).is_file() and target.endswith((".yaml", ".yml")):
+        p = load_file(Path(target))
+        evals = [s for s in resolve(p.spec, p.metadata.namespace, p.metadata.name) if s.kind == "evaluate"]
+        if not evals:
+            raise InvalidSpec(f"{target} has no evaluate stage")
+        uri = evals[-1].output
+    else:
+        uri = to_uri(target)
+    raw = open_store(uri).read_bytes(join(uri, "report.json"))
+    if raw is None:
+        raise InvalidSpec(f"{join(uri, 'report.json')} does not exist: has the evaluate stage finished?")
+    doc = json.loads(raw)
+    print(format_table(Report.model_validate({k: v for k, v in doc.items() if k in ("uri", "baseline", "table")})))
+    return 0
+
+
+def cmd_crd(args) -> int:
+    from kondense import generate
+
+    if args.check:
+        stale = generate.stale(ROOT)
+        for path in stale:
+            print(f"{path} is out of date: run `kondense crd`", file=sys.stderr)
+        return 1 if stale else 0
+    for path in generate.write(ROOT):
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kondense", description="Distill, quantize and evaluate LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def runner_options(p):
+        p.add_argument("--parallel", type=int, default=1, help="stages run at once where the DAG allows (default 1)")
+        p.add_argument("--state-dir", help="status and logs (default .kondense/<namespace>/<name>)")
+
+    p = sub.add_parser("run", help="run a pipeline's stages as local processes")
+    p.add_argument("pipeline", help="CompressionPipeline YAML")
+    p.add_argument("--store", help="override spec.storage.uri (a folder or s3://bucket/prefix)")
+    runner_options(p)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("demo", help="the embedded default: a whole pipeline on tiny models built on the spot")
+    p.add_argument("--base", help="where inputs and artifacts go: a folder or s3://bucket/prefix (default ~/.cache/kondense/demo)")
+    runner_options(p)
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("validate", help="check pipelines as the API server and the planner would")
+    p.add_argument("pipelines", nargs="+")
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("report", help="print a finished pipeline's comparison table")
+    p.add_argument("target", help="pipeline YAML, or the URI of an evaluate stage's artifact")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("crd", help="regenerate the CRD, the chart's copy and the demo example")
+    p.add_argument("--check", action="store_true", help="exit 1 when a generated file is out of date")
+    p.set_defaults(fn=cmd_crd)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except KondenseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""`kondense demo`: the embedded default pipeline on models built on the spot.
+
+Inputs (tokenizer, a teacher pretrained for a minute on Python's docstrings, a random smaller
+student, a dataset) are built once into <base>/inputs and reused; the pipeline is
+data/demo.yaml with s3://kondense-demo replaced by the base URI.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from kondense.api import CompressionPipeline
+from kondense.events import Progress
+from kondense.store import FileStore, join, open_store
+from kondense.validation import parse
+
+PLACEHOLDER = "s3://kondense-demo"
+# Bump when the recipe below changes, so that cached inputs are rebuilt.
+RECIPE = {"version": 1, "vocab": 4096, "docs": 6000, "teacher": [4, 256, 4], "student": [2, 128, 4], "steps": 300}
+
+
+def template() -> str:
+    return resources.files("kondense").joinpath("data/demo.yaml").read_text()
+
+
+def pipeline(base_uri: str) -> CompressionPipeline:
+    return parse(yaml.safe_load(template().replace(PLACEHOLDER, base_uri.rstrip("/"))))
+
+
+def build_inputs(folder: Path, out=print) -> Path:
+    """Tokenizer, teacher, student and dataset in folder (reused when the recipe matches)."""
+    marker = folder / "recipe.json"
+    if marker.exists() and json.loads(marker.read_text()) == RECIPE:
+        return folder
+    try:
+        from kondense_jobs import tiny
+    except ImportError as e:
+        raise SystemExit(f"kondense demo needs the stage libraries ({e}). To resolve: pip install -e '.[jobs]'") from None
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    out("Building the demo inputs (once): tokenizer, teacher, student, dataset")
+    texts = tiny.corpus(max_docs=RECIPE["docs"])
+    tokenizer = tiny.train_tokenizer(texts, vocab_size=RECIPE["vocab"])
+    # Dataset records: the last 1/8 of the paragraphs, unseen by the teacher's pretraining.
+    cut = len(texts) * 7 // 8
+    tiny.write_jsonl(folder / "dataset.jsonl", [{"text": t} for t in texts[cut:]])
+    layers, hidden, heads = RECIPE["teacher"]
+    teacher = tiny.build_model(folder / "teacher", tokenizer, "llama", layers, hidden, heads, seed=1)
+    out(f"Pretraining the teacher on {cut} paragraphs ({RECIPE['steps']} steps)")
+    tiny.pretrain(teacher, texts[:cut], steps=RECIPE["steps"], seq_len=128, batch=16, lr=3e-3, progress=Progress("teacher", min_interval=5))
+    layers, hidden, heads = RECIPE["student"]
+    tiny.build_model(folder / "student", tokenizer, "llama", layers, hidden, heads, seed=2)
+    marker.write_text(json.dumps(RECIPE))
+    return folder
+
+
+def stage_inputs(local_inputs: Path, base_uri: str) -> None:
+    """Copy the inputs to a remote base (s3://...) unless they are already there."""
+    if base_uri.startswith("file://") and FileStore.path(base_uri) / "inputs" == local_inputs:
+        return
+    store = open_store(base_uri)
+    target = join(base_uri, "inputs")
+    if store.read_bytes(join(target, "recipe.json")) == (local_inputs / "recipe.json").read_bytes():
+        return
+    files = [(p, join(target, p.relative_to(local_inputs).as_posix())) for p in sorted(local_inputs.rglob("*")) if p.is_file()]
+    store.upload(files)

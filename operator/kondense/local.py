@@ -1,0 +1,284 @@
+"""`kondense run`: the pipeline's stages as local processes, with the cluster's semantics.
+
+The same plan decides what runs, the same entrypoint runs it (`python -m kondense_jobs`),
+the same store holds the artifacts, and a status document of the CR's shape is kept in
+`<state-dir>/status.json` as it goes. Finished stages are skipped on the next run; an
+interrupted training stage resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from kondense import events
+from kondense.api import CompressionPipeline, PipelineStatus, Report, StageStatus, Summary
+from kondense.errors import HINTS, Reason, outcome_for_exit
+from kondense.plan import StagePlan, decide, resolve, stage_run
+from kondense.status import now_rfc3339, summarize
+from kondense.store import Store, open_store
+
+
+@dataclass
+class Proc:
+    plan: StagePlan
+    popen: subprocess.Popen
+    termination: Path
+    log: TextIO
+    reader: threading.Thread
+    last: dict = field(default_factory=dict)
+
+
+class Display:
+    """Progress on a terminal (one redrawn line per stage) or plain lines in a log/CI."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.tty = out.isatty()
+        self._drawn = 0
+        self._last_plain: dict[str, str] = {}
+
+    def draw(self, stages: list[StageStatus]) -> None:
+        if self.tty:
+            lines = [self._line(s) for s in stages]
+            self.out.write("\x1b[F\x1b[2K" * self._drawn + "\n".join(lines) + "\n")
+            self._drawn = len(lines)
+        else:
+            for s in stages:
+                line = self._line(s)
+                if self._last_plain.get(s.name) != line and s.state != "Pending":
+                    self._last_plain[s.name] = line
+                    self.out.write(line + "\n")
+        self.out.flush()
+
+    @staticmethod
+    def _line(s: StageStatus) -> str:
+        bar = ""
+        if s.state == "Running" and s.progress:
+            try:
+                step, total = (int(x) for x in s.progress.split()[0].split("/"))
+                filled = int(20 * step / max(total, 1))
+                bar = f" [{'#' * filled}{'.' * (20 - filled)}]"
+            except ValueError:
+                pass
+        detail = s.progress if s.state == "Running" else (s.reason or "")
+        if s.state == "Failed" and s.message:
+            detail = f"{s.reason}: {s.message}"
+        return f"  {s.name:<12} {s.state:<9}{bar} {detail or ''}".rstrip()
+
+
+class LocalRunner:
+    def __init__(
+        self,
+        pipeline: CompressionPipeline,
+        state_dir: Path,
+        parallel: int = 1,
+        out: TextIO = sys.stdout,
+        cache_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        self.pipeline = pipeline
+        self.spec = pipeline.spec
+        self.namespace = pipeline.metadata.namespace
+        self.name = pipeline.metadata.name
+        self.state_dir = state_dir
+        self.parallel = parallel
+        self.out = out
+        self.cache_dir = cache_dir
+        self.env = env or {}
+        self.plans = resolve(self.spec, self.namespace, self.name)
+        self.by_name = {p.name: p for p in self.plans}
+        self.stages = {p.name: StageStatus(name=p.name, input_digest=p.input_digest) for p in self.plans}
+        self.status: PipelineStatus | None = None
+        self.report: Report | None = None
+        self.gate: tuple[bool, str] | None = None
+        self.display = Display(out)
+        self.executed: list[str] = []
+
+    # -- store facts -----------------------------------------------------------------------
+    def _store(self) -> Store:
+        return open_store(self.spec.storage.uri, self.spec.storage.endpoint, self.spec.storage.region)
+
+    def committed(self, store: Store) -> set[str]:
+        done = set()
+        for p in self.plans:
+            manifest = store.read_manifest(p.output)
+            if manifest and manifest.input_digest == p.input_digest:
+                done.add(p.name)
+                s = self.stages[p.name]
+                if s.state != "Succeeded":
+                    s.state, s.reason = "Succeeded", Reason.UP_TO_DATE
+                    s.artifact = manifest.artifact(p.output)
+                    s.metrics = manifest.metrics
+                    if p.kind == "evaluate":
+                        self._load_report(manifest.extra)
+        return done
+
+    def _load_report(self, extra: dict) -> None:
+        if "report" in extra:
+            self.report = Report.model_validate(extra["report"])
+        if "gate" in extra:
+            self.gate = (bool(extra["gate"]["passed"]), str(extra["gate"]["message"]))
+
+    # -- processes -------------------------------------------------------------------------
+    def start(self, plan: StagePlan) -> Proc:
+        run = stage_run(self.spec, self.plans, plan.name, self.namespace, self.name)
+        spec_path = self.state_dir / f"{plan.name}.json"
+        spec_path.write_text(json.dumps(run.dump(), indent=2))
+        termination = self.state_dir / f"{plan.name}.termination"
+        termination.unlink(missing_ok=True)
+        log = open(self.state_dir / "logs" / f"{plan.name}.log", "a")
+        cmd = [sys.executable, "-m", "kondense_jobs", plan.kind, "--spec", str(spec_path), "--termination-log", str(termination)]
+        if self.cache_dir:
+            cmd += ["--cache-dir", str(self.cache_dir)]
+        popen = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **self.env},
+        )
+        proc = Proc(plan, popen, termination, log, threading.Thread(daemon=True))
+        proc.reader = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        proc.reader.start()
+        s = self.stages[plan.name]
+        s.state, s.reason, s.message, s.progress = "Running", Reason.RUNNING, None, None
+        s.attempts += 1
+        s.started_at, s.finished_at = now_rfc3339(), None
+        self.executed.append(plan.name)
+        return proc
+
+    def _read(self, proc: Proc) -> None:
+        assert proc.popen.stdout is not None
+        for line in proc.popen.stdout:
+            proc.log.write(line)
+            ev = events.parse_line(line)
+            if ev and ev[events.KEY] == "progress":
+                proc.last = ev
+                self.stages[proc.plan.name].progress = events.describe(ev)
+        proc.log.flush()
+
+    def finish(self, proc: Proc, code: int) -> bool:
+        """Record a finished process; True when it should be retried."""
+        proc.reader.join()
+        proc.log.close()
+        s = self.stages[proc.plan.name]
+        s.finished_at = now_rfc3339()
+        text = proc.termination.read_text() if proc.termination.exists() else ""
+        summary = events.parse_summary(text) or Summary(
+            state="Failed", reason=outcome_for_exit(code).reason, message=f"exited with code {code}, no summary"
+        )
+        if code == 0 and summary.state == "Succeeded":
+            s.state, s.reason, s.message = "Succeeded", Reason.SUCCEEDED, None
+            s.artifact, s.metrics = summary.artifact, summary.metrics
+            if summary.report:
+                self.report = summary.report
+            return False
+        outcome = outcome_for_exit(code)
+        retry = outcome.retryable and s.attempts <= proc.plan.resources.backoff_limit and code != 130
+        s.state = "Pending" if retry else "Failed"
+        s.reason = summary.reason
+        hint = HINTS.get(summary.reason)
+        s.message = summary.message + (f" (hint: {hint})" if hint and not retry else "")
+        if summary.reason == Reason.QUALITY_GATE_FAILED:
+            self.gate = (False, summary.message)
+        return retry
+
+    # -- the loop --------------------------------------------------------------------------
+    def write_status(self) -> PipelineStatus:
+        ordered = [self.stages[p.name] for p in self.plans]
+        self.status = summarize(ordered, self.status, self.pipeline.metadata.generation or 1, now_rfc3339(), self.report, self.gate)
+        doc = self.pipeline.model_copy(update={"status": self.status}).dump()
+        tmp = self.state_dir / "status.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=2))
+        os.replace(tmp, self.state_dir / "status.json")
+        return self.status
+
+    def run(self) -> PipelineStatus:
+        (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        store = self._store()
+        store.check_access(self.spec.storage.uri)
+        procs: dict[str, Proc] = {}
+        failed: set[str] = set()
+        try:
+            while True:
+                committed = self.committed(store)
+                d = decide(self.plans, committed, set(procs), failed, limit=self.parallel)
+                for name in d.blocked:
+                    s = self.stages[name]
+                    if s.state != "Skipped":
+                        s.state, s.reason, s.message = "Skipped", Reason.WAITING_FOR_INPUTS, "an input stage failed"
+                for name in d.start:
+                    procs[name] = self.start(self.by_name[name])
+                self.write_status()
+                self.display.draw(list(self.status.stages) if self.status else [])
+                if not procs:
+                    break
+                time.sleep(0.2)
+                for name, proc in list(procs.items()):
+                    code = proc.popen.poll()
+                    if code is None:
+                        continue
+                    del procs[name]
+                    if not self.finish(proc, code):
+                        if self.stages[name].state == "Failed":
+                            failed.add(name)
+        except KeyboardInterrupt:
+            for proc in procs.values():
+                proc.popen.send_signal(signal.SIGINT)
+            for name, proc in procs.items():
+                try:
+                    proc.popen.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.popen.kill()
+                    proc.popen.wait()
+                proc.reader.join()
+                s = self.stages[name]
+                s.state, s.reason, s.message = "Failed", Reason.INTERRUPTED, "interrupted; run again to resume"
+            self.write_status()
+            self.display.draw(list(self.status.stages))
+            raise
+        return self.write_status()
+
+
+def format_table(report: Report) -> str:
+    """The comparison table: variant, size, parameters, perplexity, tokens/s."""
+    header = ("variant", "size", "params", "perplexity", "tokens/s")
+    rows = [header]
+    base = next((r.perplexity for r in report.table if r.variant == report.baseline), None)
+    for r in report.table:
+        ppl = "-" if r.perplexity is None else f"{r.perplexity:.2f}"
+        if base and r.perplexity and r.variant != report.baseline:
+            ppl += f" ({(r.perplexity / base - 1) * 100:+.2f}%)"
+        rows.append(
+            (
+                r.variant + (" *" if r.variant == report.baseline else ""),
+                human_bytes(r.size_bytes),
+                "-" if r.parameters is None else f"{r.parameters / 1e6:.2f}M",
+                ppl,
+                "-" if r.tokens_per_second is None else f"{r.tokens_per_second:.1f}",
+            )
+        )
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if report.baseline:
+        lines.append(f"* baseline for the quality gates: {report.baseline}")
+    return "\n".join(lines)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

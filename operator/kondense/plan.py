@@ -1,0 +1,234 @@
+"""The plan: pure functions from a spec and what is known of its stages to the next actions.
+
+No I/O here. The local runner and the operator both call `resolve` (the DAG with content
+addresses) and `decide` (what is done, what can start), then act on the answer themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from kondense.api import SOURCES, InputRef, ModelRef, PipelineSpec, Resources, Stage, StageRun
+from kondense.errors import InvalidSpec
+from kondense.store import artifact_uri, dumps_canonical
+
+# Bump when the meaning of a stage's output changes for the same spec (forces recompute).
+DIGEST_VERSION = 1
+
+MODEL_PRODUCERS = {"distill"}  # stages whose output is a trainable HF model
+VARIANT_PRODUCERS = {"distill", "quantize"}  # stages whose output can be evaluated
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage with its inputs resolved and its content address computed."""
+
+    name: str
+    kind: str
+    index: int
+    inputs: dict[str, str]  # role -> "teacher" | "student" | stage name
+    input_digest: str
+    output: str
+    resources: Resources
+
+    @property
+    def upstream(self) -> list[str]:
+        return [v for v in self.inputs.values() if v not in SOURCES]
+
+
+def _path(i: int, *rest: str) -> str:
+    return ".".join([f"spec.stages[{i}]", *rest])
+
+
+def semantic_errors(spec: PipelineSpec) -> list[str]:
+    """What the schema cannot say: references between stages. Each message names its field."""
+    errors: list[str] = []
+    kinds: dict[str, tuple[int, str]] = {}
+    for i, stage in enumerate(spec.stages):
+        if stage.name in SOURCES:
+            errors.append(f"{_path(i, 'name')}: {stage.name!r} is reserved for spec.{stage.name}")
+        if stage.name in kinds:
+            errors.append(f"{_path(i, 'name')}: duplicate stage name {stage.name!r} (also spec.stages[{kinds[stage.name][0]}])")
+        kinds.setdefault(stage.name, (i, stage.kind))
+
+    def check_ref(i: int, where: str, ref: str, allowed: set[str], what: str) -> None:
+        if ref in SOURCES:
+            return
+        if ref not in kinds:
+            known = ", ".join([*SOURCES, *kinds]) or "none"
+            errors.append(f"{_path(i, where)}: {ref!r} names no stage (known: {known})")
+        elif kinds[ref][0] >= i:
+            errors.append(f"{_path(i, where)}: {ref!r} must be an earlier stage (stages run in DAG order; no cycles)")
+        elif kinds[ref][1] not in allowed:
+            errors.append(f"{_path(i, where)}: {ref!r} is a {kinds[ref][1]} stage; {what}")
+
+    for i, stage in enumerate(spec.stages):
+        if stage.kind == "evaluate":
+            ev = stage.evaluate
+            assert ev is not None
+            if stage.from_:
+                errors.append(f"{_path(i, 'from')}: evaluate takes its inputs from evaluate.of, not from")
+            for j, name in enumerate(ev.of):
+                check_ref(i, f"evaluate.of[{j}]", name, VARIANT_PRODUCERS, "only models can be evaluated")
+            if len(set(ev.of)) != len(ev.of):
+                errors.append(f"{_path(i, 'evaluate.of')}: lists a variant twice")
+            if ev.baseline and ev.baseline not in ev.of:
+                errors.append(f"{_path(i, 'evaluate.baseline')}: {ev.baseline!r} is not one of evaluate.of {ev.of}")
+            for j, name in enumerate(ev.gates.applies_to):
+                if name not in ev.of:
+                    errors.append(f"{_path(i, f'evaluate.gates.appliesTo[{j}]')}: {name!r} is not one of evaluate.of")
+        elif stage.from_:
+            what = "a distill stage starts from a model, not a quantized one"
+            if stage.kind == "quantize":
+                what = "quantize takes a full-precision model (teacher, student or a distill stage)"
+            check_ref(i, "from", stage.from_, MODEL_PRODUCERS, what)
+    return errors
+
+
+def default_input(spec: PipelineSpec, index: int) -> str:
+    """`from` when omitted: the nearest earlier distill stage, else the student."""
+    stage = spec.stages[index]
+    if stage.from_:
+        return stage.from_
+    if stage.kind == "distill":
+        return "student"
+    for earlier in reversed(spec.stages[:index]):
+        if earlier.kind in MODEL_PRODUCERS:
+            return earlier.name
+    return "student"
+
+
+def _source_identity(ref: ModelRef) -> dict:
+    return {"uri": ref.uri, "revision": ref.revision}
+
+
+def stage_inputs(spec: PipelineSpec, index: int) -> dict[str, str]:
+    stage = spec.stages[index]
+    if stage.kind == "distill":
+        return {"teacher": "teacher", "student": default_input(spec, index)}
+    if stage.kind == "quantize":
+        return {"model": default_input(spec, index)}
+    assert stage.evaluate is not None
+    return {name: name for name in stage.evaluate.of}
+
+
+def input_digest(stage: Stage, inputs: dict[str, str], digests: dict[str, object], spec: PipelineSpec) -> str:
+    """Content address: the stage's own spec, its inputs' identities and the dataset."""
+    doc = {
+        "v": DIGEST_VERSION,
+        "kind": stage.kind,
+        "config": stage.config.model_dump(mode="json", by_alias=True),
+        "inputs": {role: digests[src] for role, src in inputs.items()},
+        "dataset": spec.dataset.model_dump(mode="json", by_alias=True),
+    }
+    return "sha256:" + hashlib.sha256(dumps_canonical(doc).encode()).hexdigest()
+
+
+def resolve(spec: PipelineSpec, namespace: str, pipeline: str) -> list[StagePlan]:
+    """The stages in order with inputs and content addresses. Raises InvalidSpec."""
+    errors = semantic_errors(spec)
+    if errors:
+        raise InvalidSpec("; ".join(errors))
+    digests: dict[str, object] = {
+        "teacher": _source_identity(spec.teacher),
+        "student": _source_identity(spec.student),
+    }
+    plans = []
+    for i, stage in enumerate(spec.stages):
+        inputs = stage_inputs(spec, i)
+        digest = input_digest(stage, inputs, digests, spec)
+        digests[stage.name] = digest
+        plans.append(
+            StagePlan(
+                name=stage.name,
+                kind=stage.kind,
+                index=i,
+                inputs=inputs,
+                input_digest=digest,
+                output=artifact_uri(spec.storage.uri, namespace, pipeline, stage.name, digest),
+                resources=stage.resources or spec.resources,
+            )
+        )
+    return plans
+
+
+def stage_run(spec: PipelineSpec, plans: list[StagePlan], name: str, namespace: str, pipeline: str) -> StageRun:
+    """The document a stage's process reads: inputs as URIs with the digests to expect."""
+    by_name = {p.name: p for p in plans}
+    plan = by_name[name]
+    stage = spec.stages[plan.index]
+    models: dict[str, InputRef] = {}
+    for role, src in plan.inputs.items():
+        if src in SOURCES:
+            ref: ModelRef = getattr(spec, src)
+            models[role] = InputRef(uri=ref.uri, revision=ref.revision)
+        else:
+            up = by_name[src]
+            models[role] = InputRef(uri=up.output, stage=up.name, input_digest=up.input_digest)
+    return StageRun(
+        pipeline=pipeline,
+        namespace=namespace,
+        stage=name,
+        stage_kind=stage.kind,
+        **{stage.kind: stage.config},
+        models=models,
+        dataset=spec.dataset,
+        output=plan.output,
+        input_digest=plan.input_digest,
+        storage=spec.storage,
+        resources=plan.resources,
+    )
+
+
+@dataclass
+class Decision:
+    """What to do next. `committed` maps stage -> True when its manifest (matching digest) exists."""
+
+    done: list[str] = field(default_factory=list)
+    start: list[str] = field(default_factory=list)
+    running: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return not (self.start or self.running or self.waiting)
+
+
+def decide(
+    plans: list[StagePlan],
+    committed: set[str],
+    running: set[str] = frozenset(),  # type: ignore[assignment]
+    failed: set[str] = frozenset(),  # type: ignore[assignment]
+    limit: int | None = None,
+) -> Decision:
+    """Pure: which stages are done, which start now, which wait, which cannot run.
+
+    `committed`, `running` and `failed` hold stage names whose facts are about the stage's
+    CURRENT input digest; the caller matches digests (a Job label, a manifest) before.
+    """
+    d = Decision()
+    state: dict[str, str] = {}
+    for p in plans:  # plans are in DAG order: inputs come first
+        ups = [state[u] for u in p.upstream]
+        if p.name in committed:
+            s = "done"
+        elif p.name in running:
+            s = "running"
+        elif p.name in failed:
+            s = "failed"
+        elif any(u in ("failed", "blocked") for u in ups):
+            s = "blocked"
+        elif all(u == "done" for u in ups):
+            s = "start"
+        else:
+            s = "waiting"
+        state[p.name] = s
+        getattr(d, s if s != "start" else "start").append(p.name)
+    if limit is not None:
+        free = max(0, limit - len(d.running))
+        d.waiting = [n for n in d.start[free:]] + d.waiting
+        d.start = d.start[:free]
+    return d

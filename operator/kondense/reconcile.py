@@ -1,0 +1,249 @@
+"""One reconciliation of a CompressionPipeline: observe children, plan, act, report.
+
+Called by every handler (create, update, resume, Job and Pod events). The stage states are
+derived from the Jobs and their pods each time; a stage whose Job was garbage-collected
+(ttlSecondsAfterFinished) keeps the Succeeded record in status for the same input digest.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from kondense import api, events
+from kondense.errors import HINTS, InvalidSpec, Reason, outcome_for_exit
+from kondense.manifests import ANNOTATION_DIGEST, CONTAINER, build_configmap, build_job, child_name, labels
+from kondense.plan import StagePlan, decide, resolve, stage_run
+from kondense.settings import Settings
+from kondense.status import FAILED, PROGRESSING, READY, SUCCEEDED, set_condition, summarize
+from kondense.validation import parse
+
+log = logging.getLogger("kondense.reconcile")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What a Job and its pods say about one stage attempt."""
+
+    state: str  # Pending | Running | Succeeded | Failed
+    reason: str
+    message: str = ""
+    attempts: int = 0
+    started_at: str | None = None
+    finished_at: str | None = None
+    summary: api.Summary | None = None
+
+
+def _condition(obj: dict, type_: str) -> dict | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_ and c.get("status") == "True":
+            return c
+    return None
+
+
+def _terminated(pod: dict) -> dict | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == CONTAINER and (cs.get("state") or {}).get("terminated"):
+            return cs["state"]["terminated"]
+    return None
+
+
+def _waiting_reason(pod: dict) -> str | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting")
+        if waiting and waiting.get("reason") in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName"):
+            return waiting["reason"]
+    return None
+
+
+def observe_job(job: dict, pods: list[dict]) -> Observed:
+    """Pure: a Job (and its pods, newest last) -> the stage's state, reason and summary."""
+    status = job.get("status") or {}
+    attempts = int(status.get("succeeded") or 0) + int(status.get("failed") or 0) + int(status.get("active") or 0)
+    started = status.get("startTime")
+    pods = sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "")
+    last_term = next((t for t in map(_terminated, reversed(pods)) if t), None)
+    summary = events.parse_summary(last_term.get("message") or "") if last_term else None
+
+    if _condition(job, "Complete"):
+        return Observed("Succeeded", Reason.SUCCEEDED, "", attempts, started, status.get("completionTime"), summary)
+    failed = _condition(job, "Failed")
+    if failed:
+        reason = failed.get("reason") or Reason.ERROR
+        if reason == "DeadlineExceeded":
+            reason = Reason.DEADLINE_EXCEEDED
+        elif last_term is not None:
+            if last_term.get("reason") == "OOMKilled":
+                reason = Reason.OOM_KILLED
+            elif summary is not None:
+                reason = summary.reason
+            else:
+                reason = outcome_for_exit(int(last_term.get("exitCode") or 1)).reason
+        elif reason in ("BackoffLimitExceeded", "PodFailurePolicy"):
+            reason = Reason.BACKOFF_LIMIT_EXCEEDED
+        detail = summary.message if summary and summary.message else failed.get("message") or ""
+        hint = HINTS.get(reason)
+        message = f"{detail} (hint: {hint})" if hint else detail
+        finished = failed.get("lastTransitionTime")
+        return Observed("Failed", reason, message.strip(), attempts, started, finished, summary)
+    if job.get("spec", {}).get("suspend"):
+        return Observed("Pending", "Queued", "waiting for admission (Kueue)", attempts, started)
+    for pod in reversed(pods):
+        if waiting := _waiting_reason(pod):
+            return Observed("Pending", Reason.IMAGE_PULL_FAILED, f"{waiting}: {HINTS[Reason.IMAGE_PULL_FAILED]}", attempts, started)
+    if int(status.get("active") or 0) or attempts:
+        return Observed("Running", Reason.RUNNING, "", attempts, started)
+    return Observed("Pending", Reason.PENDING, "", attempts, started)
+
+
+@dataclass
+class Outcome:
+    """What reconcile did and wants said: the new status and the events to record."""
+
+    status: api.PipelineStatus
+    changed: bool
+    created: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+
+
+def invalid(body: dict, error: InvalidSpec, now: str) -> Outcome:
+    """Failed/InvalidSpec with the field paths; no Job is created."""
+    previous = _previous(body)
+    status = summarize([], previous, body["metadata"].get("generation"), now)
+    gen = body["metadata"].get("generation")
+    conds = status.conditions
+    for type_, value in ((READY, False), (SUCCEEDED, False), (PROGRESSING, False), (FAILED, True)):
+        conds = set_condition(conds, type_, value, Reason.INVALID_SPEC, str(error), gen, now)
+    status = status.model_copy(update={"conditions": conds, "stage": None, "progress": None, "stages": []})
+    return Outcome(status, _changed(previous, status), events=[("Warning", Reason.INVALID_SPEC, str(error)[:1000])])
+
+
+def _previous(body: dict) -> api.PipelineStatus | None:
+    """The status as last written (None when absent or written by something else)."""
+    try:
+        return api.PipelineStatus.model_validate(body["status"]) if body.get("status") else None
+    except ValueError:
+        return None
+
+
+def _changed(previous: api.PipelineStatus | None, new: api.PipelineStatus) -> bool:
+    return previous is None or previous.dump() != new.dump()
+
+
+def reconcile(
+    body: dict,
+    jobs: list[dict],
+    pods: list[dict],
+    settings: Settings,
+    now: str,
+    create: Callable[[dict], bool],
+    delete_job: Callable[[str], None],
+    adopt: Callable[[dict], None],
+) -> Outcome:
+    """Observe -> plan -> act. Raises InvalidSpec for a spec that cannot run."""
+    meta = body["metadata"]
+    name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation")
+    pipeline = parse({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body})
+    spec = pipeline.spec
+    plans = resolve(spec, namespace, name)
+    previous = _previous(body)
+    old = {s.name: s for s in previous.stages} if previous else {}
+
+    # Observe: the Job of each stage's CURRENT digest, and superseded ones.
+    current = {child_name(name, p.name, p.input_digest): p for p in plans}
+    by_job: dict[str, list[dict]] = {}
+    for pod in pods:
+        job_name = (pod["metadata"].get("labels") or {}).get("job-name") or (pod["metadata"].get("labels") or {}).get(
+            "batch.kubernetes.io/job-name"
+        )
+        if job_name:
+            by_job.setdefault(job_name, []).append(pod)
+    observed: dict[str, Observed] = {}
+    deleted = []
+    for job in jobs:
+        jname = job["metadata"]["name"]
+        plan = current.get(jname)
+        if plan is None or job["metadata"].get("annotations", {}).get(ANNOTATION_DIGEST) != plan.input_digest:
+            if (job.get("status") or {}).get("active"):
+                delete_job(jname)  # superseded by a spec edit: stop wasting the GPU
+                deleted.append(jname)
+            continue
+        observed[plan.name] = observe_job(job, by_job.get(jname, []))
+
+    committed, running, failed = set(), set(), set()
+    for p in plans:
+        o = observed.get(p.name)
+        prior = old.get(p.name)
+        if o is None and prior and prior.input_digest == p.input_digest and prior.state == "Succeeded":
+            committed.add(p.name)  # Job garbage-collected after success: status is the record
+        elif o is not None and o.state == "Succeeded":
+            committed.add(p.name)
+        elif o is not None and o.state == "Failed":
+            failed.add(p.name)
+        elif o is not None:
+            running.add(p.name)
+
+    # Act: start every stage whose inputs are done.
+    decision = decide(plans, committed, running, failed)
+    created = []
+    for stage_name in decision.start:
+        plan = next(p for p in plans if p.name == stage_name)
+        jname = child_name(name, plan.name, plan.input_digest)
+        run = stage_run(spec, plans, plan.name, namespace, name)
+        cm = build_configmap(run, jname, labels(name, plan, settings))
+        job = build_job(run, plan, jname, spec.image or settings.jobs_image, settings)
+        adopt(cm)
+        adopt(job)
+        create(cm)
+        if create(job):
+            created.append(jname)
+        observed[plan.name] = Observed("Pending", Reason.PENDING, "job created")
+
+    # Report.
+    stages, evs = [], []
+    report, gate = previous.report if previous else None, None
+    for p in plans:
+        st = _stage_status(p, observed.get(p.name), old.get(p.name), p.name in committed, p.name in decision.blocked)
+        if p.name in observed:
+            st.job = child_name(name, p.name, p.input_digest)
+        stages.append(st)
+        before = old.get(p.name)
+        if before is None or before.state != st.state or before.input_digest != st.input_digest:
+            evs.append(_event(st))
+        summary = observed[p.name].summary if p.name in observed else None
+        if p.kind == "evaluate" and summary is not None:
+            if summary.report:
+                report = summary.report
+            if summary.reason == Reason.QUALITY_GATE_FAILED:
+                gate = (False, summary.message)
+            elif st.state == "Succeeded":
+                gate = (True, summary.message or "all quality gates passed")
+    status = summarize(stages, previous, generation, now, report, gate)
+    return Outcome(status, _changed(previous, status), created, deleted, evs)
+
+
+def _stage_status(p: StagePlan, o: Observed | None, prior: api.StageStatus | None, committed: bool, blocked: bool) -> api.StageStatus:
+    if o is None and committed and prior is not None:
+        return prior
+    st = api.StageStatus(name=p.name, input_digest=p.input_digest)
+    if o is None:
+        if blocked:
+            st.state, st.reason, st.message = "Skipped", Reason.WAITING_FOR_INPUTS, "an input stage failed"
+        else:
+            st.state, st.reason = "Pending", Reason.WAITING_FOR_INPUTS
+        return st
+    st.state, st.reason, st.message = o.state, o.reason, o.message or None  # type: ignore[assignment]
+    st.attempts, st.started_at, st.finished_at = o.attempts, o.started_at, o.finished_at
+    if o.summary is not None and o.state == "Succeeded":
+        st.artifact, st.metrics = o.summary.artifact, o.summary.metrics
+    return st
+
+
+def _event(st: api.StageStatus) -> tuple[str, str, str]:
+    kind = "Warning" if st.state == "Failed" else "Normal"
+    text = f"stage {st.name} {st.state.lower()}"
+    if st.message:
+        text += f": {st.message}"
+    return kind, f"Stage{st.state}", text[:1000]

@@ -1,0 +1,46 @@
+"""Operator settings: read once from the environment at startup; nowhere else reads os.environ."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+PREFIX = "kondense.io"
+
+
+@dataclass(frozen=True)
+class Settings:
+    jobs_image: str = "ghcr.io/kondense/kondense-jobs:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    namespaces: tuple[str, ...] = ()  # empty: every namespace (cluster-wide)
+    job_service_account: str = "kondense-job"
+    ttl_seconds_after_finished: int = 86400
+    liveness_port: int = 8080
+    peering: str | None = None  # None: standalone (one replica); a name: kopf peering for HA
+    scratch_size_limit: str = "200Gi"
+    extra_labels: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+
+        def integer(name: str, default: int) -> int:
+            raw = env.get(name)
+            if raw is None:
+                return default
+            try:
+                return int(raw)
+            except ValueError:
+                raise SystemExit(f"{name}={raw!r}: expected an integer") from None
+
+        namespaces = tuple(n.strip() for n in env.get("KONDENSE_NAMESPACES", "").split(",") if n.strip())
+        return cls(
+            jobs_image=env.get("KONDENSE_JOBS_IMAGE", cls.jobs_image),
+            image_pull_policy=env.get("KONDENSE_IMAGE_PULL_POLICY", cls.image_pull_policy),
+            namespaces=namespaces,
+            job_service_account=env.get("KONDENSE_JOB_SERVICE_ACCOUNT", cls.job_service_account),
+            ttl_seconds_after_finished=integer("KONDENSE_JOB_TTL_SECONDS", cls.ttl_seconds_after_finished),
+            liveness_port=integer("KONDENSE_LIVENESS_PORT", cls.liveness_port),
+            peering=env.get("KONDENSE_PEERING") or None,
+            scratch_size_limit=env.get("KONDENSE_SCRATCH_SIZE_LIMIT", cls.scratch_size_limit),
+        )

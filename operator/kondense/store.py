@@ -1,0 +1,442 @@
+"""The artifact store: file:// and s3:// folders with manifest.json as the commit marker.
+
+An artifact is a folder of files plus manifest.json, written last. A folder without a
+manifest is not an artifact (an interrupted upload), so readers never see half a checkpoint.
+Every file's sha256 is recorded on publish and verified on fetch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlparse
+
+from pydantic import Field
+
+from kondense.api import API_VERSION, Artifact, Model
+from kondense.errors import InvalidInput, InvalidSpec, StorageAccessDenied, StorageUnavailable
+
+MANIFEST = "manifest.json"
+CHUNK = 8 * 1024 * 1024
+
+
+class FileEntry(Model):
+    sha256: str
+    size: int
+
+
+class Manifest(Model):
+    """What a committed artifact holds and how it was made."""
+
+    api_version: str = Field(API_VERSION, alias="apiVersion")
+    kind: str = "Manifest"
+    stage: str
+    stage_kind: str
+    format: str = Field("hf", description="hf (Hugging Face folder), gguf or report")
+    input_digest: str
+    digest: str
+    size_bytes: int
+    files: dict[str, FileEntry]
+    metrics: dict[str, float] = Field(default_factory=dict)
+    spec: dict[str, Any] = Field(default_factory=dict)
+    versions: dict[str, str] = Field(default_factory=dict)
+    created_at: str = ""
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    def artifact(self, uri: str) -> Artifact:
+        return Artifact(uri=uri, digest=self.digest, size_bytes=self.size_bytes)
+
+
+def to_uri(path_or_uri: str) -> str:
+    """Accept a plain path where a URI is expected: /data/x -> file:///data/x."""
+    if "://" in path_or_uri:
+        return path_or_uri.rstrip("/")
+    return "file://" + str(Path(path_or_uri).expanduser().resolve())
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_digest(files: dict[str, FileEntry]) -> str:
+    """One digest for a folder: sha256 over the sorted 'path sha256' lines."""
+    lines = "".join(f"{p} {files[p].sha256}\n" for p in sorted(files))
+    return "sha256:" + hashlib.sha256(lines.encode()).hexdigest()
+
+
+def local_files(folder: Path) -> Iterator[tuple[str, Path]]:
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            yield p.relative_to(folder).as_posix(), p
+
+
+def hash_folder(folder: Path, workers: int = 4) -> dict[str, FileEntry]:
+    entries = list(local_files(folder))
+    with futures.ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL
+        digests = list(pool.map(lambda e: sha256_file(e[1]), entries))
+    return {rel: FileEntry(sha256=d, size=p.stat().st_size) for (rel, p), d in zip(entries, digests)}
+
+
+class Store:
+    """Files under URIs. Subclasses implement the five primitives; the rest is shared."""
+
+    scheme = ""
+
+    # -- primitives ------------------------------------------------------------------------
+    def read_bytes(self, uri: str) -> bytes | None:
+        raise NotImplementedError
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def upload(self, files: list[tuple[Path, str]]) -> None:
+        raise NotImplementedError
+
+    def download(self, files: list[tuple[str, Path]]) -> None:
+        raise NotImplementedError
+
+    def delete_prefix(self, uri: str) -> None:
+        raise NotImplementedError
+
+    def check_access(self, uri: str) -> None:
+        """Fail fast with a clear error when the store cannot be read and written."""
+        raise NotImplementedError
+
+    # -- artifacts -------------------------------------------------------------------------
+    def read_manifest(self, uri: str) -> Manifest | None:
+        raw = self.read_bytes(join(uri, MANIFEST))
+        if raw is None:
+            return None
+        return Manifest.model_validate_json(raw)
+
+    def publish(
+        self,
+        folder: Path,
+        uri: str,
+        *,
+        stage: str,
+        stage_kind: str,
+        input_digest: str,
+        format: str = "hf",
+        metrics: dict[str, float] | None = None,
+        spec: dict[str, Any] | None = None,
+        versions: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Manifest:
+        """Upload a folder, then write manifest.json last: the commit point."""
+        files = hash_folder(folder)
+        self.upload([(folder / rel, join(uri, rel)) for rel in files])
+        manifest = Manifest(
+            stage=stage,
+            stage_kind=stage_kind,
+            format=format,
+            input_digest=input_digest,
+            digest=tree_digest(files),
+            size_bytes=sum(f.size for f in files.values()),
+            files=files,
+            metrics=metrics or {},
+            spec=spec or {},
+            versions=versions or {},
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            extra=extra or {},
+        )
+        self.write_bytes(join(uri, MANIFEST), manifest.model_dump_json(by_alias=True, indent=2).encode())
+        return manifest
+
+    def fetch(self, uri: str, dest: Path, *, expect_input_digest: str | None = None) -> Manifest:
+        """Download a committed artifact into dest, verifying every file's sha256."""
+        manifest = self.read_manifest(uri)
+        if manifest is None:
+            raise InvalidInput(
+                f"{join(uri, MANIFEST)} is missing: the artifact was never committed. "
+                "Re-run the stage that produces it."
+            )
+        if expect_input_digest and manifest.input_digest != expect_input_digest:
+            raise InvalidInput(
+                f"{join(uri, MANIFEST)} has inputDigest {manifest.input_digest}, expected "
+                f"{expect_input_digest}: the artifact belongs to another version of the stage."
+            )
+        dest.mkdir(parents=True, exist_ok=True)
+        self.download([(join(uri, rel), dest / rel) for rel in manifest.files])
+        verify(dest, manifest, uri)
+        (dest / MANIFEST).write_text(manifest.model_dump_json(by_alias=True, indent=2))
+        return manifest
+
+    def local_path(self, uri: str) -> Path | None:
+        """The folder itself when the store is local (no copy needed), else None."""
+        return None
+
+
+def verify(folder: Path, manifest: Manifest, uri: str) -> None:
+    """Check every file of a manifest against its sha256; name the first that differs."""
+    files = list(manifest.files.items())
+    with futures.ThreadPoolExecutor(4) as pool:
+        actual = list(pool.map(lambda e: sha256_file(folder / e[0]) if (folder / e[0]).is_file() else None, files))
+    for (rel, entry), digest in zip(files, actual):
+        if digest is None:
+            raise InvalidInput(f"{join(uri, rel)} is listed in manifest.json but missing.")
+        if digest != entry.sha256:
+            raise InvalidInput(f"{join(uri, rel)} has sha256 {digest[:12]}..., manifest.json says {entry.sha256[:12]}...: the file is corrupt.")
+
+
+class FileStore(Store):
+    scheme = "file"
+
+    @staticmethod
+    def path(uri: str) -> Path:
+        parsed = urlparse(uri)
+        if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
+            raise InvalidSpec(f"{uri}: expected file:///absolute/path")
+        return Path(parsed.path)
+
+    def read_bytes(self, uri: str) -> bytes | None:
+        try:
+            return self.path(uri).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        target = self.path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Write-then-rename: a reader never sees a partial manifest.
+        with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, prefix=".tmp-") as tmp:
+            tmp.write(data)
+        os.replace(tmp.name, target)
+
+    def upload(self, files: list[tuple[Path, str]]) -> None:
+        for src, uri in files:
+            dst = self.path(uri)
+            if dst.exists() and os.path.samefile(src, dst):
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)  # same filesystem: no copy
+            except OSError:
+                shutil.copyfile(src, dst)
+
+    def download(self, files: list[tuple[str, Path]]) -> None:
+        for uri, dst in files:
+            src = self.path(uri)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if dst.exists() and os.path.samefile(src, dst):
+                continue
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+
+    def delete_prefix(self, uri: str) -> None:
+        shutil.rmtree(self.path(uri), ignore_errors=True)
+
+    def check_access(self, uri: str) -> None:
+        root = self.path(uri)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".kondense-probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise StorageAccessDenied(f"cannot write to {uri}: {e.strerror}") from e
+
+    def local_path(self, uri: str) -> Path | None:
+        return self.path(uri)
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    key: str
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Location:
+        parsed = urlparse(uri)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise InvalidSpec(f"{uri}: expected s3://bucket/prefix")
+        return cls(parsed.netloc, parsed.path.lstrip("/"))
+
+
+class S3Store(Store):
+    """S3 and S3-compatible stores through boto3.
+
+    Credentials, region and endpoint follow boto3's standard chain (AWS_* environment, profile,
+    IRSA/pod identity); the spec may set the endpoint and region. Large files go up and down in
+    parallel multipart transfers, and several files move at once.
+    """
+
+    scheme = "s3"
+    PART_SIZE = 32 * 1024 * 1024
+    CONCURRENCY = 16
+    FILE_WORKERS = 4
+
+    def __init__(self, endpoint: str | None = None, region: str | None = None):
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        self.client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=region,
+            config=Config(
+                retries={"max_attempts": 8, "mode": "adaptive"},
+                max_pool_connections=self.CONCURRENCY * self.FILE_WORKERS,
+                connect_timeout=10,
+                read_timeout=120,
+            ),
+        )
+        self.transfer = TransferConfig(
+            multipart_threshold=self.PART_SIZE,
+            multipart_chunksize=self.PART_SIZE,
+            max_concurrency=self.CONCURRENCY,
+            use_threads=True,
+        )
+
+    def _errors(self, uri: str):
+        return _S3Errors(uri)
+
+    def read_bytes(self, uri: str) -> bytes | None:
+        loc = S3Location.parse(uri)
+        with self._errors(uri):
+            try:
+                return self.client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+            except self.client.exceptions.NoSuchKey:
+                return None
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        loc = S3Location.parse(uri)
+        with self._errors(uri):
+            self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+
+    def _parallel(self, fn, items) -> None:
+        with futures.ThreadPoolExecutor(self.FILE_WORKERS) as pool:
+            for f in [pool.submit(fn, *item) for item in items]:
+                f.result()
+
+    def upload(self, files: list[tuple[Path, str]]) -> None:
+        def one(src: Path, uri: str) -> None:
+            loc = S3Location.parse(uri)
+            with self._errors(uri):
+                self.client.upload_file(str(src), loc.bucket, loc.key, Config=self.transfer)
+
+        self._parallel(one, files)
+
+    def download(self, files: list[tuple[str, Path]]) -> None:
+        def one(uri: str, dst: Path) -> None:
+            loc = S3Location.parse(uri)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with self._errors(uri):
+                self.client.download_file(loc.bucket, loc.key, str(dst), Config=self.transfer)
+
+        self._parallel(one, files)
+
+    def list_keys(self, uri: str) -> list[str]:
+        loc = S3Location.parse(uri)
+        prefix = loc.key.rstrip("/") + "/" if loc.key else ""
+        keys: list[str] = []
+        with self._errors(uri):
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
+                keys += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+        return keys
+
+    def delete_prefix(self, uri: str) -> None:
+        loc = S3Location.parse(uri)
+        keys = [join(loc.key, k) for k in self.list_keys(uri)]
+        with self._errors(uri):
+            for i in range(0, len(keys), 1000):
+                self.client.delete_objects(
+                    Bucket=loc.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]}
+                )
+
+    def check_access(self, uri: str) -> None:
+        loc = S3Location.parse(uri)
+        probe = join(uri, f".kondense-probe-{os.getpid()}")
+        self.write_bytes(probe, b"")
+        with self._errors(uri):
+            self.client.delete_object(Bucket=loc.bucket, Key=S3Location.parse(probe).key)
+
+
+class _S3Errors:
+    """Translate botocore errors into the store's three kinds, naming the URI."""
+
+    DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "403", "401"}
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            return False
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionError as BotoConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+        from boto3.exceptions import S3UploadFailedError
+
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            raise StorageAccessDenied(
+                f"{self.uri}: no S3 credentials. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(in a cluster: spec.storage.credentialsSecret)."
+            ) from None
+        if isinstance(exc, BotoConnectionError):
+            raise StorageUnavailable(f"{self.uri}: cannot reach the S3 endpoint ({exc}).") from None
+        if isinstance(exc, S3UploadFailedError):
+            text = str(exc)
+            if any(code in text for code in self.DENIED):
+                raise StorageAccessDenied(f"{self.uri}: access denied ({text}).") from None
+            if "NoSuchBucket" in text:
+                raise InvalidSpec(f"{self.uri}: the bucket does not exist. Create it or fix spec.storage.uri.") from None
+            raise StorageUnavailable(f"{self.uri}: upload failed ({text}).") from None
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in self.DENIED or status in (401, 403):
+                raise StorageAccessDenied(f"{self.uri}: access denied ({code}). Check the credentials and bucket policy.") from None
+            if code == "NoSuchBucket":
+                raise InvalidSpec(f"{self.uri}: the bucket does not exist. Create it or fix spec.storage.uri.") from None
+            if code in ("404", "NoSuchKey"):
+                raise InvalidInput(f"{self.uri}: not found.") from None
+            raise StorageUnavailable(f"{self.uri}: {code or status} from S3 ({exc}).") from None
+        return False
+
+
+def open_store(uri: str, endpoint: str | None = None, region: str | None = None) -> Store:
+    scheme = urlparse(uri).scheme
+    if scheme == "file":
+        return FileStore()
+    if scheme == "s3":
+        return S3Store(endpoint=endpoint, region=region)
+    raise InvalidSpec(f"{uri}: storage must be s3://bucket/prefix or file:///path")
+
+
+def artifact_uri(storage_uri: str, namespace: str, pipeline: str, stage: str, input_digest: str) -> str:
+    """<storage>/<namespace>/<pipeline>/<stage>-<digest12>: a content address per stage version."""
+    return join(storage_uri, namespace, pipeline, f"{stage}-{short(input_digest)}")
+
+
+def short(digest: str) -> str:
+    return digest.split(":", 1)[-1][:12]
+
+
+def dumps_canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

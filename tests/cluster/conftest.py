@@ -1,0 +1,75 @@
+"""Fixtures for tests against a real control plane (etcd, kube-apiserver, kube-controller-manager).
+
+* ``control_plane`` (session): a :class:`controlplane.ControlPlane`, with one extra static user,
+  ``jane``, who has no RBAC rights at all.
+* ``api_client`` (session): an admin ``kubernetes.client.ApiClient`` for it.
+* ``namespace`` (function): a fresh namespace, deleted afterwards (without waiting).
+* ``fake_kubelet`` (function): a :class:`fakekubelet.FakeKubelet` serving ``namespace``.
+
+The first run builds the binaries (see build-assets.sh); later runs find them in the cache.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# The helpers are plain modules next to this file (tests/ is not a package); make them
+# importable whatever pytest's import mode.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+from controlplane import ControlPlane, find_assets  # noqa: E402
+
+UNPRIVILEGED_USER = "jane"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "cluster: runs against a real etcd + kube-apiserver + kube-controller-manager"
+    )
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the binaries (once per machine) before any test runs, so that a cold build is not
+    charged to the first cluster test's timeout."""
+    if any(item.get_closest_marker("cluster") for item in session.items):
+        find_assets()
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane]:
+    with ControlPlane(users={UNPRIVILEGED_USER: []}) as cp:
+        yield cp
+
+
+@pytest.fixture(scope="session")
+def api_client(control_plane: ControlPlane):  # -> kubernetes.client.ApiClient
+    client = control_plane.api_client()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def namespace(api_client) -> Iterator[str]:
+    from kubernetes import client
+
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(api_client)
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    # The namespace controller finishes this in the background; nothing waits for it.
+    core.delete_namespace(name, _preload_content=False)
+
+
+@pytest.fixture
+def fake_kubelet(api_client, namespace: str):  # -> fakekubelet.FakeKubelet
+    from fakekubelet import FakeKubelet
+
+    with FakeKubelet(api_client, [namespace]) as kubelet:
+        yield kubelet

@@ -1,0 +1,318 @@
+"""The test control plane is a real one: CRDs, garbage collection, Jobs, RBAC.
+
+Every wait polls the API with a deadline; nothing sleeps for a fixed time.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from controlplane import ControlPlane, wait_for
+from fakekubelet import TERMINATION_LOG_ENV, FakeKubelet, PodOutcome
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+pytestmark = pytest.mark.cluster
+
+GROUP = "test.kondense.io"
+WIDGETS_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": f"widgets.{GROUP}"},
+    "spec": {
+        "group": GROUP,
+        "scope": "Namespaced",
+        "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "properties": {
+                            "spec": {
+                                "type": "object",
+                                "properties": {"size": {"type": "integer", "minimum": 1}},
+                            },
+                            "status": {
+                                "type": "object",
+                                "properties": {"phase": {"type": "string"}},
+                            },
+                        },
+                    }
+                },
+            }
+        ],
+    },
+}
+MERGE_PATCH = "application/merge-patch+json"  # custom resources do not do strategic merge
+
+
+def _has_condition(obj: Any, kind: str, reason: str | None = None) -> bool:
+    for condition in obj.status.conditions or []:
+        if condition.type == kind and condition.status == "True":
+            return reason is None or condition.reason == reason
+    return False
+
+
+def _job(name: str, command: list[str], **container: Any) -> dict[str, Any]:
+    """A batch/v1 Job shaped like the operator's: one container, no retries by restart."""
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": "kondense-jobs:test",
+                            "command": command,
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
+                            **container,
+                        }
+                    ],
+                }
+            },
+        },
+    }
+
+
+def _job_pod(core: client.CoreV1Api, namespace: str, job: str) -> client.V1Pod:
+    pods = core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job}").items
+    assert len(pods) == 1, [p.metadata.name for p in pods]
+    return pods[0]
+
+
+def test_crd_with_status_subresource(api_client: client.ApiClient, namespace: str) -> None:
+    extensions = client.ApiextensionsV1Api(api_client)
+    custom = client.CustomObjectsApi(api_client)
+    extensions.create_custom_resource_definition(WIDGETS_CRD)
+    try:
+        wait_for(
+            lambda: _has_condition(
+                extensions.read_custom_resource_definition_status(f"widgets.{GROUP}"), "Established"
+            ),
+            timeout=30,
+            what="the CRD to be established",
+        )
+        widget = {
+            "apiVersion": f"{GROUP}/v1",
+            "kind": "Widget",
+            "metadata": {"name": "w"},
+            "spec": {"size": 3},
+            "status": {"phase": "ignored"},
+        }
+        created = custom.create_namespaced_custom_object(GROUP, "v1", namespace, "widgets", widget)
+        assert created["spec"] == {"size": 3}
+        assert "status" not in created  # with a status subresource, create ignores status
+
+        patched = custom.patch_namespaced_custom_object_status(
+            GROUP, "v1", namespace, "widgets", "w", {"status": {"phase": "Ready"}}, _content_type=MERGE_PATCH
+        )
+        assert patched["status"] == {"phase": "Ready"}
+        assert patched["metadata"]["generation"] == 1  # status writes do not bump generation
+
+        # The structural schema is enforced.
+        with pytest.raises(ApiException) as invalid:
+            custom.patch_namespaced_custom_object(
+                GROUP, "v1", namespace, "widgets", "w", {"spec": {"size": 0}}, _content_type=MERGE_PATCH
+            )
+        assert invalid.value.status == 422
+    finally:
+        extensions.delete_custom_resource_definition(f"widgets.{GROUP}")
+
+
+def test_garbage_collector_deletes_dependents(api_client: client.ApiClient, namespace: str) -> None:
+    core = client.CoreV1Api(api_client)
+    owner = core.create_namespaced_config_map(namespace, {"metadata": {"name": "owner"}})
+    owner_reference = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.metadata.uid}
+    core.create_namespaced_config_map(
+        namespace, {"metadata": {"name": "dependent", "ownerReferences": [owner_reference]}}
+    )
+    core.delete_namespaced_config_map("owner", namespace)
+
+    def dependent_gone() -> bool:
+        try:
+            core.read_namespaced_config_map("dependent", namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return True
+            raise
+        return False
+
+    wait_for(dependent_gone, timeout=45, what="the garbage collector to delete the dependent")
+
+
+def test_job_completes_through_the_fake_kubelet(
+    api_client: client.ApiClient, namespace: str, fake_kubelet: FakeKubelet
+) -> None:
+    core, batch = client.CoreV1Api(api_client), client.BatchV1Api(api_client)
+    core.create_namespaced_config_map(
+        namespace, {"metadata": {"name": "stage"}, "data": {"stage.json": json.dumps({"stage": "distill"})}}
+    )
+    core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "creds"}, "stringData": {"token": "s3cr3t"}}
+    )
+    # Reads the mounted ConfigMap and the Secret-backed env var, writes its summary to the
+    # termination-message file, whose local path it gets both as an argument and from the env.
+    script = (
+        "import json, os, sys\n"
+        "spec_path, message_path = sys.argv[1:]\n"
+        "assert os.environ['KONDENSE_TERMINATION_LOG'] == message_path, message_path\n"
+        "assert os.environ['TOKEN'] == 's3cr3t'\n"
+        "spec = json.load(open(spec_path))\n"
+        "open(message_path, 'w').write(json.dumps({'stage': spec['stage'], 'ok': True}))\n"
+    )
+    job = _job(
+        "ok",
+        ["python", "-c", script, "/etc/kondense/stage.json", "/dev/termination-log"],
+        env=[{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}],
+        volumeMounts=[{"name": "stage", "mountPath": "/etc/kondense", "readOnly": True}],
+    )
+    job["spec"]["template"]["spec"]["volumes"] = [{"name": "stage", "configMap": {"name": "stage"}}]
+    batch.create_namespaced_job(namespace, job)
+
+    wait_for(
+        lambda: _has_condition(batch.read_namespaced_job_status("ok", namespace), "Complete"),
+        timeout=30,
+        what="Job ok to complete",
+    )
+    pod = _job_pod(core, namespace, "ok")
+    assert pod.spec.node_name == fake_kubelet.node_name
+    assert pod.status.phase == "Succeeded"
+    terminated = pod.status.container_statuses[0].state.terminated
+    assert (terminated.exit_code, terminated.reason) == (0, "Completed")
+    assert json.loads(terminated.message) == {"stage": "distill", "ok": True}
+    run = fake_kubelet.run_for(namespace, pod.metadata.name)
+    assert run is not None and run.env[TERMINATION_LOG_ENV].startswith(str(run.dir))
+
+
+def test_pod_failure_policy_fails_the_job(
+    api_client: client.ApiClient, namespace: str, fake_kubelet: FakeKubelet
+) -> None:
+    core, batch = client.CoreV1Api(api_client), client.BatchV1Api(api_client)
+    job = _job("exit3", ["python", "-c", "import sys; print('invalid spec: no teacher'); sys.exit(3)"])
+    job["spec"]["backoffLimit"] = 6  # without the policy, the Job would retry
+    job["spec"]["podFailurePolicy"] = {
+        "rules": [
+            {"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In", "values": [3]}}
+        ]
+    }
+    batch.create_namespaced_job(namespace, job)
+
+    wait_for(
+        lambda: _has_condition(
+            batch.read_namespaced_job_status("exit3", namespace), "Failed", "PodFailurePolicy"
+        ),
+        timeout=30,
+        what="Job exit3 to fail by its pod failure policy",
+    )
+    terminated = _job_pod(core, namespace, "exit3").status.container_statuses[0].state.terminated
+    assert (terminated.exit_code, terminated.reason) == (3, "Error")
+    # Empty termination file + FallbackToLogsOnError: the kubelet reports the log's tail.
+    assert terminated.message == "invalid spec: no teacher"
+
+
+def test_behaviour_hook_simulates_an_oom_kill(
+    api_client: client.ApiClient, namespace: str, fake_kubelet: FakeKubelet
+) -> None:
+    core, batch = client.CoreV1Api(api_client), client.BatchV1Api(api_client)
+    fake_kubelet.behaviour = lambda pod: PodOutcome(137, "OOMKilled")
+    batch.create_namespaced_job(namespace, _job("oom", ["python", "-c", "raise SystemExit('never runs')"]))
+
+    wait_for(
+        lambda: _has_condition(
+            batch.read_namespaced_job_status("oom", namespace), "Failed", "BackoffLimitExceeded"
+        ),
+        timeout=30,
+        what="Job oom to fail",
+    )
+    pod = _job_pod(core, namespace, "oom")
+    terminated = pod.status.container_statuses[0].state.terminated
+    assert (pod.status.phase, terminated.exit_code, terminated.reason) == ("Failed", 137, "OOMKilled")
+    assert fake_kubelet.run_for(namespace, pod.metadata.name).output() == ""
+
+
+def test_deleting_a_running_pod_kills_its_process(
+    api_client: client.ApiClient, namespace: str, fake_kubelet: FakeKubelet
+) -> None:
+    core = client.CoreV1Api(api_client)
+    pod = {
+        "metadata": {"name": "sleeper"},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [
+                {"name": "main", "image": "x", "command": ["python3", "-c", "import time; time.sleep(300)"]}
+            ],
+        },
+    }
+    core.create_namespaced_pod(namespace, pod)
+    wait_for(
+        lambda: core.read_namespaced_pod("sleeper", namespace).status.phase == "Running", 15, "pod Running"
+    )
+    run = fake_kubelet.run_for(namespace, "sleeper")
+    assert run is not None
+
+    core.delete_namespaced_pod("sleeper", namespace)  # graceful: the kubelet has the last word
+
+    def pod_gone() -> bool:
+        try:
+            core.read_namespaced_pod("sleeper", namespace)
+        except ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_for(pod_gone, 15, "the pod to be deleted")
+    assert run.done.wait(5)
+    assert run.exit_code == 128 + 15  # SIGTERM
+
+
+def test_rbac_is_enforced(control_plane: ControlPlane, api_client: client.ApiClient) -> None:
+    # A static-token user without any binding.
+    jane = control_plane.api_client(control_plane.kubeconfig_for(control_plane.token_for("jane")))
+    with jane, pytest.raises(ApiException) as forbidden:
+        client.CoreV1Api(jane).list_namespaced_pod("default")
+    assert forbidden.value.status == 403
+
+    # The operator's service account: forbidden until a Role and RoleBinding allow it.
+    token = control_plane.service_account_token("kondense-system", "kondense")
+    with control_plane.api_client(control_plane.kubeconfig_for(token)) as operator:
+        review = client.AuthenticationV1Api(operator).create_self_subject_review({})
+        assert review.status.user_info.username == "system:serviceaccount:kondense-system:kondense"
+        pods = client.CoreV1Api(operator)
+        with pytest.raises(ApiException) as forbidden:
+            pods.list_namespaced_pod("kondense-system")
+        assert forbidden.value.status == 403
+
+        rbac = client.RbacAuthorizationV1Api(api_client)
+        rbac.create_namespaced_role(
+            "kondense-system",
+            {
+                "metadata": {"name": "pod-reader"},
+                "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}],
+            },
+        )
+        rbac.create_namespaced_role_binding(
+            "kondense-system",
+            {
+                "metadata": {"name": "kondense-pod-reader"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
+                "subjects": [{"kind": "ServiceAccount", "name": "kondense", "namespace": "kondense-system"}],
+            },
+        )
+        # The RBAC authorizer reads bindings from an informer: poll until it has seen them.
+        wait_for(
+            lambda: pods.list_namespaced_pod("kondense-system") is not None, 10, "the RoleBinding to apply"
+        )
+        with pytest.raises(ApiException) as elsewhere:
+            pods.list_namespaced_pod("default")
+        assert elsewhere.value.status == 403

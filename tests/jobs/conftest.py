@@ -1,0 +1,140 @@
+"""Fixtures for stage tests: tiny models and datasets built on the spot, and a stage runner.
+
+Models are built once per session under pytest's base temp dir (a few seconds in all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kondense.api import DatasetRef, InputRef, Resources, StageRun, Storage, Summary
+from kondense.events import parse_summary
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def models_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def corpus_texts() -> list[str]:
+    from kondense_jobs.tiny import corpus
+
+    return corpus(max_docs=1500)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(corpus_texts):
+    from kondense_jobs.tiny import train_tokenizer
+
+    return train_tokenizer(corpus_texts, vocab_size=1024)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(models_root, tiny_tokenizer) -> Path:
+    out = models_root / "tokenizer"
+    tiny_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(models_root, corpus_texts) -> Path:
+    from kondense_jobs.tiny import write_jsonl
+
+    return write_jsonl(models_root / "dataset.jsonl", [{"text": t} for t in corpus_texts[:400]])
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(models_root, tiny_tokenizer, corpus_texts) -> Path:
+    from kondense_jobs.tiny import build_model, pretrain
+
+    out = build_model(models_root / "teacher", tiny_tokenizer, family="llama", layers=4, hidden=128, heads=4, seed=1)
+    pretrain(out, corpus_texts[:1200], steps=150, seq_len=64, batch=16, lr=3e-3)
+    return out
+
+
+def _student(models_root, tokenizer, family: str) -> Path:
+    from kondense_jobs.tiny import build_model
+
+    return build_model(models_root / f"student-{family}", tokenizer, family=family, layers=2, hidden=64, heads=4, seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_student(models_root, tiny_tokenizer) -> Path:
+    return _student(models_root, tiny_tokenizer, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_student_qwen2(models_root, tiny_tokenizer) -> Path:
+    return _student(models_root, tiny_tokenizer, "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_student_gpt2(models_root, tiny_tokenizer) -> Path:
+    return _student(models_root, tiny_tokenizer, "gpt2")
+
+
+def _make_run(
+    tmp_path: Path,
+    kind: str,
+    config,
+    models: dict[str, Path | InputRef],
+    dataset: Path | None = None,
+    **overrides,
+) -> tuple[StageRun, Path]:
+    """A StageRun with file:// storage under tmp_path, written to tmp_path/<stage>.json."""
+    stage = overrides.pop("stage", kind)
+    refs = {role: m if isinstance(m, InputRef) else InputRef(uri=f"file://{m}") for role, m in models.items()}
+    run = StageRun(
+        pipeline=overrides.pop("pipeline", "test"),
+        namespace=overrides.pop("namespace", "default"),
+        stage=stage,
+        stage_kind=kind,
+        **{kind: config},
+        models=refs,
+        dataset=overrides.pop("dataset_ref", None) or DatasetRef(uri=f"file://{dataset}" if dataset else "file:///nonexistent.jsonl", eval_split=0.1),
+        output=overrides.pop("output", f"file://{tmp_path}/store/{stage}"),
+        input_digest=overrides.pop("input_digest", f"sha256:{stage}-test"),
+        storage=overrides.pop("storage", Storage(uri=f"file://{tmp_path}/store")),
+        resources=overrides.pop("resources", Resources(gpus=0)),
+        **overrides,
+    )
+    path = tmp_path / f"{stage}.json"
+    path.write_text(json.dumps(run.dump()))
+    return run, path
+
+
+def _run_stage(kind: str, spec: Path, tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 600) -> tuple[int, Summary | None, str]:
+    """Run `python -m kondense_jobs` as the operator and the local runner do; return (exit, summary, output)."""
+    term = tmp_path / f"termination-{spec.stem}.log"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kondense_jobs", kind, "--spec", str(spec), "--termination-log", str(term),
+         "--cache-dir", str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})},
+        cwd=ROOT,
+    )
+    summary = parse_summary(term.read_text()) if term.exists() else None
+    return proc.returncode, summary, proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def make_run():
+    """make_run(tmp_path, kind, config, models, dataset=None, **overrides) -> (StageRun, spec_path)."""
+    return _make_run
+
+
+@pytest.fixture
+def run_stage():
+    """run_stage(kind, spec_path, tmp_path, env=None) -> (exit_code, Summary | None, output)."""
+    return _run_stage

@@ -1,0 +1,146 @@
+"""The API models, CLI validation messages and the generated CRD."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kondense import crd, generate
+from kondense.api import CompressionPipeline, PipelineStatus
+from kondense.errors import InvalidSpec
+from kondense.validation import errors_of, load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "crds" / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_examples_are_valid(path):
+    pipeline = load_file(path)
+    assert pipeline.spec.stages
+
+
+def demo_doc() -> dict:
+    return yaml.safe_load((ROOT / "crds/examples/demo.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda d: d["spec"]["stages"][3]["quantize"].update(bits=5), "spec.stages[3].quantize.bits: must be one of 2, 3, 4, 8"),
+        (lambda d: d["spec"]["stages"][0]["distill"].update(temprature=2), "spec.stages[0].distill.temprature: unknown field"),
+        (lambda d: d["spec"]["stages"][0]["distill"].update(alpha=1.5), "spec.stages[0].distill.alpha: must be <= 1"),
+        (lambda d: d["spec"]["stages"][0]["distill"].update(method="magic"), "spec.stages[0].distill.method: must be one of logits, synthetic, gkd"),
+        (lambda d: d["spec"]["stages"][2].update(distill={}), "spec.stages[2]: exactly one of distill, quantize, evaluate"),
+        (lambda d: d["spec"]["stages"][2]["quantize"].update(type="q8_0"), "spec.stages[2].quantize: type is only for method gguf"),
+        (lambda d: d["spec"].pop("storage"), "spec.storage: required field is missing"),
+        (lambda d: d["spec"]["teacher"].update(uri="ftp://x"), "spec.teacher.uri: 'ftp://x' does not match"),
+        (lambda d: d["spec"]["stages"][2].update({"from": "ghost"}), "spec.stages[2].from: 'ghost' names no stage"),
+        (lambda d: d["spec"]["stages"][0].update(name="Bad_Name"), "spec.stages[0].name: 'Bad_Name' does not match"),
+        (lambda d: d.update(kind="Pipeline"), "apiVersion/kind: expected kondense.io/v1alpha1 CompressionPipeline"),
+    ],
+    ids=["bits-enum", "unknown-field", "alpha-range", "method-enum", "two-kinds", "field-of-other-method",
+         "missing-storage", "bad-uri", "unknown-from", "bad-name", "wrong-kind"],
+)
+def test_validation_messages_name_the_field(mutate, expected):
+    doc = demo_doc()
+    mutate(doc)
+    errors = errors_of(doc)
+    assert any(e.startswith(expected) for e in errors), errors
+
+
+def test_load_file_reports_malformed_yaml_with_line(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("apiVersion: kondense.io/v1alpha1\nkind: CompressionPipeline\nspec: [unclosed\n")
+    with pytest.raises(InvalidSpec, match=r"malformed YAML at line \d+"):
+        load_file(bad)
+
+
+def test_generated_files_are_up_to_date():
+    stale = generate.stale(ROOT)
+    assert not stale, f"run `kondense crd`: {stale} drifted from operator/kondense/api.py"
+
+
+def walk(schema: dict, path: str = ""):
+    yield path, schema
+    for name, sub in (schema.get("properties") or {}).items():
+        yield from walk(sub, f"{path}.{name}")
+    if "items" in schema:
+        yield from walk(schema["items"], f"{path}[]")
+
+
+def test_crd_schema_is_structural_and_documented():
+    schema = crd.openapi_schema()
+    for path, node in walk(schema["properties"]["spec"], "spec"):
+        assert "description" in node, f"{path} has no description (kubectl explain)"
+        assert "type" in node or "x-kubernetes-preserve-unknown-fields" in node, f"{path} has no type"
+        for banned in ("anyOf", "$ref", "const", "title"):
+            assert banned not in node, f"{path} has {banned}"
+    assert schema["properties"]["status"]["properties"]["conditions"]["x-kubernetes-list-type"] == "map"
+
+
+def test_crd_status_roundtrips_a_full_status():
+    """Every field the operator writes is in the schema, so pruning keeps it."""
+    status = PipelineStatus.model_validate(
+        {
+            "observedGeneration": 2,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Succeeded", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+            "stage": "eval",
+            "progress": "5/5",
+            "stages": [{"name": "distill", "state": "Succeeded", "artifact": {"uri": "s3://b/x", "digest": "sha256:1", "sizeBytes": 3}, "metrics": {"loss": 1.0}}],
+            "report": {"uri": "s3://b/r", "table": [{"variant": "distill", "sizeBytes": 3, "perplexity": 2.0}]},
+        }
+    ).dump()
+    schema = crd.openapi_schema()["properties"]["status"]
+
+    def keys_in(doc, node, path="status"):
+        if isinstance(doc, dict):
+            props = node.get("properties")
+            if props is None:
+                assert node.get("x-kubernetes-preserve-unknown-fields") or "additionalProperties" in node, path
+                return
+            for k, v in doc.items():
+                assert k in props, f"{path}.{k} would be pruned by the API server"
+                keys_in(v, props[k], f"{path}.{k}")
+        elif isinstance(doc, list):
+            for item in doc:
+                keys_in(item, node["items"], path + "[]")
+
+    keys_in(status, schema)
+
+
+def test_cel_rules_agree_with_python_validation():
+    """The CRD's CEL rules, evaluated by cel-python, reject what `kondense validate` rejects."""
+    celpy = pytest.importorskip("celpy")
+    from celpy import celtypes
+
+    env = celpy.Environment()
+    schema = crd.openapi_schema()["properties"]["spec"]
+    rules = {r["rule"]: r for r in schema["x-kubernetes-validations"]}
+    stage_rules = schema["properties"]["stages"]["items"]["x-kubernetes-validations"]
+    quant_rules = schema["properties"]["stages"]["items"]["properties"]["quantize"]["x-kubernetes-validations"]
+
+    def holds(rule: str, obj) -> bool:
+        prog = env.program(env.compile(rule))
+        return bool(prog.evaluate({"self": celpy.json_to_cel(obj)}))
+
+    doc = demo_doc()["spec"]
+    assert all(holds(r, doc) for r in rules)
+    dup = {**doc, "stages": doc["stages"] + [doc["stages"][0]]}
+    assert not all(holds(r, dup) for r in rules)
+    dangling = {**doc, "stages": doc["stages"] + [{"name": "x", "from": "ghost", "quantize": {"method": "gguf"}}]}
+    assert not all(holds(r, dangling) for r in rules)
+    assert all(holds(r["rule"], {"name": "a", "distill": {}}) for r in stage_rules)
+    assert not all(holds(r["rule"], {"name": "a", "distill": {}, "quantize": {"method": "gguf"}}) for r in stage_rules)
+    assert all(holds(r["rule"], {"method": "gguf", "type": "q8_0"}) for r in quant_rules)
+    assert not all(holds(r["rule"], {"method": "gptq", "type": "q8_0"}) for r in quant_rules)
+    assert celtypes  # imported for json_to_cel's types
+
+
+def test_pipeline_model_rejects_unknown_top_level_fields():
+    doc = demo_doc()
+    doc["spec"]["extra"] = 1
+    with pytest.raises(ValueError):
+        CompressionPipeline.model_validate(doc)

@@ -1,0 +1,136 @@
+"""The planner: DAG resolution, content addresses, decisions. Pure, fast."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from kondense.api import PipelineSpec
+from kondense.errors import InvalidSpec
+from kondense.plan import decide, resolve, semantic_errors, stage_run
+
+BASE = {
+    "teacher": {"uri": "s3://m/teacher"},
+    "student": {"uri": "s3://m/student"},
+    "dataset": {"uri": "s3://d/data.jsonl"},
+    "storage": {"uri": "s3://bucket/prefix"},
+    "stages": [
+        {"name": "distill", "distill": {"method": "logits"}},
+        {"name": "nf4", "quantize": {"method": "bnb-nf4"}},
+        {"name": "gguf", "quantize": {"method": "gguf", "type": "q8_0"}},
+        {"name": "eval", "evaluate": {"of": ["teacher", "distill", "nf4", "gguf"]}},
+    ],
+}
+
+
+def spec(**changes) -> PipelineSpec:
+    doc = copy.deepcopy(BASE)
+    for path, value in changes.items():
+        target = doc
+        keys = path.split("__")
+        for k in keys[:-1]:
+            target = target[int(k)] if k.isdigit() else target[k]
+        target[keys[-1]] = value
+    return PipelineSpec.model_validate(doc)
+
+
+def test_inputs_default_to_nearest_distill_stage():
+    plans = {p.name: p for p in resolve(spec(), "ns", "p")}
+    assert plans["distill"].inputs == {"teacher": "teacher", "student": "student"}
+    assert plans["nf4"].inputs == {"model": "distill"}
+    assert plans["gguf"].inputs == {"model": "distill"}
+    assert plans["eval"].inputs == {v: v for v in ["teacher", "distill", "nf4", "gguf"]}
+
+
+def test_output_is_content_addressed_under_namespace_and_pipeline():
+    p = resolve(spec(), "ml", "run1")[0]
+    assert p.output.startswith("s3://bucket/prefix/ml/run1/distill-")
+    assert p.input_digest.startswith("sha256:") and p.output.endswith(p.input_digest[7:19])
+
+
+def digests(s: PipelineSpec) -> dict[str, str]:
+    return {p.name: p.input_digest for p in resolve(s, "ns", "p")}
+
+
+def test_editing_one_quantize_stage_changes_it_and_evaluate_only():
+    before = digests(spec())
+    after = digests(spec(stages__2__quantize={"method": "gguf", "type": "q4_k_m"}))
+    assert [n for n in before if before[n] != after[n]] == ["gguf", "eval"]
+
+
+def test_editing_distill_changes_everything_downstream():
+    before = digests(spec())
+    after = digests(spec(stages__0__distill={"method": "logits", "temperature": 4.0}))
+    assert all(before[n] != after[n] for n in before)
+
+
+def test_changing_the_teacher_uri_changes_distill_digest():
+    assert digests(spec())["distill"] != digests(spec(teacher={"uri": "s3://m/other"}))["distill"]
+
+
+def test_resources_do_not_change_digests():
+    assert digests(spec()) == digests(spec(resources={"gpus": 4}))
+
+
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        ([{"name": "q", "from": "nope", "quantize": {"method": "gguf"}}], "spec.stages[0].from: 'nope' names no stage"),
+        (
+            [{"name": "q", "from": "d", "quantize": {"method": "gguf"}}, {"name": "d", "distill": {}}],
+            "spec.stages[0].from: 'd' must be an earlier stage",
+        ),
+        (
+            [{"name": "a", "quantize": {"method": "gguf"}}, {"name": "b", "from": "a", "quantize": {"method": "bnb-nf4"}}],
+            "spec.stages[1].from: 'a' is a quantize stage",
+        ),
+        ([{"name": "e", "evaluate": {"of": ["ghost"]}}], "spec.stages[0].evaluate.of[0]: 'ghost' names no stage"),
+        ([{"name": "e", "evaluate": {"of": ["teacher"], "baseline": "student"}}], "evaluate.baseline: 'student' is not one of"),
+        ([{"name": "d", "distill": {}}, {"name": "d", "distill": {}}], "duplicate stage name 'd'"),
+        ([{"name": "teacher", "distill": {}}], "'teacher' is reserved"),
+        ([{"name": "e", "from": "teacher", "evaluate": {"of": ["teacher"]}}], "evaluate takes its inputs from evaluate.of"),
+    ],
+    ids=["unknown-from", "forward-ref-cycle", "quantize-of-quantized", "unknown-variant", "baseline-not-evaluated",
+         "duplicate", "reserved-name", "evaluate-with-from"],
+)
+def test_semantic_errors_name_the_field(stages, message):
+    s = spec(stages=stages)
+    errors = semantic_errors(s)
+    assert any(message in e for e in errors), errors
+    with pytest.raises(InvalidSpec, match="spec.stages"):
+        resolve(s, "ns", "p")
+
+
+def test_decide_runs_independent_stages_in_parallel_after_their_input():
+    plans = resolve(spec(), "ns", "p")
+    first = decide(plans, committed=set())
+    assert first.start == ["distill"] and first.waiting == ["nf4", "gguf", "eval"]
+    second = decide(plans, committed={"distill"})
+    assert second.start == ["nf4", "gguf"] and second.waiting == ["eval"]
+    limited = decide(plans, committed={"distill"}, limit=1)
+    assert limited.start == ["nf4"] and "gguf" in limited.waiting
+
+
+def test_decide_blocks_downstream_of_a_failure_but_not_siblings():
+    plans = resolve(spec(), "ns", "p")
+    d = decide(plans, committed={"distill"}, failed={"nf4"}, running={"gguf"})
+    assert d.failed == ["nf4"] and d.running == ["gguf"] and d.blocked == ["eval"] and d.start == []
+    assert not d.finished
+
+
+def test_decide_finished_when_all_committed():
+    plans = resolve(spec(), "ns", "p")
+    d = decide(plans, committed={p.name for p in plans})
+    assert d.finished and d.done == [p.name for p in plans]
+
+
+def test_stage_run_points_at_upstream_artifacts_with_expected_digest():
+    s = spec()
+    plans = resolve(s, "ns", "p")
+    run = stage_run(s, plans, "nf4", "ns", "p")
+    assert run.models["model"].uri == plans[0].output
+    assert run.models["model"].input_digest == plans[0].input_digest
+    assert run.quantize.method == "bnb-nf4" and run.output == plans[1].output
+    teacher = stage_run(s, plans, "distill", "ns", "p").models["teacher"]
+    assert teacher.uri == "s3://m/teacher" and teacher.stage is None
