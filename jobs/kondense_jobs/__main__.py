@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from kondense.api import StageRun, Summary
-from kondense.errors import BY_REASON, InvalidSpec, KondenseError, Reason, outcome_for_exit
+from kondense.errors import BY_REASON, InvalidSpec, KondenseError, QualityGateFailed, Reason, outcome_for_exit
 from kondense.events import summary_line
 
 log = logging.getLogger("kondense_jobs")
@@ -56,6 +56,29 @@ def read_spec(path: Path, kind: str) -> StageRun:
     if run.config is None:
         raise InvalidSpec(f"{path}: the {kind} section is missing")
     return run
+
+
+def already_published(run: StageRun) -> Summary | None:
+    """The summary of a committed artifact for this very input digest: nothing to recompute."""
+    from kondense.api import Report
+    from kondense.store import open_store
+
+    manifest = open_store(run.output, run.storage.endpoint, run.storage.region).read_manifest(run.output)
+    if manifest is None or manifest.input_digest != run.input_digest:
+        return None
+    gate = manifest.extra.get("gate")
+    if gate and not gate.get("passed", True):  # a published report whose gate failed stays failed
+        raise QualityGateFailed(str(gate.get("message", "quality gate failed")))
+    log.info("Stage %s is up to date: %s already holds its artifact", run.stage, run.output)
+    report = manifest.extra.get("report")
+    return Summary(
+        state="Succeeded",
+        reason=Reason.UP_TO_DATE,
+        message=f"already published at {run.output}",
+        metrics=manifest.metrics,
+        artifact=manifest.artifact(run.output),
+        report=Report.model_validate(report) if report else None,
+    )
 
 
 def classify(exc: BaseException) -> tuple[str, str]:
@@ -105,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         stage_fn = load_stage(args.kind)
         run = read_spec(args.spec, args.kind)
         cache = args.cache_dir or Path(os.environ.get("KONDENSE_CACHE", Path.home() / ".cache" / "kondense"))
-        with tempfile.TemporaryDirectory(prefix=f"kondense-{run.stage}-", dir=args.work_dir) as work:
-            log.info("Stage %s (%s) -> %s", run.stage, run.stage_kind, run.output)
-            summary = stage_fn(Context(run, Path(work), cache))
+        summary = already_published(run)
+        if summary is None:
+            with tempfile.TemporaryDirectory(prefix=f"kondense-{run.stage}-", dir=args.work_dir) as work:
+                log.info("Stage %s (%s) -> %s", run.stage, run.stage_kind, run.output)
+                summary = stage_fn(Context(run, Path(work), cache))
     except KeyboardInterrupt:
         summary = Summary(state="Failed", reason=Reason.INTERRUPTED, message="interrupted")
         write_termination(summary, args.termination_log)

@@ -43,14 +43,20 @@ class Image(Values):
         description="Image tag; empty means the chart's appVersion. `latest` is refused: pin a version.",
         json_schema_extra={"not": {"const": "latest"}},
     )
-    pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Kubernetes imagePullPolicy.")
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Kubernetes imagePullPolicy."
+    )
 
 
 class JobServiceAccount(Values):
     """The ServiceAccount the stage Jobs' pods run as (no API token is mounted)."""
 
-    create: bool = Field(True, description="Create the ServiceAccount in every job namespace (see jobNamespaces).")
-    name: str = Field("kondense-job", description="Its name; the operator puts it on every Job it creates.", pattern=NAME)
+    create: bool = Field(
+        True, description="Create the ServiceAccount in every job namespace (see jobNamespaces)."
+    )
+    name: str = Field(
+        "kondense-job", description="Its name; the operator puts it on every Job it creates.", pattern=NAME
+    )
     annotations: dict[str, str] = Field(
         default_factory=dict,
         description="Annotations, e.g. a cloud IAM role binding for object storage access "
@@ -65,19 +71,27 @@ class Jobs(Values):
         default_factory=lambda: Image(repository="ghcr.io/kondense/kondense-jobs"),
         description="The image every stage runs: torch, transformers, trl, llm-compressor, llama.cpp.",
     )
-    service_account: JobServiceAccount = Field(default_factory=JobServiceAccount, description="The Job pods' ServiceAccount.")
+    service_account: JobServiceAccount = Field(
+        default_factory=JobServiceAccount, description="The Job pods' ServiceAccount."
+    )
     ttl_seconds_after_finished: int = Field(
-        86400, ge=0, description="Seconds a finished Job (and its pod's log) is kept before Kubernetes deletes it."
+        86400,
+        ge=0,
+        description="Seconds a finished Job (and its pod's log) is kept before Kubernetes deletes it.",
     )
     scratch_size_limit: str = Field(
-        "200Gi", pattern=QUANTITY, description="Size limit of the /scratch emptyDir where a stage downloads and writes models."
+        "200Gi",
+        pattern=QUANTITY,
+        description="Size limit of the /scratch emptyDir where a stage downloads and writes models.",
     )
 
 
 class Resources(Values):
     """Compute resources of a container."""
 
-    requests: dict[str, Quantity] = Field(default_factory=dict, description="Minimum resources (cpu, memory).")
+    requests: dict[str, Quantity] = Field(
+        default_factory=dict, description="Minimum resources (cpu, memory)."
+    )
     limits: dict[str, Quantity] = Field(default_factory=dict, description="Maximum resources (cpu, memory).")
 
 
@@ -92,7 +106,8 @@ class Peering(Values):
     name: str = Field(
         "kondense",
         pattern=NAME,
-        description="Name of the KopfPeering (per watched namespace) or ClusterKopfPeering object the chart creates.",
+        description="Name of the KopfPeering (per watched namespace) or ClusterKopfPeering object "
+        "the chart creates.",
     )
 
 
@@ -105,24 +120,43 @@ class Operator(Values):
     )
     replicas: int = Field(1, ge=1, description="Replicas; more than one needs peering.enabled.")
     peering: Peering = Field(default_factory=Peering, description="kopf peering for high availability.")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of the operator.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level of the operator."
+    )
     liveness_port: int = Field(
-        8080, ge=1024, le=65535, description="Port of kopf's liveness endpoint (/healthz) that the liveness probe calls."
+        8080,
+        ge=1024,
+        le=65535,
+        description="Port of kopf's liveness endpoint (/healthz) that the liveness probe calls.",
     )
     resources: Resources = Field(
-        default_factory=lambda: Resources(requests={"cpu": "100m", "memory": "256Mi"}, limits={"cpu": "1", "memory": "512Mi"}),
+        default_factory=lambda: Resources(
+            requests={"cpu": "100m", "memory": "256Mi"}, limits={"cpu": "1", "memory": "512Mi"}
+        ),
         description="The operator container's resources.",
     )
     extra_env: list[dict[str, Any]] = Field(
         default_factory=list,
         description="Extra environment variables (EnvVar objects) for the operator container.",
-        json_schema_extra={"items": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}},
+        json_schema_extra={
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string", "description": "Variable name."}},
+            }
+        },
     )
-    pod_annotations: dict[str, str] = Field(default_factory=dict, description="Annotations on the operator pod.")
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict, description="Annotations on the operator pod."
+    )
     pod_labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on the operator pod.")
     priority_class_name: str = Field("", description="PriorityClass of the operator pod; empty for none.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node selector of the operator pod.")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of the operator pod.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node selector of the operator pod."
+    )
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Tolerations of the operator pod."
+    )
     affinity: dict[str, Any] = Field(default_factory=dict, description="Affinity of the operator pod.")
 
 
@@ -130,28 +164,39 @@ class ServiceAccount(Values):
     """The operator's ServiceAccount."""
 
     create: bool = Field(True, description="Create the operator's ServiceAccount.")
-    name: str = Field("", description="Its name; empty means the release's full name.", pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$")
-    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations on the operator's ServiceAccount.")
+    name: str = Field(
+        "",
+        description="Its name; empty means the release's full name.",
+        pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?)?$",
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="Annotations on the operator's ServiceAccount."
+    )
 
 
 class Rbac(Values):
     """Roles and bindings."""
 
-    create: bool = Field(True, description="Create the operator's roles and bindings (framework and application rules).")
+    create: bool = Field(
+        True, description="Create the operator's roles and bindings (framework and application rules)."
+    )
     aggregate_to_user_roles: bool = Field(
         True,
-        description="Create the <fullname>-edit and <fullname>-view ClusterRoles that aggregate CompressionPipeline "
-        "access into the built-in admin, edit and view roles.",
+        description="Create the <fullname>-edit and <fullname>-view ClusterRoles that aggregate "
+        "CompressionPipeline access into the built-in admin, edit and view roles.",
     )
 
 
 class Crds(Values):
     """The CompressionPipeline CustomResourceDefinition."""
 
-    enabled: bool = Field(True, description="Install and upgrade the CRD with the chart (templates/crd.yaml).")
+    enabled: bool = Field(
+        True, description="Install and upgrade the CRD with the chart (templates/crd.yaml)."
+    )
     keep: bool = Field(
         True,
-        description="Keep the CRD on `helm uninstall` (helm.sh/resource-policy: keep), so that pipelines are not deleted with it.",
+        description="Keep the CRD on `helm uninstall` (helm.sh/resource-policy: keep): deleting it "
+        "would delete every pipeline.",
     )
 
 
@@ -167,7 +212,8 @@ class ChartValues(Values):
     )
     watch_namespaces: list[str] = Field(
         default_factory=list,
-        description="Namespaces the operator serves, with a Role per namespace; empty: the whole cluster with ClusterRoles.",
+        description="Namespaces the operator serves, with a Role per namespace; empty: the whole "
+        "cluster, with ClusterRoles.",
         json_schema_extra={"items": {"type": "string", "pattern": NAMESPACE}, "uniqueItems": True},
     )
     job_namespaces: list[str] = Field(
@@ -177,7 +223,9 @@ class ChartValues(Values):
         json_schema_extra={"items": {"type": "string", "pattern": NAMESPACE}, "uniqueItems": True},
     )
     operator: Operator = Field(default_factory=Operator, description="The operator Deployment.")
-    service_account: ServiceAccount = Field(default_factory=ServiceAccount, description="The operator's ServiceAccount.")
+    service_account: ServiceAccount = Field(
+        default_factory=ServiceAccount, description="The operator's ServiceAccount."
+    )
     jobs: Jobs = Field(default_factory=Jobs, description="The stage Jobs the operator creates.")
     rbac: Rbac = Field(default_factory=Rbac, description="Roles and bindings.")
     crds: Crds = Field(default_factory=Crds, description="The CompressionPipeline CRD.")
@@ -199,7 +247,11 @@ def _inline(node: Any, defs: dict[str, Any]) -> Any:
 def schema() -> dict[str, Any]:
     raw = ChartValues.model_json_schema(by_alias=True, mode="validation")
     body = _inline(raw, raw.get("$defs", {}))
-    return {"$schema": "http://json-schema.org/draft-07/schema#", "title": "Values of the kondense chart", **body}
+    return {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "title": "Values of the kondense chart",
+        **body,
+    }
 
 
 def values_schema() -> str:

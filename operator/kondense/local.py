@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -107,20 +106,27 @@ class LocalRunner:
     def _store(self) -> Store:
         return open_store(self.spec.storage.uri, self.spec.storage.endpoint, self.spec.storage.region)
 
-    def committed(self, store: Store) -> set[str]:
-        done = set()
+    def committed(self, store: Store) -> tuple[set[str], set[str]]:
+        """Stages whose artifact for the current digest exists, and those whose gate failed."""
+        done, gated = set(), set()
         for p in self.plans:
             manifest = store.read_manifest(p.output)
             if manifest and manifest.input_digest == p.input_digest:
-                done.add(p.name)
                 s = self.stages[p.name]
+                gate = manifest.extra.get("gate")
+                if gate and not gate.get("passed", True):
+                    gated.add(p.name)
+                    s.state, s.reason, s.message = "Failed", Reason.QUALITY_GATE_FAILED, str(gate.get("message"))
+                    self._load_report(manifest.extra)
+                    continue
+                done.add(p.name)
                 if s.state != "Succeeded":
                     s.state, s.reason = "Succeeded", Reason.UP_TO_DATE
                     s.artifact = manifest.artifact(p.output)
                     s.metrics = manifest.metrics
                     if p.kind == "evaluate":
                         self._load_report(manifest.extra)
-        return done
+        return done, gated
 
     def _load_report(self, extra: dict) -> None:
         if "report" in extra:
@@ -195,32 +201,39 @@ class LocalRunner:
 
     # -- the loop --------------------------------------------------------------------------
     def write_status(self) -> PipelineStatus:
-        ordered = [self.stages[p.name] for p in self.plans]
-        self.status = summarize(ordered, self.status, self.pipeline.metadata.generation or 1, now_rfc3339(), self.report, self.gate)
-        doc = self.pipeline.model_copy(update={"status": self.status}).dump()
-        tmp = self.state_dir / "status.json.tmp"
-        tmp.write_text(json.dumps(doc, indent=2))
-        os.replace(tmp, self.state_dir / "status.json")
+        """Derive the status from the stages and write status.json when it changed."""
+        ordered = [self.stages[p.name].model_copy() for p in self.plans]
+        previous = self.status
+        self.status = summarize(ordered, previous, self.pipeline.metadata.generation or 1, now_rfc3339(), self.report, self.gate)
+        if previous is None or previous.dump() != self.status.dump():
+            doc = self.pipeline.model_copy(update={"status": self.status}).dump()
+            tmp = self.state_dir / "status.json.tmp"
+            tmp.write_text(json.dumps(doc, indent=2))
+            os.replace(tmp, self.state_dir / "status.json")
         return self.status
 
     def run(self) -> PipelineStatus:
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         store = self._store()
-        store.check_access(self.spec.storage.uri)
+        storage = self.spec.storage
+        open_store(storage.uri, storage.endpoint, storage.region, max_attempts=2).check_access(storage.uri)
         procs: dict[str, Proc] = {}
         failed: set[str] = set()
+        changed = True  # re-read the store and re-plan only when a stage ended
         try:
             while True:
-                committed = self.committed(store)
-                d = decide(self.plans, committed, set(procs), failed, limit=self.parallel)
-                for name in d.blocked:
-                    s = self.stages[name]
-                    if s.state != "Skipped":
+                if changed:
+                    committed, gated = self.committed(store)
+                    failed |= gated - set(procs)
+                    d = decide(self.plans, committed, set(procs), failed, limit=self.parallel)
+                    for name in d.blocked:
+                        s = self.stages[name]
                         s.state, s.reason, s.message = "Skipped", Reason.WAITING_FOR_INPUTS, "an input stage failed"
-                for name in d.start:
-                    procs[name] = self.start(self.by_name[name])
+                    for name in d.start:
+                        procs[name] = self.start(self.by_name[name])
+                    changed = False
                 self.write_status()
-                self.display.draw(list(self.status.stages) if self.status else [])
+                self.display.draw(list(self.status.stages))
                 if not procs:
                     break
                 time.sleep(0.2)
@@ -229,25 +242,27 @@ class LocalRunner:
                     if code is None:
                         continue
                     del procs[name]
-                    if not self.finish(proc, code):
-                        if self.stages[name].state == "Failed":
-                            failed.add(name)
+                    changed = True
+                    if not self.finish(proc, code) and self.stages[name].state == "Failed":
+                        failed.add(name)
         except KeyboardInterrupt:
-            for proc in procs.values():
-                proc.popen.send_signal(signal.SIGINT)
-            for name, proc in procs.items():
-                try:
-                    proc.popen.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.popen.kill()
-                    proc.popen.wait()
-                proc.reader.join()
-                s = self.stages[name]
-                s.state, s.reason, s.message = "Failed", Reason.INTERRUPTED, "interrupted; run again to resume"
-            self.write_status()
-            self.display.draw(list(self.status.stages))
+            self._interrupt(procs)
             raise
         return self.write_status()
+
+    def _interrupt(self, procs: dict[str, Proc]) -> None:
+        """Ctrl-C: the children got SIGINT too; give them time to exit, then record it."""
+        for name, proc in procs.items():
+            try:
+                proc.popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait()
+            proc.reader.join()
+            s = self.stages[name]
+            s.state, s.reason, s.message = "Failed", Reason.INTERRUPTED, "interrupted; run again to resume"
+        self.write_status()
+        self.display.draw(list(self.status.stages))
 
 
 def format_table(report: Report) -> str:

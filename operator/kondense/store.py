@@ -284,7 +284,7 @@ class S3Store(Store):
     CONCURRENCY = 16
     FILE_WORKERS = 4
 
-    def __init__(self, endpoint: str | None = None, region: str | None = None):
+    def __init__(self, endpoint: str | None = None, region: str | None = None, max_attempts: int = 8):
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
@@ -294,7 +294,7 @@ class S3Store(Store):
             endpoint_url=endpoint,
             region_name=region,
             config=Config(
-                retries={"max_attempts": 8, "mode": "adaptive"},
+                retries={"max_attempts": max_attempts, "mode": "adaptive"},
                 max_pool_connections=self.CONCURRENCY * self.FILE_WORKERS,
                 connect_timeout=10,
                 read_timeout=120,
@@ -420,12 +420,13 @@ class _S3Errors:
         return False
 
 
-def open_store(uri: str, endpoint: str | None = None, region: str | None = None) -> Store:
+def open_store(uri: str, endpoint: str | None = None, region: str | None = None, max_attempts: int = 8) -> Store:
+    """The store for a URI. Stages retry hard (max_attempts 8); interactive checks fail fast."""
     scheme = urlparse(uri).scheme
     if scheme == "file":
         return FileStore()
     if scheme == "s3":
-        return S3Store(endpoint=endpoint, region=region)
+        return S3Store(endpoint=endpoint, region=region, max_attempts=max_attempts)
     raise InvalidSpec(f"{uri}: storage must be s3://bucket/prefix or file:///path")
 
 

@@ -56,12 +56,15 @@ BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager")
 #: Controllers run by kube-controller-manager (names as accepted by ``--controllers`` since
 #: v1.29; the pre-1.29 short names such as ``job`` or ``garbagecollector`` are aliases).
 #: ``serviceaccount-controller`` creates each namespace's ``default`` ServiceAccount, without
-#: which the ServiceAccount admission plugin rejects pods that do not name one.
+#: which the ServiceAccount admission plugin rejects pods that do not name one; that plugin also
+#: gives every pod the ``kube-api-access-*`` projected volume, which needs the
+#: ``kube-root-ca.crt`` ConfigMap that ``root-ca-certificate-publisher-controller`` publishes.
 DEFAULT_CONTROLLERS = (
     "job-controller",
     "garbage-collector-controller",
     "namespace-controller",
     "serviceaccount-controller",
+    "root-ca-certificate-publisher-controller",
     "ttl-after-finished-controller",
 )
 
@@ -370,11 +373,13 @@ class ControlPlane:
             "-addext", "extendedKeyUsage=serverAuth",
             "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc",
         )  # fmt: skip
-        # ES256 service-account tokens; the API server derives the public key from this file.
+        # ES256 service-account tokens: the API server signs with the private key and
+        # verifies with the public one (it does not read public keys out of a PKCS#8 file).
         _openssl(
             "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1",
             "-out", str(pki / "sa.key"),
         )  # fmt: skip
+        _openssl("pkey", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
         self.ca_file = str(pki / "ca.crt")
 
         # --token-auth-file: token,user,uid,"group1,group2"
@@ -463,7 +468,7 @@ class ControlPlane:
                 f"--token-auth-file={pki / 'tokens.csv'}",
                 "--authorization-mode=RBAC",
                 f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
-                f"--service-account-key-file={pki / 'sa.key'}",
+                f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 # ClusterIPs are only allocated, never routed: nothing here dials them.
                 "--service-cluster-ip-range=10.0.0.0/24",
@@ -507,6 +512,7 @@ class ControlPlane:
                 f"--kubeconfig={kubeconfig}",
                 f"--controllers={','.join(self.controllers)}",
                 "--use-service-account-credentials=true",
+                f"--root-ca-file={self.ca_file}",  # published as ConfigMap kube-root-ca.crt
                 "--leader-elect=false",
                 "--secure-port=0",  # no health/metrics endpoint: nothing to bind, nothing to race
                 f"-v={self.verbosity}",

@@ -618,6 +618,8 @@ class FakeKubelet:
             source = {**volume["secret"], "name": volume["secret"].get("secretName", "")}
             files = self._projected_files(namespace, "secret", source)
         elif "projected" in volume:
+            # Such as kube-api-access-*: its ca.crt comes from ConfigMap kube-root-ca.crt; its
+            # serviceAccountToken and downwardAPI sources are left out.
             for source in volume["projected"].get("sources", []):
                 for kind in ("configMap", "secret"):
                     if kind in source:
