@@ -279,7 +279,9 @@ class Stage(Model):
     distill: DistillSpec | None = Field(None, description="Distil the teacher into the student.")
     quantize: QuantizeSpec | None = Field(None, description="Quantize the input model.")
     evaluate: EvaluateSpec | None = Field(None, description="Evaluate variants side by side.")
-    resources: Resources | None = Field(None, description="Overrides spec.resources for this stage.")
+    resources: Resources | None = Field(
+        None, description="Fields set here override spec.resources for this stage (the others are inherited)."
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> Stage:

@@ -125,6 +125,13 @@ def input_digest(stage: Stage, inputs: dict[str, str], digests: dict[str, object
     return "sha256:" + hashlib.sha256(dumps_canonical(doc).encode()).hexdigest()
 
 
+def effective_resources(spec: PipelineSpec, stage: Stage) -> Resources:
+    """spec.resources with the fields the stage sets itself laid over it."""
+    if stage.resources is None:
+        return spec.resources
+    return spec.resources.model_copy(update=stage.resources.model_dump(exclude_unset=True))
+
+
 def resolve(spec: PipelineSpec, namespace: str, pipeline: str) -> list[StagePlan]:
     """The stages in order with inputs and content addresses. Raises InvalidSpec."""
     errors = semantic_errors(spec)
@@ -147,7 +154,7 @@ def resolve(spec: PipelineSpec, namespace: str, pipeline: str) -> list[StagePlan
                 inputs=inputs,
                 input_digest=digest,
                 output=artifact_uri(spec.storage.uri, namespace, pipeline, stage.name, digest),
-                resources=stage.resources or spec.resources,
+                resources=effective_resources(spec, stage),
             )
         )
     return plans

@@ -505,8 +505,11 @@ class FakeKubelet:
             self.core.delete_namespaced_pod(
                 run.name,
                 run.namespace,
-                grace_period_seconds=0,
-                body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=run.uid)),
+                # In the body, not the query: the API server ignores query options when a
+                # body is sent.
+                body=client.V1DeleteOptions(
+                    grace_period_seconds=0, preconditions=client.V1Preconditions(uid=run.uid)
+                ),
                 _preload_content=False,
             )
         except ApiException as exc:
