@@ -424,12 +424,32 @@ class ControlPlane:
                 f"{exc}; last lines of {component.name}'s log:\n{component.log_tail()}"
             ) from exc
 
+    def _start_listener(
+        self, name: str, argv_for_port: Callable[[int], list[str]], ready: Callable[[int], bool], what: str
+    ) -> int:
+        """Start a component that listens on a free port, and wait until ``ready(port)``.
+
+        Between :func:`free_port` and the component's bind, another process may take the port:
+        then the component exits with EADDRINUSE, and it is started again on another port.
+        """
+        for attempt in range(1, 4):
+            port = free_port()
+            component = self._spawn(name, argv_for_port(port))
+            try:
+                self._wait_ready(component, lambda: ready(port), what)
+                return port
+            except ControlPlaneError:
+                if attempt == 3 or component.alive() or "address already in use" not in component.log_tail():
+                    raise
+                self._components.remove(component)
+        raise AssertionError("unreachable")
+
     def _start_etcd(self, assets: Path) -> None:
         assert self.dir is not None
-        client_url = f"http://127.0.0.1:{free_port()}"
-        etcd = self._spawn(
-            "etcd",
-            [
+
+        def argv(port: int) -> list[str]:
+            client_url = f"http://127.0.0.1:{port}"
+            return [
                 str(assets / "etcd"),
                 f"--data-dir={self.dir / 'etcd-data'}",
                 f"--listen-client-urls={client_url}",
@@ -440,24 +460,21 @@ class ControlPlane:
                 # Test data is disposable: skip fsync, the main cost of etcd on a slow disk.
                 "--unsafe-no-fsync=true",
                 "--log-level=warn",
-            ],
-        )
-        self._etcd_url = client_url
+            ]
 
-        def healthy() -> bool:
-            with urllib.request.urlopen(f"{client_url}/health", timeout=2) as response:
+        def healthy(port: int) -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
                 return json.load(response).get("health") == "true"
 
-        self._wait_ready(etcd, healthy, "etcd /health")
+        port = self._start_listener("etcd", argv, healthy, "etcd /health")
+        self._etcd_url = f"http://127.0.0.1:{port}"
 
     def _start_apiserver(self, assets: Path) -> None:
         assert self.dir is not None
         pki = self.dir / "pki"
-        port = free_port()
-        self.server = f"https://127.0.0.1:{port}"
-        apiserver = self._spawn(
-            "kube-apiserver",
-            [
+
+        def argv(port: int) -> list[str]:
+            return [
                 str(assets / "kube-apiserver"),
                 f"--etcd-servers={self._etcd_url}",
                 "--bind-address=127.0.0.1",
@@ -478,14 +495,13 @@ class ControlPlane:
                 "--profiling=false",
                 f"-v={self.verbosity}",
                 *self.apiserver_flags,
-            ],
-        )
-        self.kubeconfig = self.kubeconfig_for(self.admin_token, name="admin")
+            ]
+
         context = ssl.create_default_context(cafile=self.ca_file)
 
-        def get(path: str) -> tuple[int, bytes]:
+        def get(port: int, path: str) -> tuple[int, bytes]:
             request = urllib.request.Request(
-                self.server + path, headers={"Authorization": f"Bearer {self.admin_token}"}
+                f"https://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {self.admin_token}"}
             )
             try:
                 with urllib.request.urlopen(request, context=context, timeout=5) as response:
@@ -493,11 +509,18 @@ class ControlPlane:
             except urllib.error.HTTPError as exc:
                 return exc.code, exc.read()
 
-        self._wait_ready(apiserver, lambda: get("/readyz") == (200, b"ok"), "kube-apiserver /readyz")
-        # The "default" namespace is created by a post-start controller of the API server.
-        self._wait_ready(
-            apiserver, lambda: get("/api/v1/namespaces/default")[0] == 200, "the default namespace"
+        # /readyz covers etcd, the RBAC bootstrap policy and the other post-start hooks; the
+        # "default" namespace comes right after, from a controller inside the API server.
+        port = self._start_listener(
+            "kube-apiserver",
+            argv,
+            lambda port: (
+                get(port, "/readyz") == (200, b"ok") and get(port, "/api/v1/namespaces/default")[0] == 200
+            ),
+            "kube-apiserver /readyz and the default namespace",
         )
+        self.server = f"https://127.0.0.1:{port}"
+        self.kubeconfig = self.kubeconfig_for(self.admin_token, name="admin")
 
     def _start_controller_manager(self, assets: Path) -> None:
         if not self.controllers:

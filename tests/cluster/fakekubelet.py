@@ -342,12 +342,12 @@ class FakeKubelet:
         with self._runs_lock:
             run = self._runs.get(uid)
             if run is None:
-                # Ours to take: not bound, not terminal, not being deleted, not shut down.
+                # Ours to take: Pending, not bound elsewhere, not being deleted, not shut down.
                 if (
                     event_type == "DELETED"
-                    or spec.get("nodeName")
+                    or spec.get("nodeName") not in (None, "", self.node_name)
                     or meta.get("deletionTimestamp")
-                    or status.get("phase") in ("Succeeded", "Failed")
+                    or status.get("phase", "Pending") != "Pending"
                     or self._stopping.is_set()
                 ):
                     return
@@ -373,10 +373,12 @@ class FakeKubelet:
     def _serve_pod(self, run: PodRun, pod: dict[str, Any]) -> None:
         """The life of one pod, on its own thread: bind, prepare, run (and restart), report."""
         try:
-            if not self._bind(run):
+            if not pod["spec"].get("nodeName") and not self._bind(run):
                 return
             launch = self._prepare(run, pod)
-            if launch is None:
+            if launch is None:  # deleted (or shut down) before it could start
+                if run._deleted and not self._stopping.is_set():
+                    self._finish_deletion(run)
                 return
             start_time = _now()
             last_state = None

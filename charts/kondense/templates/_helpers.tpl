@@ -41,6 +41,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (include "kondense.fullname" .) .Values.serviceAccount.name }}
 {{- end }}
 
+{{/* The operator's ServiceAccount as a RoleBinding subject. */}}
+{{- define "kondense.operatorSubject" -}}
+- kind: ServiceAccount
+  name: {{ include "kondense.serviceAccountName" . }}
+  namespace: {{ .Release.Namespace }}
+{{- end }}
+
 {{/* image: repository:tag, the tag defaulting to the chart's appVersion. */}}
 {{- define "kondense.image" -}}
 {{- printf "%s:%s" .image.repository (default .chart.AppVersion .image.tag) }}

@@ -1,0 +1,148 @@
+"""reconcile: Job/Pod facts -> stage states, and plan -> children to create. Pure, no API server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kondense.api import Summary
+from kondense.errors import Reason
+from kondense.events import summary_line
+from kondense.manifests import ANNOTATION_DIGEST
+from kondense.reconcile import invalid, observe_job, reconcile
+from kondense.errors import InvalidSpec
+from kondense.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+NOW = "2026-01-01T00:00:00Z"
+
+
+def job(conditions=(), active=0, failed=0, succeeded=0, suspend=False):
+    return {
+        "metadata": {"name": "j"},
+        "spec": {"suspend": suspend},
+        "status": {
+            "conditions": [{"type": t, "status": "True", "reason": r, "message": m} for t, r, m in conditions],
+            "active": active, "failed": failed, "succeeded": succeeded, "startTime": NOW,
+        },
+    }
+
+
+def pod(exit_code=None, reason=None, message="", waiting=None):
+    state = {}
+    if exit_code is not None:
+        state = {"terminated": {"exitCode": exit_code, "reason": reason or "Error", "message": message}}
+    elif waiting:
+        state = {"waiting": {"reason": waiting}}
+    return {"metadata": {"creationTimestamp": NOW, "labels": {}}, "status": {"containerStatuses": [{"name": "stage", "state": state}]}}
+
+
+GATE = summary_line(Summary(state="Failed", reason=Reason.QUALITY_GATE_FAILED, message="gguf: +4.6% over distill"))
+OK = summary_line(Summary(state="Succeeded", reason="Succeeded", metrics={"loss": 1.0}))
+
+
+@pytest.mark.parametrize(
+    "j, pods, state, reason, in_message",
+    [
+        (job(active=1), [pod()], "Running", Reason.RUNNING, ""),
+        (job([("Complete", "", "")], succeeded=1), [pod(0, "Completed", OK)], "Succeeded", Reason.SUCCEEDED, ""),
+        (job([("Failed", "PodFailurePolicy", "")], failed=1), [pod(13, message=GATE)], "Failed", Reason.QUALITY_GATE_FAILED, "gguf: +4.6%"),
+        (job([("Failed", "BackoffLimitExceeded", "")], failed=3), [pod(137, "OOMKilled")], "Failed", Reason.OOM_KILLED, "raise resources.memory"),
+        (job([("Failed", "BackoffLimitExceeded", "")], failed=3), [pod(21, message="log line\n")], "Failed", Reason.CUDA_OUT_OF_MEMORY, "lower batchSize"),
+        (job([("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")]), [], "Failed", Reason.DEADLINE_EXCEEDED, "activeDeadlineSeconds"),
+        (job([("Failed", "PodFailurePolicy", "")], failed=1), [pod(15)], "Failed", Reason.STORAGE_ACCESS_DENIED, "credentialsSecret"),
+        (job(active=1), [pod(waiting="ImagePullBackOff")], "Pending", Reason.IMAGE_PULL_FAILED, "spec.image"),
+        (job(suspend=True), [], "Pending", "Queued", "Kueue"),
+    ],
+    ids=["running", "complete", "quality-gate", "oom-killed", "cuda-oom-from-exit-code", "deadline", "storage-denied", "image-pull", "queued"],
+)
+def test_observe_job(j, pods, state, reason, in_message):
+    o = observe_job(j, pods)
+    assert (o.state, o.reason) == (state, reason)
+    assert in_message in o.message
+
+
+def demo_body(**spec_changes):
+    doc = yaml.safe_load((ROOT / "crds/examples/demo.yaml").read_text())
+    doc["metadata"].update(namespace="ns", uid="u1", generation=1)
+    doc["spec"].update(spec_changes)
+    return doc
+
+
+class Recorder:
+    def __init__(self):
+        self.created, self.deleted = [], []
+
+    def create(self, obj):
+        self.created.append(obj)
+        return True
+
+    def delete(self, name):
+        self.deleted.append(name)
+
+
+def run(body, jobs=(), pods=()):
+    rec = Recorder()
+    out = reconcile(body, list(jobs), list(pods), Settings(), NOW, rec.create, rec.delete, lambda child: None)
+    return out, rec
+
+
+def test_first_reconcile_creates_the_first_stage_and_reports_pending():
+    out, rec = run(demo_body())
+    kinds = [(o["kind"], o["metadata"]["labels"]["kondense.io/stage"]) for o in rec.created]
+    assert kinds == [("ConfigMap", "distill"), ("Job", "distill"), ("ConfigMap", "ce-only"), ("Job", "ce-only")]
+    assert out.changed and out.status.progress == "0/6"
+    ready = next(c for c in out.status.conditions if c.type == "Ready")
+    assert ready.status == "False"
+    assert [s.state for s in out.status.stages][:3] == ["Pending", "Pending", "Pending"]
+
+
+def test_completed_distill_starts_quantize_stages_and_reconcile_is_stable():
+    body = demo_body()
+    out, rec = run(body)
+    distill_job = next(o for o in rec.created if o["kind"] == "Job" and "distill" in o["metadata"]["name"])
+    done = {**distill_job, "status": job([("Complete", "", "")], succeeded=1)["status"]}
+    body["status"] = out.status.dump()
+    out2, rec2 = run(body, jobs=[done])
+    started = sorted(o["metadata"]["labels"]["kondense.io/stage"] for o in rec2.created if o["kind"] == "Job")
+    assert started == ["ce-only", "gguf", "gptq", "nf4"]  # ce-only's create is idempotent (409 in a cluster)
+    body["status"] = out2.status.dump()
+    out3, _ = run(body, jobs=[done])
+    assert not out3.changed, "a second reconcile over the same facts must not patch status"
+
+
+def test_superseded_running_job_is_deleted_after_a_spec_edit():
+    body = demo_body()
+    _, rec = run(body)
+    old = next(o for o in rec.created if o["kind"] == "Job" and "-distill-" in o["metadata"]["name"])
+    old = {**old, "status": {"active": 1}}
+    body["spec"]["stages"][0]["distill"]["temperature"] = 4.0
+    body["metadata"]["generation"] = 2
+    out, rec2 = run(body, jobs=[old])
+    assert rec2.deleted == [old["metadata"]["name"]]
+    new = next(o for o in rec2.created if o["kind"] == "Job" and "-distill-" in o["metadata"]["name"])
+    assert new["metadata"]["annotations"][ANNOTATION_DIGEST] != old["metadata"]["annotations"][ANNOTATION_DIGEST]
+    assert out.status.observed_generation == 2
+
+
+def test_succeeded_stage_survives_job_garbage_collection():
+    body = demo_body()
+    out, rec = run(body)
+    distill_job = next(o for o in rec.created if o["kind"] == "Job" and "-distill-" in o["metadata"]["name"])
+    done = {**distill_job, "status": job([("Complete", "", "")], succeeded=1)["status"]}
+    out2, _ = run({**body, "status": out.status.dump()}, jobs=[done])
+    out3, rec3 = run({**body, "status": out2.status.dump()}, jobs=[])  # ttlSecondsAfterFinished removed the Job
+    assert out3.status.stages[0].state == "Succeeded"
+    assert not any("-distill-" in o["metadata"]["name"] for o in rec3.created)
+
+
+def test_invalid_spec_reports_failed_with_field_path_and_creates_nothing():
+    body = demo_body()
+    body["spec"]["stages"][3]["from"] = "ghost"
+    with pytest.raises(InvalidSpec) as e:
+        run(body)
+    out = invalid(body, e.value, NOW)
+    failed = next(c for c in out.status.conditions if c.type == "Failed")
+    assert failed.status == "True" and failed.reason == "InvalidSpec" and "spec.stages[3].from" in failed.message
