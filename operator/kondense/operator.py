@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 import kopf
 
@@ -14,7 +13,7 @@ from kondense.settings import Settings
 
 def main() -> None:
     settings = Settings.from_env()
-    logging.basicConfig(level=os.environ.get("KONDENSE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     handlers.configure(settings)
     asyncio.run(
         kopf.operator(

@@ -18,6 +18,7 @@ class Settings:
     liveness_port: int = 8080
     peering: str | None = None  # None: standalone (one replica); a name: kopf peering for HA
     scratch_size_limit: str = "200Gi"
+    log_level: str = "INFO"
     extra_labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -43,4 +44,5 @@ class Settings:
             liveness_port=integer("KONDENSE_LIVENESS_PORT", cls.liveness_port),
             peering=env.get("KONDENSE_PEERING") or None,
             scratch_size_limit=env.get("KONDENSE_SCRATCH_SIZE_LIMIT", cls.scratch_size_limit),
+            log_level=env.get("KONDENSE_LOG_LEVEL", cls.log_level).upper(),
         )

@@ -24,8 +24,11 @@
 # binaries, that directory is used as is. The last line of stdout is always the
 # assets directory; everything else (go's progress) goes to stderr.
 #
-# Cold build on 2 cores: roughly a quarter of an hour (see the tests' README
-# in controlplane.py); with warm Go module and build caches, seconds.
+# Cost, measured on a 2-core machine that was busy with other builds: a cold
+# build (empty module and build caches) took 13m43s wall, 14m15s of CPU, and
+# ~250 MB of binaries; with warm caches a rebuild takes seconds, and when the
+# binaries exist the script returns at once. $KONDENSE_ASSETS_CACHE/<version>/src
+# keeps the go.mod/go.sum that pin every dependency of the build.
 set -euo pipefail
 
 readonly BINARIES=(etcd kube-apiserver kube-controller-manager)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -436,7 +437,7 @@ class ControlPlane:
             port = free_port()
             component = self._spawn(name, argv_for_port(port))
             try:
-                self._wait_ready(component, lambda: ready(port), what)
+                self._wait_ready(component, functools.partial(ready, port), what)
                 return port
             except ControlPlaneError:
                 if attempt == 3 or component.alive() or "address already in use" not in component.log_tail():

@@ -1,0 +1,408 @@
+"""GGUF files through llama.cpp's own converter and quantizer, and measurements through llama.cpp.
+
+    quantize(model_dir, out_dir, "q4_k_m")        -> out_dir/model-q4_k_m.gguf
+    perplexity(gguf_path, windows)                -> float (llama.cpp's logits, HF's convention)
+    tokens_per_second(gguf_path, prompt_ids, 64)  -> float (greedy generation)
+    find_gguf(folder)                             -> Path | None
+
+Where the converter comes from. The llama-cpp-python wheel carries llama.cpp's library but not
+`convert_hf_to_gguf.py`; its sdist carries the whole llama.cpp tree. `install_converter()` (the
+command `python -m kondense_jobs.gguf install-converter`) runs `pip download --no-deps --no-binary
+:all: llama-cpp-python==<installed version>` (PyPI only; pip's cache makes it free the second
+time) or takes a local sdist (`--sdist`), and extracts convert_hf_to_gguf.py, conversion/ and
+gguf-py/gguf/ into $KONDENSE_LLAMA_CPP_DIR or ~/.cache/kondense/llama.cpp-<version>. The converter
+is therefore the very commit the installed llama.cpp library was built from: every file it writes
+is one that library reads. `quantize()` installs it on first use if it is missing.
+
+How it runs. The converter runs as a subprocess (`python -m kondense_jobs.gguf convert-hf ...`)
+with the vendored gguf-py first on sys.path: the PyPI `gguf` package may be older or newer than
+the converter expects, and a subprocess keeps the two apart. f32/f16/bf16/q8_0 come straight from
+the converter; every other type is made by llama.cpp's quantizer (`llama_model_quantize`, also in
+a subprocess, so that a crash of native code becomes an error message, not a dead stage) from a
+lossless intermediate: the source's own dtype (f32 for f32 weights, bf16 for bf16, f16 for f16).
+Tiny and fine-tuned models are usually saved in f32; rounding them to f16 before quantizing adds a
+second error on top of the quantization, so the intermediate never narrows the source.
+
+One patch, in-process, to the converter's classes (no llama.cpp file is edited). The converter
+names a BPE tokenizer's pre-tokenizer by hashing the tokenization of a fixed string and refuses
+hashes it does not know; the hash depends on the vocabulary, so every locally trained tokenizer is
+refused, even one that pre-tokenizes exactly as GPT-2 does. When, and only when, the converter
+does not recognise the hash and tokenizer.json's pre_tokenizer is exactly GPT-2's (ByteLevel,
+use_regex true, add_prefix_space false, no normalizer), `TextModel.get_vocab_base_pre` answers
+"gpt-2", llama.cpp's name for that very regex. A hub model with a known hash goes through
+unpatched; any other unknown tokenizer is refused as before (InvalidInput).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from kondense.errors import InvalidInput, InvalidSpec, MissingDependency
+
+log = logging.getLogger("kondense_jobs.gguf")
+
+DISTRIBUTION = "llama-cpp-python"
+# What the converter imports, relative to the sdist's vendor/llama.cpp/.
+CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE")
+CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by convert_hf_to_gguf.py itself
+QUANTIZER_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k")  # by llama_model_quantize
+TYPES = CONVERTER_TYPES + QUANTIZER_TYPES
+
+# Exit codes of the convert-hf subcommand that mean "this input cannot be converted".
+EXIT_UNSUPPORTED_ARCH = 3
+EXIT_UNKNOWN_PRETOKENIZER = 4
+
+LLAMA_CPP_HINT = (
+    "To resolve, use the kondense jobs image, or build it from source: "
+    "CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX2=ON\" pip install 'llama-cpp-python==0.3.36' --no-binary llama-cpp-python"
+)
+
+
+# -- the converter --------------------------------------------------------------------------------
+def llama_cpp_version() -> str:
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise MissingDependency(f"GGUF needs the Python package llama_cpp ({DISTRIBUTION} is not installed). {LLAMA_CPP_HINT}") from None
+
+
+def converter_dir(version: str | None = None) -> Path:
+    """Where convert_hf_to_gguf.py lives: $KONDENSE_LLAMA_CPP_DIR or ~/.cache/kondense/llama.cpp-<version>."""
+    if env := os.environ.get("KONDENSE_LLAMA_CPP_DIR"):
+        return Path(env)
+    return Path.home() / ".cache" / "kondense" / f"llama.cpp-{version or llama_cpp_version()}"
+
+
+def _installed(folder: Path) -> bool:
+    return (folder / ".complete").exists() and (folder / "convert_hf_to_gguf.py").exists()
+
+
+def install_converter(version: str | None = None, dest: Path | None = None, sdist: Path | None = None) -> Path:
+    """Extract llama.cpp's converter from the llama-cpp-python sdist of `version` into `dest`.
+
+    The sdist is `sdist` if given, else `pip download`ed from the configured index (PyPI).
+    Idempotent: an existing complete install is kept.
+    """
+    version = version or llama_cpp_version()
+    dest = dest or converter_dir(version)
+    if _installed(dest):
+        return dest
+    with tempfile.TemporaryDirectory(prefix="kondense-llama-cpp-") as tmp:
+        if sdist is None:
+            log.info("Downloading the %s %s sdist for llama.cpp's converter", DISTRIBUTION, version)
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                   "--disable-pip-version-check", "--quiet", f"{DISTRIBUTION}=={version}", "-d", tmp]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            found = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+            if proc.returncode != 0 or not found:
+                raise MissingDependency(
+                    f"GGUF needs llama.cpp's convert_hf_to_gguf.py and `pip download {DISTRIBUTION}=={version}` failed "
+                    f"({_last_line(proc.stderr) or 'no sdist'}). To resolve, run `python -m kondense_jobs.gguf "
+                    "install-converter` where PyPI is reachable (the jobs image does), or set KONDENSE_LLAMA_CPP_DIR."
+                )
+            sdist = found[0]
+        log.info("Extracting llama.cpp's converter from %s into %s", Path(sdist).name, dest)
+        partial = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        with tarfile.open(sdist) as tar:
+            members = []
+            for m in tar.getmembers():
+                _, _, rel = m.name.partition("/vendor/llama.cpp/")
+                if rel and any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in CONVERTER_PARTS):
+                    if "/tests/" in rel or not (m.isfile() or m.isdir()):
+                        continue
+                    m.name = rel
+                    members.append(m)
+            if not any(m.name == "convert_hf_to_gguf.py" for m in members):
+                raise InvalidInput(f"{sdist} holds no vendor/llama.cpp/convert_hf_to_gguf.py: not a llama-cpp-python sdist")
+            tar.extractall(partial, members=members, filter="data")
+        (partial / ".complete").write_text(f"{DISTRIBUTION}=={version}\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial.rename(dest)
+    return dest
+
+
+def ensure_converter() -> Path:
+    folder = converter_dir()
+    return folder if _installed(folder) else install_converter(dest=folder)
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _source_outtype(model_dir: Path) -> str:
+    """The converter outtype that holds the source weights exactly (see the module docstring)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return "f32"
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return {"bfloat16": "bf16", "float16": "f16"}.get(dtype, "f32")
+
+
+def convert(model_dir: Path, outfile: Path, outtype: str) -> Path:
+    """Run convert_hf_to_gguf.py (vendored gguf-py first, pre-tokenizer patch) in a subprocess."""
+    folder = ensure_converter()
+    cmd = [sys.executable, "-m", "kondense_jobs.gguf", "convert-hf", "--converter", str(folder),
+           str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("NO_LOCAL_GGUF", None)
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode in (EXIT_UNSUPPORTED_ARCH, EXIT_UNKNOWN_PRETOKENIZER):
+        raise InvalidInput(_last_line(proc.stderr))
+    if proc.returncode != 0 or not outfile.exists():
+        raise RuntimeError(f"convert_hf_to_gguf.py --outtype {outtype} failed (exit {proc.returncode}): {_last_line(proc.stderr)}")
+    log.debug("converter output:\n%s", proc.stderr[-4000:])
+    log.info("Converted %s to %s in %.1f s", model_dir.name, outfile.name, time.monotonic() - start)
+    return outfile
+
+
+def _quantize_file(src: Path, dst: Path, type: str) -> Path:
+    """llama_model_quantize(src -> dst) in a subprocess: one line of error if it fails or crashes."""
+    cmd = [sys.executable, "-m", "kondense_jobs.gguf", "quantize-gguf", str(src), str(dst), type]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not dst.exists():
+        why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        raise RuntimeError(f"llama_model_quantize {src.name} -> {type} failed ({why}): {_last_line(proc.stderr)}")
+    log.info("Quantized %s to %s in %.1f s", src.name, dst.name, time.monotonic() - start)
+    return dst
+
+
+# -- the interface ---------------------------------------------------------------------------------
+def quantize(model_dir: Path, out_dir: Path, type: str, progress=None) -> Path:
+    """Write out_dir/model-<type>.gguf from a Hugging Face model folder; return its path."""
+    type = type.lower()
+    if type not in TYPES:
+        raise InvalidSpec(f"quantize.type {type!r} is not a GGUF type kondense makes; use one of {', '.join(TYPES)}")
+    _llama_cpp()  # fail before the conversion, not after it
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"model-{type}.gguf"
+    total = 1 if type in CONVERTER_TYPES else 2
+    if progress is not None:
+        progress.update(0, total, phase="gguf convert", force=True)
+    if type in CONVERTER_TYPES:
+        partial = out_dir / f".model-{type}.gguf.partial"
+        convert(model_dir, partial, type)
+        partial.replace(target)
+    else:
+        with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out_dir) as tmp:
+            outtype = _source_outtype(model_dir)
+            intermediate = convert(model_dir, Path(tmp) / f"model-{outtype}.gguf", outtype)
+            if progress is not None:
+                progress.update(1, total, phase="gguf quantize", force=True)
+            _quantize_file(intermediate, Path(tmp) / target.name, type).replace(target)
+    if progress is not None:
+        progress.update(total, total, phase="gguf quantize", force=True)
+    return target
+
+
+def find_gguf(folder: Path) -> Path | None:
+    """The .gguf file of an artifact folder (the largest if several), or None."""
+    files = sorted(Path(folder).glob("*.gguf"), key=lambda p: (-p.stat().st_size, p.name)) if Path(folder).is_dir() else []
+    return files[0] if files else None
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise MissingDependency(f"GGUF needs the Python package llama_cpp ({e}). {LLAMA_CPP_HINT}") from e
+    return llama_cpp
+
+
+def _threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _load(gguf_path: Path, n_ctx: int, logits_all: bool):
+    llama_cpp = _llama_cpp()
+    if not Path(gguf_path).is_file():
+        raise InvalidInput(f"GGUF file {gguf_path} does not exist")
+    n_ctx = max(n_ctx, 8)
+    try:
+        return llama_cpp.Llama(
+            model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
+            n_threads=_threads(), n_threads_batch=_threads(), verbose=False,
+        )
+    except ValueError as e:  # llama-cpp-python says "Failed to load model from file: ..."
+        raise InvalidInput(f"llama.cpp cannot load {gguf_path.name}: {e}") from None
+
+
+def perplexity(gguf_path: Path, windows: list[list[int]]) -> float:
+    """exp(mean NLL) over every predicted token, tokens 1..n-1 of each window from their prefix.
+
+    The windows are token ids of the Hugging Face tokenizer, fed to llama.cpp as they are (no BOS
+    added), so every variant is scored on identical input, with llama.cpp's own defaults otherwise.
+    """
+    import numpy as np
+
+    windows = [list(w) for w in windows if len(w) >= 2]
+    if not windows:
+        raise InvalidInput("perplexity needs at least one window of 2 or more tokens")
+    llm = _load(Path(gguf_path), max(len(w) for w in windows), logits_all=True)
+    try:
+        n_vocab = llm.n_vocab()
+        nll, count = 0.0, 0
+        for w in windows:
+            if max(w) >= n_vocab or min(w) < 0:
+                raise InvalidInput(f"token id {max(w)} is outside {gguf_path.name}'s vocabulary of {n_vocab}: tokenizer mismatch")
+            llm.reset()
+            llm.eval(w)
+            logits = np.asarray(llm.scores[: len(w) - 1], dtype=np.float64)
+            top = logits.max(axis=1, keepdims=True)
+            logz = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+            nll += float((logz - logits[np.arange(len(w) - 1), w[1:]]).sum())
+            count += len(w) - 1
+    finally:
+        llm.close()
+    return float(np.exp(nll / count))
+
+
+def tokens_per_second(gguf_path: Path, prompt_ids: list[int], n_tokens: int) -> float:
+    """Greedy generation throughput: n_tokens / (prompt processing + n_tokens decode steps).
+
+    EOS does not stop it, so every variant generates exactly n_tokens; model loading is not timed.
+    """
+    if n_tokens < 1 or not prompt_ids:
+        raise InvalidInput("tokens_per_second needs a non-empty prompt and n_tokens >= 1")
+    llm = _load(Path(gguf_path), len(prompt_ids) + n_tokens, logits_all=False)
+    try:
+        start = time.perf_counter()
+        made = 0
+        for _ in llm.generate(list(prompt_ids), top_k=1, temp=0.0, repeat_penalty=1.0):
+            made += 1
+            if made >= n_tokens:
+                break
+        elapsed = time.perf_counter() - start
+    finally:
+        llm.close()
+    return made / elapsed
+
+
+# -- subprocess entry points ----------------------------------------------------------------------
+def _is_gpt2_pretokenizer(model_dir: Path) -> bool:
+    """tokenizer.json pre-tokenizes exactly as GPT-2: ByteLevel with GPT-2's regex, no prefix space."""
+    try:
+        tok = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    pre = tok.get("pre_tokenizer") or {}
+    return (
+        (tok.get("model") or {}).get("type") == "BPE"
+        and tok.get("normalizer") is None
+        and pre.get("type") == "ByteLevel"
+        and pre.get("use_regex", True) is True
+        and pre.get("add_prefix_space", False) is False
+    )
+
+
+def _convert_hf_main(converter: Path, argv: list[str]) -> int:
+    """Run convert_hf_to_gguf.main() with the vendored gguf-py and the pre-tokenizer fallback."""
+    sys.path[:0] = [str(converter / "gguf-py"), str(converter)]
+    import gguf  # the vendored one: it is first on sys.path
+
+    if not Path(gguf.__file__).resolve().is_relative_to(converter.resolve()):
+        print(f"kondense: imported gguf from {gguf.__file__}, not from {converter}", file=sys.stderr)
+        return 1
+    from conversion import TEXT_MODEL_MAP
+    from conversion.base import ModelBase, ModelType, TextModel, get_model_architecture
+
+    model_dir = Path(next(a for a in argv if not a.startswith("-") and Path(a).is_dir()))
+    arch = get_model_architecture(ModelBase.load_hparams(model_dir, False), ModelType.TEXT)
+    if arch not in TEXT_MODEL_MAP:
+        print(
+            f"llama.cpp's converter ({converter.name}) does not support architecture {arch!r}; "
+            "to resolve, quantize this model with another method (bnb-nf4, bnb-int8, gptq)", file=sys.stderr,
+        )
+        return EXIT_UNSUPPORTED_ARCH
+
+    original = TextModel.get_vocab_base_pre
+    converter_log = logging.getLogger("hf-to-gguf")
+
+    def get_vocab_base_pre(self, tokenizer) -> str:
+        level = converter_log.level
+        converter_log.setLevel(logging.ERROR)  # its "not recognized" banner is not the last word here
+        try:
+            return original(self, tokenizer)
+        except NotImplementedError:
+            if _is_gpt2_pretokenizer(Path(self.dir_model)):
+                converter_log.setLevel(level)
+                converter_log.info("kondense: BPE pre-tokenizer hash unknown, tokenizer.json pre_tokenizer is GPT-2's ByteLevel: 'gpt-2'")
+                return "gpt-2"
+            print(
+                f"{model_dir.name}: llama.cpp's converter does not recognise this tokenizer's BPE pre-tokenizer "
+                "(and it is not GPT-2's ByteLevel); to resolve, convert a model whose tokenizer llama.cpp knows",
+                file=sys.stderr,
+            )
+            raise SystemExit(EXIT_UNKNOWN_PRETOKENIZER) from None
+        finally:
+            converter_log.setLevel(level)
+
+    TextModel.get_vocab_base_pre = get_vocab_base_pre
+    import convert_hf_to_gguf
+
+    sys.argv = ["convert_hf_to_gguf.py", *argv]
+    convert_hf_to_gguf.main()
+    return 0
+
+
+def _quantize_gguf_main(src: str, dst: str, type: str) -> int:
+    import ctypes
+
+    llama_cpp = _llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type.upper()}")
+    params.nthread = _threads()
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    if rc != 0:
+        print(f"llama_model_quantize returned {rc}", file=sys.stderr)
+    return 1 if rc != 0 else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kondense_jobs.gguf", description="llama.cpp's converter for kondense")
+    sub = parser.add_subparsers(dest="command", required=True)
+    inst = sub.add_parser("install-converter", help="extract convert_hf_to_gguf.py from the llama-cpp-python sdist")
+    inst.add_argument("--version", help="llama-cpp-python version (default: the installed one)")
+    inst.add_argument("--dest", type=Path, help="target folder (default $KONDENSE_LLAMA_CPP_DIR or ~/.cache/kondense/llama.cpp-<version>)")
+    inst.add_argument("--sdist", type=Path, help="a local llama_cpp_python-<version>.tar.gz instead of pip download")
+    conv = sub.add_parser("convert-hf", help="(internal) run convert_hf_to_gguf.py with kondense's patch")
+    conv.add_argument("--converter", type=Path, required=True)
+    quant = sub.add_parser("quantize-gguf", help="(internal) llama_model_quantize SRC DST TYPE")
+    quant.add_argument("src")
+    quant.add_argument("dst")
+    quant.add_argument("type", choices=QUANTIZER_TYPES)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "convert-hf":
+        return _convert_hf_main(args.converter, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "quantize-gguf":
+        return _quantize_gguf_main(args.src, args.dst, args.type)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(install_converter(args.version, args.dest, args.sdist))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
