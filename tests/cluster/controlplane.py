@@ -176,8 +176,8 @@ class ControlPlane:
     :param controllers: kube-controller-manager controllers to run.
     :param assets_dir: directory with the binaries; default: :func:`find_assets`.
     :param startup_timeout: seconds allowed for each component to become ready.
-    :param workdir: keep certificates, data and logs here instead of a temporary directory
-        (which is removed on stop).
+    :param workdir: a new directory to keep certificates, etcd data and logs in, for a look
+        after the run; by default they go to a temporary directory that is removed on stop.
     :param apiserver_flags, controller_manager_flags: extra ``--flag=value`` arguments.
     :param verbosity: klog ``-v`` level of the Kubernetes components.
     """

@@ -1,0 +1,91 @@
+"""The `kondense` command's answers to bad input: one clear message, non-zero exit, nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def kondense(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"}
+    return subprocess.run([sys.executable, "-m", "kondense.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120, env=env)
+
+
+def write(tmp_path: Path, doc) -> Path:
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+    return p
+
+
+def demo(tmp_path: Path) -> dict:
+    doc = yaml.safe_load((ROOT / "crds/examples/demo.yaml").read_text())
+    text = yaml.safe_dump(doc).replace("s3://kondense-demo", f"file://{tmp_path}/base")
+    return yaml.safe_load(text)
+
+
+def test_validate_accepts_the_examples(tmp_path):
+    r = kondense("validate", *map(str, sorted((ROOT / "crds/examples").glob("*.yaml"))), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "demo.yaml: valid (demo, 6 stages)" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda d: d["spec"]["stages"][3]["quantize"].update(bits=5), "spec.stages[3].quantize.bits: must be one of 2, 3, 4, 8"),
+        (lambda d: d["spec"]["stages"].append({"name": "x", "from": "eval", "quantize": {"method": "gguf"}}),
+         "spec.stages[6].from: 'eval' is a evaluate stage"),
+        (lambda d: d["spec"].update(stages=[{"name": "a", "from": "b", "quantize": {"method": "gguf"}},
+                                            {"name": "b", "from": "a", "distill": {}}]),
+         "spec.stages[0].from: 'b' must be an earlier stage (stages run in DAG order; no cycles)"),
+        (lambda d: d["spec"]["stages"][0]["distill"].update(batchSize=0), "spec.stages[0].distill.batchSize: must be >= 1"),
+        (lambda d: d["spec"]["dataset"].update(evalSplit=1.5), "spec.dataset.evalSplit: must be < 1"),
+        (lambda d: d["spec"]["storage"].update(bucket="x"), "spec.storage.bucket: unknown field"),
+    ],
+    ids=["out-of-range-enum", "from-names-evaluate", "cycle", "batch-zero", "split-too-big", "unknown-field"],
+)
+def test_validate_and_run_reject_bad_input_naming_the_field(tmp_path, mutate, expected):
+    doc = demo(tmp_path)
+    mutate(doc)
+    path = write(tmp_path, doc)
+    for command in ("validate", "run"):
+        r = kondense(command, str(path), cwd=tmp_path)
+        assert r.returncode != 0
+        assert expected in r.stderr, r.stderr
+    assert not (tmp_path / "base").exists() and not (tmp_path / ".kondense").exists()
+
+
+def test_malformed_yaml(tmp_path):
+    r = kondense("run", str(write(tmp_path, "spec: {stages: [\n")), cwd=tmp_path)
+    assert r.returncode == 2 and "malformed YAML at line" in r.stderr
+
+
+def test_unreachable_store_fails_fast_and_writes_nothing(tmp_path):
+    doc = demo(tmp_path)
+    doc["spec"]["storage"] = {"uri": "s3://bucket/prefix", "endpoint": "http://127.0.0.1:9"}
+    r = kondense("run", str(write(tmp_path, doc)), cwd=tmp_path)
+    assert r.returncode == 2 and "cannot reach the S3 endpoint" in r.stderr, r.stderr
+    assert r.stderr.count("\n") <= 2, "one clear message, no traceback"
+    assert not (tmp_path / ".kondense" / "default" / "demo" / "status.json").exists()
+
+
+def test_missing_credentials(tmp_path, monkeypatch):
+    doc = demo(tmp_path)
+    doc["spec"]["storage"] = {"uri": "s3://bucket/prefix", "endpoint": "http://127.0.0.1:9"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_CONFIG_FILE="/nonexistent", AWS_EC2_METADATA_DISABLED="true")
+    r = subprocess.run([sys.executable, "-m", "kondense.cli", "run", str(write(tmp_path, doc))], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=120)
+    assert r.returncode == 2 and "no S3 credentials" in r.stderr, r.stderr
+
+
+def test_report_of_an_unfinished_pipeline(tmp_path):
+    r = kondense("report", str(write(tmp_path, demo(tmp_path))), cwd=tmp_path)
+    assert r.returncode == 2 and "report.json does not exist" in r.stderr
