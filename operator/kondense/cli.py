@@ -53,12 +53,11 @@ def cmd_run(args) -> int:
 
 def cmd_demo(args) -> int:
     from kondense import demo
-    from kondense.store import FileStore, to_uri
+    from kondense.store import to_uri
 
     base = to_uri(args.base or str(Path.home() / ".cache" / "kondense" / "demo"))
-    local_inputs = (FileStore.path(base) if base.startswith("file://") else Path.home() / ".cache" / "kondense" / "demo") / "inputs"
-    demo.build_inputs(local_inputs)
-    demo.stage_inputs(local_inputs, base)
+    inputs = demo.build_inputs(demo.inputs_cache())
+    demo.stage_inputs(inputs, base)
     return _run_pipeline(demo.pipeline(base), args)
 
 

@@ -8,6 +8,7 @@ data/demo.yaml with s3://kondense-demo replaced by the base URI.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 
 from kondense.api import CompressionPipeline
 from kondense.events import Progress
-from kondense.store import FileStore, join, open_store
+from kondense.store import join, open_store
 from kondense.validation import parse
 
 PLACEHOLDER = "s3://kondense-demo"
@@ -60,12 +61,15 @@ def build_inputs(folder: Path, out=print) -> Path:
 
 
 def stage_inputs(local_inputs: Path, base_uri: str) -> None:
-    """Copy the inputs to a remote base (s3://...) unless they are already there."""
-    if base_uri.startswith("file://") and FileStore.path(base_uri) / "inputs" == local_inputs:
-        return
+    """Put the inputs under <base>/inputs (hard links for folders, an upload for s3://)."""
     store = open_store(base_uri)
     target = join(base_uri, "inputs")
     if store.read_bytes(join(target, "recipe.json")) == (local_inputs / "recipe.json").read_bytes():
         return
     files = [(p, join(target, p.relative_to(local_inputs).as_posix())) for p in sorted(local_inputs.rglob("*")) if p.is_file()]
+    files.sort(key=lambda f: f[0].name == "recipe.json")  # the marker last: a partial copy is redone
     store.upload(files)
+
+
+def inputs_cache() -> Path:
+    return Path(os.environ.get("KONDENSE_CACHE", Path.home() / ".cache" / "kondense")) / "demo-inputs"

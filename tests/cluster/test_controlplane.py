@@ -242,6 +242,63 @@ def test_behaviour_hook_simulates_an_oom_kill(
     assert fake_kubelet.run_for(namespace, pod.metadata.name).output() == ""
 
 
+def test_fake_kubelet_builds_the_container_like_a_kubelet(
+    api_client: client.ApiClient, namespace: str, fake_kubelet: FakeKubelet
+) -> None:
+    """Waits for a missing ConfigMap, expands env, keeps emptyDir across an OnFailure restart."""
+    core = client.CoreV1Api(api_client)
+    fake_kubelet.extra_env["EXTRA"] = "from-the-test"
+    script = (
+        "import os, pathlib, sys\n"
+        "marker = pathlib.Path(sys.argv[1], 'first-attempt')\n"
+        "if not marker.exists():\n"
+        "    marker.touch()\n"
+        "    sys.exit(1)\n"
+        "summary = [os.environ[k] for k in ('POD', 'GREETING', 'CFG_COLOR', 'EXTRA')]\n"
+        "open(os.environ['KONDENSE_TERMINATION_LOG'], 'w').write('|'.join(summary))\n"
+    )
+    pod = {
+        "metadata": {"name": "envtest"},
+        "spec": {
+            "restartPolicy": "OnFailure",
+            "volumes": [{"name": "scratch", "emptyDir": {}}],
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "x",
+                    "command": ["python", "-c", script],
+                    "args": ["/scratch"],
+                    "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+                    "envFrom": [{"prefix": "CFG_", "configMapRef": {"name": "settings"}}],
+                    "env": [
+                        {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                        {"name": "NAME", "value": "world"},
+                        {"name": "GREETING", "value": "hello $(NAME)"},
+                    ],
+                }
+            ],
+        },
+    }
+    core.create_namespaced_pod(namespace, pod)
+
+    def waiting_reason() -> str | None:
+        statuses = core.read_namespaced_pod("envtest", namespace).status.container_statuses or []
+        return statuses and statuses[0].state.waiting and statuses[0].state.waiting.reason
+
+    wait_for(lambda: waiting_reason() == "CreateContainerConfigError", 15, "CreateContainerConfigError")
+    core.create_namespaced_config_map(
+        namespace, {"metadata": {"name": "settings"}, "data": {"COLOR": "blue"}}
+    )
+
+    wait_for(
+        lambda: core.read_namespaced_pod("envtest", namespace).status.phase == "Succeeded", 15, "Succeeded"
+    )
+    status = core.read_namespaced_pod("envtest", namespace).status.container_statuses[0]
+    assert status.restart_count == 1
+    assert status.last_state.terminated.exit_code == 1
+    assert status.state.terminated.message == "envtest|hello world|blue|from-the-test"
+
+
 def test_deleting_a_running_pod_kills_its_process(
     api_client: client.ApiClient, namespace: str, fake_kubelet: FakeKubelet
 ) -> None:

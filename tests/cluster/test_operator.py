@@ -1,0 +1,233 @@
+"""The operator end to end against a real kube-apiserver, etcd and kube-controller-manager.
+
+The operator runs with the chart's RBAC as its ServiceAccount; the fake kubelet runs each Job
+pod's real command (`python -m kondense_jobs ...`) as a local process; artifacts go to a local
+S3 server. Jobs, pods, garbage collection and the Job controller are Kubernetes' own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+
+from controlplane import wait_for
+from operator_harness import (
+    RELEASE_NAMESPACE,
+    apply,
+    chart_rbac,
+    install_crd,
+    operator_service_account,
+    running_operator,
+    tools,
+)
+
+from kondense import api
+from kondense.settings import Settings
+from kondense.store import S3Store, join
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+GROUP, VERSION, PLURAL = api.GROUP, api.VERSION, api.PLURAL
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory) -> Path:
+    """A tokenizer, an (untrained) teacher and a smaller student, and a dataset: seconds to build."""
+    from kondense_jobs import tiny
+
+    root = tmp_path_factory.mktemp("inputs")
+    texts = tiny.corpus(max_docs=300)
+    tok = tiny.train_tokenizer(texts, vocab_size=512)
+    tiny.build_model(root / "teacher", tok, "llama", layers=2, hidden=64, heads=4, seed=1)
+    tiny.build_model(root / "student", tok, "llama", layers=1, hidden=64, heads=4, seed=2)
+    tiny.write_jsonl(root / "dataset.jsonl", [{"text": t} for t in texts])
+    return root
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane, api_client):
+    """CRD + chart RBAC installed; the operator running as the chart's ServiceAccount."""
+    install_crd(api_client)
+    rbac = chart_rbac()
+    client.CoreV1Api(api_client).create_namespace({"metadata": {"name": RELEASE_NAMESPACE}}) if not any(
+        n.metadata.name == RELEASE_NAMESPACE for n in client.CoreV1Api(api_client).list_namespace().items
+    ) else None
+    apply(api_client, rbac)
+    token = control_plane.service_account_token(RELEASE_NAMESPACE, operator_service_account(rbac))
+    settings = Settings(jobs_image="kondense-jobs:test", ttl_seconds_after_finished=3600)
+    with running_operator(control_plane, token, settings) as operator_client:
+        yield operator_client
+
+
+def pipeline_doc(name: str, bucket: str, endpoint: str, stages: list[dict]) -> dict:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": name},
+        "spec": {
+            "teacher": {"uri": f"{bucket}/inputs/teacher"},
+            "student": {"uri": f"{bucket}/inputs/student"},
+            "dataset": {"uri": f"{bucket}/inputs/dataset.jsonl", "evalSplit": 0.2},
+            "storage": {"uri": f"{bucket}/artifacts", "endpoint": endpoint, "credentialsSecret": "s3"},
+            "resources": {"gpus": 0, "backoffLimit": 0},
+            "stages": stages,
+        },
+    }
+
+
+STAGES = [
+    {"name": "distill", "distill": {"method": "logits", "maxSteps": 4, "batchSize": 2, "maxSeqLength": 32,
+                                    "learningRate": 1e-3, "checkpointEvery": 2}},
+    {"name": "nf4", "quantize": {"method": "bnb-nf4", "computeDtype": "float32"}},
+    {"name": "gguf", "quantize": {"method": "gguf", "type": "q8_0"}},
+    {"name": "eval", "evaluate": {"of": ["student", "distill", "nf4", "gguf"], "baseline": "distill",
+                                  "seqLength": 32, "maxEvalTokens": 512, "generateTokens": 4}},
+]
+
+
+@pytest.fixture
+def workspace(api_client, namespace, s3_bucket, s3_endpoint, tiny_inputs, fake_kubelet):
+    """The namespace as the chart prepares it (job ServiceAccount), the S3 Secret, the inputs in S3."""
+    core = client.CoreV1Api(api_client)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "kondense-job"}})
+    core.create_namespaced_secret(
+        namespace, {"metadata": {"name": "s3"}, "stringData": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}}
+    )
+    store = S3Store(endpoint=s3_endpoint)
+    files = [(p, join(s3_bucket, "inputs", p.relative_to(tiny_inputs).as_posix())) for p in tiny_inputs.rglob("*") if p.is_file()]
+    store.upload(files)
+    return namespace
+
+
+def custom(api_client) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api_client)
+
+
+def get(api_client, namespace: str, name: str) -> dict:
+    return custom(api_client).get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def condition(obj: dict, type_: str) -> dict | None:
+    return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == type_), None)
+
+
+def jobs(api_client, namespace: str) -> list[client.V1Job]:
+    return client.BatchV1Api(api_client).list_namespaced_job(namespace).items
+
+
+def wait_condition(api_client, namespace, name, type_, status="True", timeout=420):
+    def check():
+        obj = get(api_client, namespace, name)
+        c = condition(obj, type_)
+        failed = condition(obj, "Failed")
+        if type_ != "Failed" and failed and failed["status"] == "True":
+            raise AssertionError(f"pipeline failed: {failed['reason']}: {failed['message']}")
+        return obj if c and c["status"] == status else None
+
+    return wait_for(check, timeout=timeout, what=f"{name} {type_}={status}")
+
+
+def test_demo_shaped_pipeline_end_to_end(operator, api_client, workspace, s3_bucket, s3_endpoint, control_plane):
+    ns = workspace
+    body = pipeline_doc("e2e", s3_bucket, s3_endpoint, STAGES)
+    custom(api_client).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+
+    # The first stage's Job appears alone: its dependents wait for its artifact.
+    first = wait_for(lambda: jobs(api_client, ns) or None, timeout=60, what="the first Job")
+    assert [j.metadata.labels["kondense.io/stage"] for j in first] == ["distill"]
+    assert first[0].metadata.owner_references[0].kind == api.KIND
+
+    done = wait_condition(api_client, ns, "e2e", "Ready")
+    st = done["status"]
+    assert st["observedGeneration"] == done["metadata"]["generation"]
+    assert [s["state"] for s in st["stages"]] == ["Succeeded"] * 4
+    assert {c["type"]: c["status"] for c in st["conditions"]}["Succeeded"] == "True"
+    assert st["progress"] == "4/4" and [r["variant"] for r in st["report"]["table"]] == ["student", "distill", "nf4", "gguf"]
+
+    # Every stage's artifact is committed in S3 under its content address.
+    store = S3Store(endpoint=s3_endpoint)
+    for s in st["stages"]:
+        manifest = store.read_manifest(s["artifact"]["uri"])
+        assert manifest is not None and manifest.input_digest == s["inputDigest"] and manifest.digest == s["artifact"]["digest"]
+
+    # Jobs ran in DAG order: every quantize Job started after the distill Job completed.
+    by_stage = {j.metadata.labels["kondense.io/stage"]: j for j in jobs(api_client, ns)}
+    assert set(by_stage) == {"distill", "nf4", "gguf", "eval"}
+    assert by_stage["nf4"].metadata.creation_timestamp >= by_stage["distill"].status.completion_time
+
+    # kubectl shows the printer columns.
+    kubeconfig = control_plane.kubeconfig
+    out = subprocess.run([str(tools.kubectl()), "--kubeconfig", kubeconfig, "get", "cpl", "-n", ns],
+                         check=True, capture_output=True, text=True).stdout
+    header, row = out.splitlines()[:2]
+    assert header.split() == ["NAME", "STAGE", "PROGRESS", "READY", "REASON", "AGE"]
+    assert row.split()[:5] == ["e2e", "eval", "4/4", "True", "Succeeded"]
+
+    # GitOps: editing one quantize stage re-runs that stage and evaluate only.
+    before = {j.metadata.name for j in jobs(api_client, ns)}
+    patch = {"spec": {"stages": STAGES[:2] + [{"name": "gguf", "quantize": {"method": "gguf", "type": "q4_0"}}] + STAGES[3:]}}
+    custom(api_client).patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "e2e", patch)
+    wait_for(lambda: (lambda o: o if o["status"].get("observedGeneration") == 2 and condition(o, "Ready")["status"] == "True" else None)(
+        get(api_client, ns, "e2e")), timeout=300, what="the edited pipeline to be Ready again")
+    new = {j.metadata.labels["kondense.io/stage"] for j in jobs(api_client, ns) if j.metadata.name not in before}
+    assert new == {"gguf", "eval"}
+
+    # Deleting the pipeline deletes its Jobs (garbage collection through owner references).
+    custom(api_client).delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "e2e")
+    wait_for(lambda: not jobs(api_client, ns), timeout=60, what="the Jobs to be garbage-collected")
+    assert store.read_manifest(st["stages"][0]["artifact"]["uri"]) is not None, "artifacts stay"
+
+
+def test_invalid_spec_gets_failed_condition_and_no_job_while_others_run(operator, api_client, workspace, s3_bucket, s3_endpoint):
+    ns = workspace
+    bad = pipeline_doc("bad", s3_bucket, s3_endpoint, [
+        {"name": "q", "from": "later", "quantize": {"method": "gguf"}},
+        {"name": "later", "distill": {"maxSteps": 1}},
+    ])
+    good = pipeline_doc("good", s3_bucket, s3_endpoint, [
+        {"name": "gguf", "from": "student", "quantize": {"method": "gguf", "type": "q8_0"}},
+    ])
+    for body in (bad, good):
+        custom(api_client).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+    failed = wait_condition(api_client, ns, "bad", "Failed", timeout=60)
+    c = condition(failed, "Failed")
+    assert c["reason"] == "InvalidSpec" and "spec.stages[0].from: 'later' must be an earlier stage" in c["message"]
+    wait_condition(api_client, ns, "good", "Ready", timeout=300)
+    assert all(j.metadata.labels["kondense.io/pipeline"] == "good" for j in jobs(api_client, ns))
+    events = client.CoreV1Api(api_client).list_namespaced_event(ns, field_selector="involvedObject.name=bad").items
+    assert any(e.reason == "InvalidSpec" for e in events)
+
+
+def test_schema_rejects_what_the_crd_forbids(operator, api_client, workspace, s3_bucket, s3_endpoint):
+    """The API server itself (schema + CEL) refuses bad objects; nothing reaches the operator."""
+    cases = [
+        ({"name": "x", "quantize": {"method": "gptq", "type": "q8_0"}}, "type is only for method gguf"),
+        ({"name": "x", "distill": {}, "quantize": {"method": "gguf"}}, "exactly one of distill, quantize, evaluate"),
+        ({"name": "x", "quantize": {"method": "gptq", "bits": 5}}, "Unsupported value: 5"),
+        ({"name": "x", "distill": {"temprature": 2}}, 'unknown field "spec.stages[0].distill.temprature"'),
+    ]
+    for stage, message in cases:
+        body = pipeline_doc("rejected", s3_bucket, s3_endpoint, [stage])
+        with pytest.raises(client.ApiException) as e:
+            custom(api_client).create_namespaced_custom_object(
+                GROUP, VERSION, workspace, PLURAL, body, field_validation="Strict"
+            )
+        assert e.value.status == 422 and message in json.loads(e.value.body)["message"], e.value.body
+
+
+def test_failed_stage_reports_reason_and_hint(operator, api_client, workspace, s3_bucket, s3_endpoint, fake_kubelet):
+    """An OOM-killed pod: the stage fails with OOMKilled and a hint; dependents are skipped."""
+    from fakekubelet import PodOutcome
+
+    fake_kubelet.behaviour = lambda pod: PodOutcome(137, "OOMKilled") if pod["metadata"]["labels"].get("kondense.io/stage") == "distill" else None
+    custom(api_client).create_namespaced_custom_object(GROUP, VERSION, workspace, PLURAL, pipeline_doc("oom", s3_bucket, s3_endpoint, STAGES))
+    obj = wait_condition(api_client, workspace, "oom", "Failed", timeout=120)
+    stage = obj["status"]["stages"][0]
+    assert stage["state"] == "Failed" and stage["reason"] == "OOMKilled" and "raise resources.memory" in stage["message"]
+    assert [s["state"] for s in obj["status"]["stages"][1:]] == ["Skipped"] * 3
+    assert condition(obj, "Ready")["reason"] == "OOMKilled"

@@ -1,0 +1,124 @@
+"""`kondense demo` and `kondense run` end to end: real stages as subprocesses, file:// and s3:// stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kondense.store import FileStore, S3Store, join, to_uri
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def kondense(*args, cwd: Path, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "kondense.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The README's first command's pipeline, run once into a fresh folder."""
+    work = tmp_path_factory.mktemp("demo")
+    started = time.monotonic()
+    r = kondense("demo", "--base", str(work / "base"), cwd=work)
+    elapsed = time.monotonic() - started
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return work, r, elapsed
+
+
+def test_demo_runs_every_stage_and_prints_the_table(demo_run):
+    work, r, elapsed = demo_run
+    assert "Stages run: distill, ce-only, nf4, gptq, gguf, eval" in r.stdout
+    for variant in ("teacher", "student", "ce-only", "distill *", "nf4", "gptq", "gguf"):
+        assert f"\n{variant} " in r.stdout, r.stdout
+    status = json.loads((work / ".kondense/default/demo/status.json").read_text())["status"]
+    conditions = {c["type"]: c["status"] for c in status["conditions"]}
+    assert conditions["Ready"] == "True" and conditions["QualityGatePassed"] == "True", conditions
+    report_dir = FileStore.path(status["report"]["uri"])
+    assert {"report.json", "report.md", "plot.png", "manifest.json"} <= {p.name for p in report_dir.iterdir()}
+    rows = {row["variant"]: row for row in status["report"]["table"]}
+    # The distilled student beats the same training without the teacher, and both beat the random init.
+    assert rows["distill"]["perplexity"] < rows["ce-only"]["perplexity"] < rows["student"]["perplexity"]
+    print(f"demo: {elapsed:.0f}s; perplexity distill {rows['distill']['perplexity']:.1f}, "
+          f"ce-only {rows['ce-only']['perplexity']:.1f}, teacher {rows['teacher']['perplexity']:.1f}")
+
+
+def test_rerun_skips_every_stage(demo_run):
+    work, _, _ = demo_run
+    r = kondense("demo", "--base", str(work / "base"), cwd=work)
+    assert r.returncode == 0 and "Stages run: none (all up to date)" in r.stdout, r.stdout
+    assert "\ndistill *" in r.stdout  # the table again, from the stored report
+
+
+def test_report_prints_the_table_again(demo_run):
+    work, _, _ = demo_run
+    pipeline = work / "pipeline.yaml"
+    from kondense import demo
+
+    pipeline.write_text(demo.template().replace(demo.PLACEHOLDER, to_uri(str(work / "base"))))
+    r = kondense("report", str(pipeline), cwd=work)
+    assert r.returncode == 0 and "perplexity" in r.stdout and "\ngguf " in r.stdout, r.stderr
+
+
+def test_demo_on_s3(demo_run, s3_bucket, tmp_path):
+    """The same pipeline against a local S3 server: inputs uploaded, artifacts committed there."""
+    r = kondense("demo", "--base", f"{s3_bucket}/demo", cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    status = json.loads((tmp_path / ".kondense/default/demo/status.json").read_text())["status"]
+    store = S3Store()
+    for stage in status["stages"]:
+        assert stage["artifact"]["uri"].startswith(f"{s3_bucket}/demo/artifacts/default/demo/")
+        assert store.read_manifest(stage["artifact"]["uri"]).digest == stage["artifact"]["digest"]
+
+
+def small_pipeline(tmp_path: Path, steps: int) -> Path:
+    from kondense import demo
+
+    inputs = demo.build_inputs(demo.inputs_cache())
+    base = to_uri(str(tmp_path / "base"))
+    demo.stage_inputs(inputs, base)
+    doc = yaml.safe_load(demo.template().replace(demo.PLACEHOLDER, base))
+    doc["metadata"]["name"] = "resume"
+    doc["spec"]["stages"] = [
+        {"name": "distill", "distill": {"method": "logits", "maxSteps": steps, "batchSize": 8, "maxSeqLength": 128,
+                                        "learningRate": 1e-3, "checkpointEvery": 5}},
+        {"name": "gguf", "quantize": {"method": "gguf", "type": "q8_0"}},
+    ]
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_ctrl_c_stops_cleanly_and_the_next_run_resumes_from_the_checkpoint(tmp_path):
+    path = small_pipeline(tmp_path, steps=60)
+    proc = subprocess.Popen([sys.executable, "-m", "kondense.cli", "run", str(path)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    checkpoints = tmp_path / "base/artifacts/default/resume"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("distill-*.checkpoints/step-*/manifest.json")):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole group
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "Interrupted. Run the same command again to resume." in out
+    status = json.loads((tmp_path / ".kondense/default/resume/status.json").read_text())["status"]
+    assert status["stages"][0]["reason"] == "Interrupted"
+
+    r = kondense("run", str(path), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:]
+    status = json.loads((tmp_path / ".kondense/default/resume/status.json").read_text())["status"]
+    metrics = status["stages"][0]["metrics"]
+    assert metrics["resumed_from_step"] >= 5 and metrics["steps"] == 60, metrics
