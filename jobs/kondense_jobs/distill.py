@@ -42,6 +42,7 @@ import math
 import os
 import re
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -363,7 +364,7 @@ def _callback(ctx: Context, checkpoints: Checkpoints):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step >= state.max_steps:
                 control.should_save = False  # the final model is published anyway
-            else:
+            elif self.loss is not None:  # the first line comes from on_log, with the first loss
                 ctx.progress.update(state.global_step, state.max_steps, phase="steps", loss=self.loss)
 
         def on_save(self, args, state, control, **kwargs):
@@ -486,7 +487,8 @@ def synthetic_records(ctx: Context, spec, teacher_dir: Path, tokenizer, split, s
     records_in = split.train
     if spec.max_steps:  # generate what the steps consume, not the whole split
         records_in = records_in[: spec.max_steps * spec.batch_size * spec.gradient_accumulation_steps * world]
-    prompts = data.prompts(records_in, ctx.run.dataset, tokenizer)
+    # Trailing blanks would merge with the completion's first token and split prompt from completion badly.
+    prompts = [p.rstrip() for p in data.prompts(records_in, ctx.run.dataset, tokenizer)]
     teacher = load_teacher(teacher_dir, precision)
     require("transformers", "distillation").set_seed(spec.seed)
     completions = generate(teacher, tokenizer, prompts, spec, seq, ctx.progress)
@@ -537,13 +539,18 @@ def gkd_records(records: list[dict], ref, tokenizer, seq: int) -> list[dict]:
         if eos is not None and len(p_ids) + len(c_ids) < seq:
             c_ids = c_ids + [eos]
         c_ids = c_ids[: seq - len(p_ids)]
-        out.append({"input_ids": p_ids + c_ids, "completion_mask": [0] * len(p_ids) + [1] * len(c_ids)})
+        # "prompt" is only read by the collator when completion_mask is absent, but it must be there.
+        out.append(
+            {"prompt": tokenizer.decode(p_ids), "input_ids": p_ids + c_ids, "completion_mask": [0] * len(p_ids) + [1] * len(c_ids)}
+        )
     return out
 
 
 def gkd_trainer(ctx, spec, student, teacher, tokenizer, split, seq, out_dir, precision):
     datasets = require("datasets", "gkd distillation")
-    gkd = require("trl.experimental.gkd", "gkd distillation")
+    with warnings.catch_warnings():  # TRLExperimentalWarning: the choice is deliberate, see the module docstring
+        warnings.simplefilter("ignore")
+        gkd = require("trl.experimental.gkd", "gkd distillation")
     records = gkd_records(split.train, ctx.run.dataset, tokenizer, seq)
     greedy = spec.generation_temperature == 0
     args = training_args(
@@ -573,6 +580,9 @@ def run(ctx: Context) -> Summary:
     spec: DistillSpec = ctx.config
     torch = require("torch", "distillation")
     transformers = require("transformers", "distillation")
+    transformers.utils.logging.disable_progress_bar()  # no tqdm bars per weight load/save: progress lines say it
+    if spec.method != "logits":
+        require("datasets", f"{spec.method} distillation").disable_progress_bars()
 
     # 1. Fetch inputs: tokenizers and memory are checked before any weight is loaded.
     teacher_dir, student_dir = ctx.model_dir("teacher"), ctx.model_dir("student")
@@ -623,6 +633,7 @@ def run(ctx: Context) -> Summary:
     session_steps = state.global_step - callback.start_step
     tokens = session_steps * tokens_per_step if tokens_per_step else state.num_input_tokens_seen - callback.start_tokens
     metrics = {
+        "initial_loss": float(losses[0]) if losses else math.nan,
         "train_loss": float(sum(losses) / len(losses)) if losses else math.nan,
         "final_loss": float(losses[-1]) if losses else math.nan,
         "steps": float(state.global_step),
@@ -640,7 +651,7 @@ def run(ctx: Context) -> Summary:
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle of local paths; consumers need none of it
     log.info(
         "Publishing the student: %d steps, loss %.4f -> %.4f, %.0f tokens/s",
-        state.global_step, losses[0] if losses else math.nan, metrics["final_loss"], metrics["tokens_per_second"],
+        state.global_step, metrics["initial_loss"], metrics["final_loss"], metrics["tokens_per_second"],
     )
     summary = ctx.publish(metrics=metrics)
     checkpoints.clear()

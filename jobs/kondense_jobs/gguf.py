@@ -40,6 +40,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -113,8 +114,8 @@ def install_converter(version: str | None = None, dest: Path | None = None, sdis
                 )
             sdist = found[0]
         log.info("Extracting llama.cpp's converter from %s into %s", Path(sdist).name, dest)
-        partial = dest.with_name(dest.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
         with tarfile.open(sdist) as tar:
             members = []
             for m in tar.getmembers():
@@ -125,22 +126,41 @@ def install_converter(version: str | None = None, dest: Path | None = None, sdis
                     m.name = rel
                     members.append(m)
             if not any(m.name == "convert_hf_to_gguf.py" for m in members):
+                shutil.rmtree(partial)
                 raise InvalidInput(f"{sdist} holds no vendor/llama.cpp/convert_hf_to_gguf.py: not a llama-cpp-python sdist")
             tar.extractall(partial, members=members, filter="data")
         (partial / ".complete").write_text(f"{DISTRIBUTION}=={version}\n")
+        if _installed(dest):  # another process finished first
+            shutil.rmtree(partial)
+            return dest
         shutil.rmtree(dest, ignore_errors=True)
-        dest.parent.mkdir(parents=True, exist_ok=True)
         partial.rename(dest)
     return dest
 
 
 def ensure_converter() -> Path:
-    folder = converter_dir()
-    return folder if _installed(folder) else install_converter(dest=folder)
+    """The converter folder, installed now if missing (needs PyPI)."""
+    version = llama_cpp_version()
+    folder = converter_dir(version)
+    if not _installed(folder):
+        return install_converter(version, folder)
+    if (release := _converter_release(folder)) != f"{DISTRIBUTION}=={version}":
+        log.warning("%s holds the converter of %s but %s %s is installed: re-run install-converter",
+                    folder, release, DISTRIBUTION, version)
+    return folder
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+_PROGRESS_LINE = re.compile(r"\d+%\||it/s\]|/s\]$")
 
 
 def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    """The line of a subprocess's stderr that says why it failed: the exception, else the last error."""
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip() and not _PROGRESS_LINE.search(ln)]
+    for pattern in (_EXCEPTION_LINE, re.compile(r"^(ERROR|CRITICAL)\b")):
+        for line in reversed(lines):
+            if pattern.match(line):
+                return line[:300]
     return lines[-1][:300] if lines else ""
 
 
@@ -157,16 +177,18 @@ def _source_outtype(model_dir: Path) -> str:
 def convert(model_dir: Path, outfile: Path, outtype: str) -> Path:
     """Run convert_hf_to_gguf.py (vendored gguf-py first, pre-tokenizer patch) in a subprocess."""
     folder = ensure_converter()
-    cmd = [sys.executable, "-m", "kondense_jobs.gguf", "convert-hf", "--converter", str(folder),
-           str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "kondense_jobs.gguf", "convert-hf", "--converter", str(folder), str(model_dir),
+           "--outfile", str(outfile), "--outtype", outtype]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
     env.pop("NO_LOCAL_GGUF", None)
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode in (EXIT_UNSUPPORTED_ARCH, EXIT_UNKNOWN_PRETOKENIZER):
         raise InvalidInput(_last_line(proc.stderr))
     if proc.returncode != 0 or not outfile.exists():
-        raise RuntimeError(f"convert_hf_to_gguf.py --outtype {outtype} failed (exit {proc.returncode}): {_last_line(proc.stderr)}")
+        raise RuntimeError(
+            f"convert_hf_to_gguf.py {model_dir.name} --outtype {outtype} failed (exit {proc.returncode}): {_last_line(proc.stderr)}"
+        )
     log.debug("converter output:\n%s", proc.stderr[-4000:])
     log.info("Converted %s to %s in %.1f s", model_dir.name, outfile.name, time.monotonic() - start)
     return outfile
@@ -197,19 +219,17 @@ def quantize(model_dir: Path, out_dir: Path, type: str, progress=None) -> Path:
     total = 1 if type in CONVERTER_TYPES else 2
     if progress is not None:
         progress.update(0, total, phase="gguf convert", force=True)
-    if type in CONVERTER_TYPES:
-        partial = out_dir / f".model-{type}.gguf.partial"
-        convert(model_dir, partial, type)
-        partial.replace(target)
-    else:
-        with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out_dir) as tmp:  # nothing half-written stays
+        if type in CONVERTER_TYPES:
+            convert(model_dir, Path(tmp) / target.name, type).replace(target)
+        else:
             outtype = _source_outtype(model_dir)
             intermediate = convert(model_dir, Path(tmp) / f"model-{outtype}.gguf", outtype)
             if progress is not None:
                 progress.update(1, total, phase="gguf quantize", force=True)
             _quantize_file(intermediate, Path(tmp) / target.name, type).replace(target)
     if progress is not None:
-        progress.update(total, total, phase="gguf quantize", force=True)
+        progress.update(total, total, phase="gguf convert" if total == 1 else "gguf quantize", force=True)
     return target
 
 
@@ -278,25 +298,32 @@ def perplexity(gguf_path: Path, windows: list[list[int]]) -> float:
     return float(np.exp(nll / count))
 
 
-def tokens_per_second(gguf_path: Path, prompt_ids: list[int], n_tokens: int) -> float:
-    """Greedy generation throughput: n_tokens / (prompt processing + n_tokens decode steps).
+def greedy(gguf_path: Path, prompt_ids: list[int], n_tokens: int) -> tuple[list[int], float]:
+    """Generate exactly n_tokens greedily after prompt_ids (EOS does not stop it): (ids, seconds).
 
-    EOS does not stop it, so every variant generates exactly n_tokens; model loading is not timed.
+    The seconds cover prompt processing (which yields the first token) and the decode steps of the
+    others, as Hugging Face's generate() would be timed; model loading is not timed.
     """
     if n_tokens < 1 or not prompt_ids:
-        raise InvalidInput("tokens_per_second needs a non-empty prompt and n_tokens >= 1")
+        raise InvalidInput("greedy generation needs a non-empty prompt and n_tokens >= 1")
     llm = _load(Path(gguf_path), len(prompt_ids) + n_tokens, logits_all=False)
     try:
+        ids: list[int] = []
         start = time.perf_counter()
-        made = 0
-        for _ in llm.generate(list(prompt_ids), top_k=1, temp=0.0, repeat_penalty=1.0):
-            made += 1
-            if made >= n_tokens:
+        for token in llm.generate(list(prompt_ids), top_k=1, temp=0.0, repeat_penalty=1.0):
+            ids.append(int(token))
+            if len(ids) >= n_tokens:
                 break
         elapsed = time.perf_counter() - start
     finally:
         llm.close()
-    return made / elapsed
+    return ids, elapsed
+
+
+def tokens_per_second(gguf_path: Path, prompt_ids: list[int], n_tokens: int) -> float:
+    """Greedy generation throughput: n_tokens / seconds of `greedy` (prompt processing included)."""
+    ids, seconds = greedy(gguf_path, prompt_ids, n_tokens)
+    return len(ids) / seconds
 
 
 # -- subprocess entry points ----------------------------------------------------------------------
@@ -316,7 +343,12 @@ def _is_gpt2_pretokenizer(model_dir: Path) -> bool:
     )
 
 
-def _convert_hf_main(converter: Path, argv: list[str]) -> int:
+def _converter_release(converter: Path) -> str:
+    marker = converter / ".complete"
+    return marker.read_text().strip() if marker.exists() else str(converter)
+
+
+def _convert_hf_main(converter: Path, model_dir: Path, argv: list[str]) -> int:
     """Run convert_hf_to_gguf.main() with the vendored gguf-py and the pre-tokenizer fallback."""
     sys.path[:0] = [str(converter / "gguf-py"), str(converter)]
     import gguf  # the vendored one: it is first on sys.path
@@ -327,11 +359,10 @@ def _convert_hf_main(converter: Path, argv: list[str]) -> int:
     from conversion import TEXT_MODEL_MAP
     from conversion.base import ModelBase, ModelType, TextModel, get_model_architecture
 
-    model_dir = Path(next(a for a in argv if not a.startswith("-") and Path(a).is_dir()))
     arch = get_model_architecture(ModelBase.load_hparams(model_dir, False), ModelType.TEXT)
     if arch not in TEXT_MODEL_MAP:
         print(
-            f"llama.cpp's converter ({converter.name}) does not support architecture {arch!r}; "
+            f"llama.cpp's converter (from {_converter_release(converter)}) does not support architecture {arch!r}; "
             "to resolve, quantize this model with another method (bnb-nf4, bnb-int8, gptq)", file=sys.stderr,
         )
         return EXIT_UNSUPPORTED_ARCH
@@ -345,7 +376,7 @@ def _convert_hf_main(converter: Path, argv: list[str]) -> int:
         try:
             return original(self, tokenizer)
         except NotImplementedError:
-            if _is_gpt2_pretokenizer(Path(self.dir_model)):
+            if _is_gpt2_pretokenizer(model_dir):
                 converter_log.setLevel(level)
                 converter_log.info("kondense: BPE pre-tokenizer hash unknown, tokenizer.json pre_tokenizer is GPT-2's ByteLevel: 'gpt-2'")
                 return "gpt-2"
@@ -361,7 +392,7 @@ def _convert_hf_main(converter: Path, argv: list[str]) -> int:
     TextModel.get_vocab_base_pre = get_vocab_base_pre
     import convert_hf_to_gguf
 
-    sys.argv = ["convert_hf_to_gguf.py", *argv]
+    sys.argv = ["convert_hf_to_gguf.py", str(model_dir), *argv]
     convert_hf_to_gguf.main()
     return 0
 
@@ -374,9 +405,7 @@ def _quantize_gguf_main(src: str, dst: str, type: str) -> int:
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type.upper()}")
     params.nthread = _threads()
     rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
-    if rc != 0:
-        print(f"llama_model_quantize returned {rc}", file=sys.stderr)
-    return 1 if rc != 0 else 0
+    return 1 if rc != 0 else 0  # llama.cpp has said why on stderr
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,13 +417,14 @@ def main(argv: list[str] | None = None) -> int:
     inst.add_argument("--sdist", type=Path, help="a local llama_cpp_python-<version>.tar.gz instead of pip download")
     conv = sub.add_parser("convert-hf", help="(internal) run convert_hf_to_gguf.py with kondense's patch")
     conv.add_argument("--converter", type=Path, required=True)
+    conv.add_argument("model", type=Path)
     quant = sub.add_parser("quantize-gguf", help="(internal) llama_model_quantize SRC DST TYPE")
     quant.add_argument("src")
     quant.add_argument("dst")
     quant.add_argument("type", choices=QUANTIZER_TYPES)
     args, rest = parser.parse_known_args(argv)
     if args.command == "convert-hf":
-        return _convert_hf_main(args.converter, rest)
+        return _convert_hf_main(args.converter, args.model, rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "quantize-gguf":

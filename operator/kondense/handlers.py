@@ -1,8 +1,14 @@
-"""kopf glue: a few lines per handler; the logic lives in reconcile.py, plan.py and manifests.py."""
+"""kopf glue: a few lines per handler; the logic lives in reconcile.py, plan.py and manifests.py.
+
+Jobs, pods and pipelines are kept in kopf indexes (in-memory, fed by the watches), so a
+reconcile reads its children from memory: no list calls per pipeline.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import defaultdict
 
 import kopf
 from kubernetes import client, config
@@ -16,9 +22,15 @@ from kondense.status import now_rfc3339
 
 log = logging.getLogger("kondense.handlers")
 
-# Set once by configure(); handlers read them. kopf's own settings live in kopf's memo.
+# Set once by configure(); handlers read them.
 SETTINGS: Settings = Settings()
 KUBE: Kube | None = None
+CHILDREN = {LABEL_PIPELINE: kopf.PRESENT}
+
+# The operator is the only writer of status: what it wrote last is the newest status, even
+# before the watch delivers it back. Reconciles of one pipeline run one at a time.
+_WRITTEN: dict[tuple[str, str], dict] = {}
+_LOCKS: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 
 
 def configure(settings: Settings, api_client: client.ApiClient | None = None) -> None:
@@ -31,6 +43,7 @@ def configure(settings: Settings, api_client: client.ApiClient | None = None) ->
         except config.ConfigException:
             config.load_kube_config()
         api_client = client.ApiClient()
+    api_client.configuration.connection_pool_maxsize = max(api_client.configuration.connection_pool_maxsize, 32)
     KUBE = Kube(api_client)
 
 
@@ -43,23 +56,53 @@ def startup(settings: kopf.OperatorSettings, **_) -> None:
     )
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
-    settings.posting.level = logging.INFO
+    settings.posting.level = logging.WARNING  # kopf's own per-handler chatter stays out of events
     settings.execution.max_workers = 16
     if KUBE is None:
         configure(Settings.from_env())
 
 
-def _reconcile(body: kopf.Body | dict) -> InvalidSpec | None:
+# -- indexes: (namespace, pipeline) -> bodies ----------------------------------------------
+def _key(namespace: str, labels: dict) -> tuple[str, str]:
+    return namespace, labels[LABEL_PIPELINE]
+
+
+@kopf.index("batch", "v1", "jobs", labels=CHILDREN)
+def jobs_by_pipeline(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
+    return {_key(namespace, labels): dict(body)}
+
+
+@kopf.index("", "v1", "pods", labels=CHILDREN)
+def pods_by_pipeline(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
+    return {_key(namespace, labels): dict(body)}
+
+
+@kopf.index(api.GROUP, api.VERSION, api.PLURAL)
+def pipelines(namespace: str, name: str, body: kopf.Body, **_) -> dict:
+    return {(namespace, name): dict(body)}
+
+
+def _reconcile(body: kopf.Body | dict, jobs: kopf.Index, pods: kopf.Index) -> InvalidSpec | None:
     """Reconcile one pipeline; returns the InvalidSpec it reported, if any."""
     assert KUBE is not None, "configure() was not called"
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    with _LOCKS[(namespace, name)]:
+        current = dict(body)
+        if (namespace, name) in _WRITTEN:
+            current["status"] = _WRITTEN[(namespace, name)]
+        return _reconcile_locked(current, jobs, pods)
+
+
+def _reconcile_locked(body: dict, jobs: kopf.Index, pods: kopf.Index) -> InvalidSpec | None:
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     now = now_rfc3339()
     try:
         outcome = reconcile.reconcile(
             dict(body),
-            KUBE.jobs_of(namespace, name),
-            KUBE.pods_of(namespace, name),
+            list(jobs.get((namespace, name), [])),
+            list(pods.get((namespace, name), [])),
             SETTINGS,
             now,
             create=KUBE.create,
@@ -84,23 +127,30 @@ def _apply(body, outcome: reconcile.Outcome) -> None:
         for key in ("stage", "progress", "report"):
             doc.setdefault(key, None)
         KUBE.patch_status(meta["namespace"], meta["name"], doc)
+        _WRITTEN[(meta["namespace"], meta["name"])] = outcome.status.dump()
 
 
 @kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
 @kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
 @kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
-def pipeline_changed(body: kopf.Body, **_) -> None:
-    if error := _reconcile(body):
+def pipeline_changed(body: kopf.Body, jobs_by_pipeline: kopf.Index, pods_by_pipeline: kopf.Index, **_) -> None:
+    if error := _reconcile(body, jobs_by_pipeline, pods_by_pipeline):
         raise kopf.PermanentError(f"invalid spec: {error}")
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_PIPELINE: kopf.PRESENT})
-@kopf.on.event("", "v1", "pods", labels={LABEL_PIPELINE: kopf.PRESENT})
-def child_changed(body: kopf.Body, **_) -> None:
+@kopf.on.event("batch", "v1", "jobs", labels=CHILDREN)
+@kopf.on.event("", "v1", "pods", labels=CHILDREN)
+def child_changed(
+    namespace: str, labels: kopf.Labels, pipelines: kopf.Index, jobs_by_pipeline: kopf.Index, pods_by_pipeline: kopf.Index, **_
+) -> None:
     """A Job or pod of a pipeline changed: recompute the parent's status and start what can start."""
-    assert KUBE is not None
-    owner = body["metadata"]["labels"][LABEL_PIPELINE]
-    parent = KUBE.pipeline(body["metadata"]["namespace"], owner)
-    if parent is None or parent["metadata"].get("deletionTimestamp"):
-        return
-    _reconcile(parent)  # an invalid spec is reported on the pipeline, not on its child
+    for parent in pipelines.get(_key(namespace, labels), []):
+        if not parent["metadata"].get("deletionTimestamp"):
+            _reconcile(parent, jobs_by_pipeline, pods_by_pipeline)  # an invalid spec is reported on the pipeline
+
+
+@kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, optional=True)
+def pipeline_deleted(namespace: str, name: str, **_) -> None:
+    """Forget the pipeline; its Jobs go with it through owner references (no finalizer)."""
+    _WRITTEN.pop((namespace, name), None)
+    _LOCKS.pop((namespace, name), None)

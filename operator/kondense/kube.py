@@ -1,4 +1,4 @@
-"""The operator's only door to the Kubernetes API: reads, and ONE idempotent write path.
+"""The operator's only door to the Kubernetes API for writes (reads come from kopf's indexes).
 
 Creates treat 409 AlreadyExists as done (children have deterministic names), status is
 written as a merge patch of the status subresource, deletes treat 404 as done.
@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kondense import api
-from kondense.manifests import LABEL_PIPELINE
 
 log = logging.getLogger("kondense.kube")
 
@@ -24,10 +22,6 @@ class Kube:
     api_client: client.ApiClient
 
     @property
-    def core(self) -> client.CoreV1Api:
-        return client.CoreV1Api(self.api_client)
-
-    @property
     def batch(self) -> client.BatchV1Api:
         return client.BatchV1Api(self.api_client)
 
@@ -35,37 +29,14 @@ class Kube:
     def custom(self) -> client.CustomObjectsApi:
         return client.CustomObjectsApi(self.api_client)
 
-    # -- reads -----------------------------------------------------------------------------
-    def _plain(self, obj: Any) -> dict:
-        return self.api_client.sanitize_for_serialization(obj)
-
-    def jobs_of(self, namespace: str, pipeline: str) -> list[dict]:
-        items = self.batch.list_namespaced_job(namespace, label_selector=f"{LABEL_PIPELINE}={pipeline}").items
-        return [self._plain(j) for j in items]
-
-    def pods_of(self, namespace: str, pipeline: str) -> list[dict]:
-        items = self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_PIPELINE}={pipeline}").items
-        return [self._plain(p) for p in items]
-
-    def pipeline(self, namespace: str, name: str) -> dict | None:
-        try:
-            return self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-
     # -- the write path --------------------------------------------------------------------
     def create(self, obj: dict) -> bool:
-        """Create a ConfigMap or Job; False when it already existed (deterministic names)."""
+        """Create a Job; False when it already existed (deterministic names)."""
         ns = obj["metadata"]["namespace"]
+        if obj["kind"] != "Job":
+            raise ValueError(f"the operator does not create {obj['kind']}")
         try:
-            if obj["kind"] == "Job":
-                self.batch.create_namespaced_job(ns, obj)
-            elif obj["kind"] == "ConfigMap":
-                self.core.create_namespaced_config_map(ns, obj)
-            else:
-                raise ValueError(f"the operator does not create {obj['kind']}")
+            self.batch.create_namespaced_job(ns, obj)
         except ApiException as e:
             if e.status == 409:
                 return False

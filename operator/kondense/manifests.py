@@ -1,6 +1,8 @@
-"""Pure builders: a planned stage -> its ConfigMap (the StageRun document) and its batch/v1 Job.
+"""Pure builder: a planned stage -> its batch/v1 Job. No I/O; handlers adopt it and create it.
 
-No I/O and no API calls here; handlers adopt the results (owner references) and create them.
+The StageRun document travels inside the Job, as a pod annotation that the downward API
+projects into /etc/kondense/stage.json: one object per stage to create, nothing to clean up,
+and the document is immutable with the Job.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ LABEL_PIPELINE = f"{PREFIX}/pipeline"
 LABEL_STAGE = f"{PREFIX}/stage"
 LABEL_DIGEST = f"{PREFIX}/digest"
 ANNOTATION_DIGEST = f"{PREFIX}/input-digest"
+ANNOTATION_RUN = f"{PREFIX}/stage-run"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 GPU = "nvidia.com/gpu"
 
@@ -55,16 +58,6 @@ def labels(pipeline: str, plan: StagePlan, settings: Settings) -> dict[str, str]
     if plan.resources.queue_name:
         out[QUEUE_LABEL] = plan.resources.queue_name
     return out
-
-
-def build_configmap(run: api.StageRun, name: str, stage_labels: dict[str, str]) -> dict:
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": name, "namespace": run.namespace, "labels": stage_labels},
-        "data": {SPEC_FILE: json.dumps(run.dump(), indent=2, sort_keys=True)},
-        "immutable": True,
-    }
 
 
 def _pvc_claims(run: api.StageRun) -> list[str]:
@@ -110,7 +103,12 @@ def build_job(run: api.StageRun, plan: StagePlan, name: str, image: str, setting
     r = plan.resources
     stage_labels = labels(run.pipeline, plan, settings)
     volumes = [
-        {"name": "spec", "configMap": {"name": name}},
+        {
+            "name": "spec",
+            "downwardAPI": {
+                "items": [{"path": SPEC_FILE, "fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_RUN}']"}}]
+            },
+        },
         {"name": "scratch", "emptyDir": {"sizeLimit": settings.scratch_size_limit}},
         {"name": "cache", "emptyDir": {}},
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
@@ -194,7 +192,13 @@ def build_job(run: api.StageRun, plan: StagePlan, name: str, image: str, setting
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
                 ]
             },
-            "template": {"metadata": {"labels": stage_labels}, "spec": pod_spec},
+            "template": {
+                "metadata": {
+                    "labels": stage_labels,
+                    "annotations": {ANNOTATION_RUN: json.dumps(run.dump(), sort_keys=True, separators=(",", ":"))},
+                },
+                "spec": pod_spec,
+            },
         },
     }
     if r.queue_name:

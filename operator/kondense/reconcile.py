@@ -13,7 +13,7 @@ from typing import Callable
 
 from kondense import api, events
 from kondense.errors import HINTS, InvalidSpec, Reason, outcome_for_exit
-from kondense.manifests import ANNOTATION_DIGEST, CONTAINER, build_configmap, build_job, child_name, labels
+from kondense.manifests import ANNOTATION_DIGEST, CONTAINER, build_job, child_name
 from kondense.plan import StagePlan, decide, resolve, stage_run
 from kondense.settings import Settings
 from kondense.status import FAILED, PROGRESSING, READY, SUCCEEDED, set_condition, summarize
@@ -192,13 +192,10 @@ def reconcile(
         plan = next(p for p in plans if p.name == stage_name)
         jname = child_name(name, plan.name, plan.input_digest)
         run = stage_run(spec, plans, plan.name, namespace, name)
-        cm = build_configmap(run, jname, labels(name, plan, settings))
         job = build_job(run, plan, jname, spec.image or settings.jobs_image, settings)
-        adopt(cm)
         adopt(job)
-        create(cm)
         if create(job):
-            created.append(jname)
+            created.append(plan.name)
         observed[plan.name] = Observed("Pending", Reason.PENDING, "job created")
 
     # Report.
@@ -210,7 +207,10 @@ def reconcile(
             st.job = child_name(name, p.name, p.input_digest)
         stages.append(st)
         before = old.get(p.name)
-        if before is None or before.state != st.state or before.input_digest != st.input_digest:
+        moved = before is None or before.state != st.state or before.input_digest != st.input_digest
+        if p.name in created:
+            evs.append(("Normal", "StageStarted", f"stage {p.name}: created Job {child_name(name, p.name, p.input_digest)}"))
+        elif moved and st.state != "Pending":  # a stage waiting for its inputs is not news
             evs.append(_event(st))
         summary = observed[p.name].summary if p.name in observed else None
         if p.kind == "evaluate" and summary is not None:

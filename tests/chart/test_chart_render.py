@@ -224,7 +224,6 @@ APPLICATION = (
     | {("kondense.io", "compressionpipelines/status", v) for v in ("get", "patch", "update")}
     | {("batch", "jobs", v) for v in ("create", "get", "list", "watch", "delete", "patch")}
     | {("", "pods", v) for v in ("get", "list", "watch")}
-    | {("", "configmaps", v) for v in ("create", "get", "list", "watch", "delete", "patch")}
 )
 DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")} | {
     ("", "namespaces", v) for v in ("list", "watch")

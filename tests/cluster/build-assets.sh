@@ -85,9 +85,12 @@ cd "$SRC"
 
 start=$SECONDS
 log "resolving k8s.io/kubernetes@$K8S_VERSION (staging modules at $STAGING_VERSION)"
-upstream_gomod="$("$GO" mod download -json "k8s.io/kubernetes@$K8S_VERSION" |
-    sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')"
-[[ -f "$upstream_gomod" ]] || { log "could not download k8s.io/kubernetes@$K8S_VERSION"; exit 1; }
+if ! download="$("$GO" mod download -json "k8s.io/kubernetes@$K8S_VERSION")"; then
+    log "could not download k8s.io/kubernetes@$K8S_VERSION from the Go module proxy: $download"
+    exit 1
+fi
+upstream_gomod="$(sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p' <<<"$download")"
+[[ -f "$upstream_gomod" ]] || { log "no go.mod for k8s.io/kubernetes@$K8S_VERSION"; exit 1; }
 
 # The throwaway module: same language version as the release, and one replace
 # per staging module listed in the release's go.mod.

@@ -24,22 +24,26 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
-from controlplane import ControlPlane, find_assets  # noqa: E402
+from controlplane import ControlPlane, ControlPlaneError, find_assets  # noqa: E402
 
 UNPRIVILEGED_USER = "jane"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "cluster: runs against a real etcd + kube-apiserver + kube-controller-manager"
-    )
-
-
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Build the binaries (once per machine) before any test runs, so that a cold build is not
-    charged to the first cluster test's timeout."""
-    if any(item.get_closest_marker("cluster") for item in session.items):
-        find_assets()
+    """Build the binaries (once per machine, ~15 min) before any test runs, with the build's
+    progress on the terminal, so that a cold build is not charged to a test's timeout."""
+    if not any(item.get_closest_marker("cluster") for item in session.items):
+        return
+    try:
+        find_assets(build=False)
+    except ControlPlaneError:
+        capture = session.config.pluginmanager.getplugin("capturemanager")
+        with capture.global_and_fixture_disabled():
+            print("\nbuilding etcd, kube-apiserver, kube-controller-manager (first run only)", flush=True)
+            try:
+                find_assets()
+            except ControlPlaneError as exc:  # the control_plane fixture reports it per test
+                print(exc, flush=True)
 
 
 @pytest.fixture(scope="session")

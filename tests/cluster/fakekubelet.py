@@ -534,7 +534,7 @@ class FakeKubelet:
             if name not in volumes:
                 raise _NotReady(f'volume "{name}" is not defined')
             if name not in materialized:
-                materialized[name] = self._materialize(run, namespace, volumes[name])
+                materialized[name] = self._materialize(run, pod, volumes[name])
             local = materialized[name] / mount.get("subPath", "")
             paths[mount["mountPath"].rstrip("/")] = str(local)
         container_termination_path = container.get("terminationMessagePath", DEFAULT_TERMINATION_MESSAGE_PATH)
@@ -612,8 +612,9 @@ class FakeKubelet:
         log.warning("unsupported env valueFrom %s in %s: skipped", source, pod["metadata"]["name"])
         return None
 
-    def _materialize(self, run: PodRun, namespace: str, volume: dict[str, Any]) -> Path:
+    def _materialize(self, run: PodRun, pod: dict[str, Any], volume: dict[str, Any]) -> Path:
         """Write a volume's files under the pod's directory; return that directory."""
+        namespace = pod["metadata"]["namespace"]
         root = run.dir / "volumes" / volume["name"]
         root.mkdir(parents=True, exist_ok=True)
         files: dict[str, bytes] = {}
@@ -622,6 +623,11 @@ class FakeKubelet:
         elif "secret" in volume:
             source = {**volume["secret"], "name": volume["secret"].get("secretName", "")}
             files = self._projected_files(namespace, "secret", source)
+        elif "downwardAPI" in volume:
+            for item in volume["downwardAPI"].get("items", []):
+                if "fieldRef" in item:
+                    value = _field_value(pod, item["fieldRef"]["fieldPath"])
+                    files[item["path"]] = (value or "").encode()
         elif "projected" in volume:
             # Such as kube-api-access-*: its ca.crt comes from ConfigMap kube-root-ca.crt; its
             # serviceAccountToken and downwardAPI sources are left out.

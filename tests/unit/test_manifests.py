@@ -1,4 +1,4 @@
-"""Job and ConfigMap builders: security, scheduling, failure policy; valid for Kubernetes (strict)."""
+"""The Job builder: security, scheduling, failure policy; valid for Kubernetes (strict)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from kondense.errors import PERMANENT_EXIT_CODES
-from kondense.manifests import build_configmap, build_job, child_name, labels
+from kondense.manifests import ANNOTATION_RUN, build_job, child_name
 from kondense.plan import resolve, stage_run
 from kondense.settings import Settings
 from kondense.validation import load_file
@@ -24,17 +24,15 @@ def built(example: str, stage: str):
     plan = next(x for x in plans if x.name == stage)
     run = stage_run(p.spec, plans, stage, p.metadata.namespace, p.metadata.name)
     name = child_name(p.metadata.name, stage, plan.input_digest)
-    return run, plan, name, build_job(run, plan, name, p.spec.image or SETTINGS.jobs_image, SETTINGS), build_configmap(
-        run, name, labels(p.metadata.name, plan, SETTINGS)
-    )
+    job = build_job(run, plan, name, p.spec.image or SETTINGS.jobs_image, SETTINGS)
+    return run, plan, name, job, json.loads(job["spec"]["template"]["metadata"]["annotations"][ANNOTATION_RUN])
 
 
 @pytest.mark.parametrize("example, stage", [("llama-70b-to-8b.yaml", "distill"), ("llama-70b-to-8b.yaml", "gguf"), ("demo.yaml", "eval")])
 def test_manifests_pass_kubernetes_validate_strict(example, stage):
     kv = pytest.importorskip("kubernetes_validate")
-    _, _, _, job, cm = built(example, stage)
-    for obj in (job, cm):
-        kv.validate(json.loads(json.dumps(obj)), "1.33", strict=True)
+    _, _, _, job, _ = built(example, stage)
+    kv.validate(json.loads(json.dumps(job)), "1.33", strict=True)
 
 
 def test_gpu_job_requests_gpus_tolerates_them_and_selects_nodes():
@@ -70,12 +68,23 @@ def test_security_defaults():
 
 
 def test_credentials_only_as_secret_references():
-    run, _, _, job, cm = built("llama-70b-to-8b.yaml", "gptq")
+    run, _, _, job, doc = built("llama-70b-to-8b.yaml", "gptq")
     env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "kondense-s3", "key": key, "optional": False}
         assert "value" not in env[key]
-    assert "AWS_SECRET" not in cm["data"]["stage.json"] and json.loads(cm["data"]["stage.json"])["stage"] == "gptq"
+    assert "AWS_SECRET" not in json.dumps(doc) and doc["stage"] == "gptq" and doc["storage"]["credentialsSecret"] == "kondense-s3"
+
+
+def test_stage_document_is_projected_from_the_pod_annotation():
+    run, _, _, job, doc = built("demo.yaml", "gguf")
+    pod = job["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "spec")
+    assert volume["downwardAPI"]["items"][0] == {
+        "path": "stage.json", "fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_RUN}']"}
+    }
+    assert pod["containers"][0]["args"] == ["quantize", "--spec", "/etc/kondense/stage.json", "--work-dir", "/scratch"]
+    assert doc == run.dump()
 
 
 def test_failure_policy_and_lifetime():

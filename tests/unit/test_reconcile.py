@@ -92,7 +92,7 @@ def run(body, jobs=(), pods=()):
 def test_first_reconcile_creates_the_first_stage_and_reports_pending():
     out, rec = run(demo_body())
     kinds = [(o["kind"], o["metadata"]["labels"]["kondense.io/stage"]) for o in rec.created]
-    assert kinds == [("ConfigMap", "distill"), ("Job", "distill"), ("ConfigMap", "ce-only"), ("Job", "ce-only")]
+    assert kinds == [("Job", "distill"), ("Job", "ce-only")]
     assert out.changed and out.status.progress == "0/6"
     ready = next(c for c in out.status.conditions if c.type == "Ready")
     assert ready.status == "False"

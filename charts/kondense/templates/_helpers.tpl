@@ -86,7 +86,4 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
-- apiGroups: [""]
-  resources: [configmaps]
-  verbs: [create, get, list, watch, delete, patch]
 {{- end }}

@@ -1,0 +1,139 @@
+"""Overhead of the logits-distill stage over a bare transformers Trainer doing the same work.
+
+Side by side in one process, on the same models, data, steps and seed:
+  stage: kondense_jobs.distill.run(ctx) called in-process (so no process start or imports are
+         timed); its `tokens_per_second` metric is tokens / wall time of trainer.train().
+  bare:  a transformers.Trainer subclass whose compute_loss calls the same kd_loss, with
+         default TrainingArguments (no callbacks of ours, no progress lines, no token counting),
+         timed the same way around trainer.train().
+Runs alternate (bare, stage, bare, stage, ...) after one untimed warm-up of each, and the
+ratio of the medians is printed. The stage's checkpoints are off (checkpointEvery > steps)
+unless --checkpoint-every is given: this measures the training loop, not storage.
+
+    python benchmarks/distill_overhead.py [--steps 30] [--rounds 3] [--batch 8] [--seq 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from kondense.api import DatasetRef, DistillSpec, InputRef, Resources, StageRun, Storage
+from kondense.events import Progress
+from kondense_jobs import data, tiny
+from kondense_jobs.distill import Windows, kd_loss
+from kondense_jobs.runtime import Context
+
+
+class BareKD(transformers.Trainer):
+    """The baseline: a plain Trainer whose compute_loss is the same KD loss."""
+
+    def __init__(self, *args, teacher, temperature, alpha, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher, self.temperature, self.alpha = teacher, temperature, alpha
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(input_ids=inputs["input_ids"])
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=inputs["input_ids"]).logits
+        loss = kd_loss(outputs.logits, teacher_logits, inputs["labels"], self.temperature, self.alpha, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+
+def build(folder: Path) -> tuple[Path, Path, Path]:
+    """Demo-shaped models (teacher 4x256, student 2x128, vocab 4096); random weights do for throughput."""
+    texts = tiny.corpus(max_docs=1500)
+    tok = tiny.train_tokenizer(texts, vocab_size=4096)
+    teacher = tiny.build_model(folder / "teacher", tok, "llama", layers=4, hidden=256, heads=4, seed=1)
+    student = tiny.build_model(folder / "student", tok, "llama", layers=2, hidden=128, heads=4, seed=2)
+    dataset = tiny.write_jsonl(folder / "dataset.jsonl", [{"text": t} for t in texts])
+    return teacher, student, dataset
+
+
+def stage_run(folder: Path, models: tuple[Path, Path, Path], spec: DistillSpec, n: int) -> float:
+    teacher, student, dataset = models
+    work = folder / f"stage-{n}"
+    run = StageRun(
+        pipeline="bench", namespace="default", stage="distill", stage_kind="distill", distill=spec,
+        models={"teacher": InputRef(uri=f"file://{teacher}"), "student": InputRef(uri=f"file://{student}")},
+        dataset=DatasetRef(uri=f"file://{dataset}", eval_split=0.1),
+        output=f"file://{work}/store/distill", input_digest=f"sha256:bench-{n}",
+        storage=Storage(uri=f"file://{work}/store"), resources=Resources(gpus=0),
+    )
+    (work / "tmp").mkdir(parents=True)
+    from kondense_jobs import distill
+
+    with open("/dev/null", "w") as quiet:
+        summary = distill.run(Context(run, work / "tmp", work / "cache", progress=Progress("distill", out=quiet)))
+    return summary.metrics["tokens_per_second"]
+
+
+def bare_run(folder: Path, models: tuple[Path, Path, Path], spec: DistillSpec, n: int) -> float:
+    teacher_dir, student_dir, dataset = models
+    tok = transformers.AutoTokenizer.from_pretrained(student_dir)
+    split = data.load(dataset, DatasetRef(uri=f"file://{dataset}", eval_split=0.1))
+    rows = data.windows(data.token_stream(tok, [r["text"] for r in split.train]), spec.max_seq_length)
+    transformers.set_seed(spec.seed)
+    student = transformers.AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    args = transformers.TrainingArguments(
+        output_dir=str(folder / f"bare-{n}"), max_steps=spec.max_steps, learning_rate=spec.learning_rate,
+        lr_scheduler_type="linear", per_device_train_batch_size=spec.batch_size, seed=spec.seed,
+        use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to="none", disable_tqdm=True,
+    )
+    trainer = BareKD(
+        model=student, args=args, train_dataset=Windows(torch.tensor(rows)), data_collator=transformers.default_data_collator,
+        teacher=teacher, temperature=spec.temperature, alpha=spec.alpha,
+    )
+    trainer.remove_callback(transformers.PrinterCallback)
+    start = time.monotonic()
+    trainer.train()
+    seconds = time.monotonic() - start
+    return spec.max_steps * spec.batch_size * spec.max_seq_length / seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--checkpoint-every", type=int, default=None, help="stage checkpoints (default: none within the run)")
+    a = p.parse_args()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    spec = DistillSpec(
+        method="logits", max_steps=a.steps, temperature=2.0, alpha=0.5, learning_rate=1e-3, batch_size=a.batch,
+        max_seq_length=a.seq, checkpoint_every=a.checkpoint_every or a.steps + 1, seed=0,
+    )
+    with tempfile.TemporaryDirectory(prefix="distill-overhead-") as tmp:
+        folder = Path(tmp)
+        models = build(folder / "models")
+        warm = spec.model_copy(update={"max_steps": 3})
+        bare_run(folder, models, warm, 0), stage_run(folder, models, warm, 0)
+        bare, stage = [], []
+        for n in range(1, a.rounds + 1):
+            bare.append(bare_run(folder, models, spec, n))
+            stage.append(stage_run(folder, models, spec, n))
+            print(f"round {n}: bare {bare[-1]:8.0f} tok/s   stage {stage[-1]:8.0f} tok/s   ratio {stage[-1] / bare[-1]:.3f}", flush=True)
+    ratio = statistics.median(stage) / statistics.median(bare)
+    print(
+        f"\nlogits distill, {a.steps} steps of {a.batch}x{a.seq} tokens, {torch.get_num_threads()} threads, "
+        f"{'CUDA' if torch.cuda.is_available() else 'CPU'}, checkpoints {'every %d steps' % a.checkpoint_every if a.checkpoint_every else 'off'}"
+    )
+    print(f"{'':24}{'median tok/s':>14}")
+    print(f"{'bare Trainer + kd_loss':24}{statistics.median(bare):>14.0f}")
+    print(f"{'kondense distill stage':24}{statistics.median(stage):>14.0f}")
+    print(f"ratio stage/bare: {ratio:.3f} (target >= 0.97)")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

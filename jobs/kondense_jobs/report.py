@@ -1,0 +1,170 @@
+"""The evaluate stage's report: report.json (everything), report.md (a table and the gates), plot.png.
+
+evaluate.py measures; this module only shapes and writes what was measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kondense.api import Report, ReportRow
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class Measurement:
+    """One variant, measured."""
+
+    variant: str
+    format: str  # hf | gguf
+    size_bytes: int  # weight files on disk
+    parameters: int | None
+    memory_bytes: int | None  # get_memory_footprint() for HF, the file size for GGUF
+    perplexity: float | None
+    tokens_per_second: float | None
+    seconds: float = 0.0  # wall time spent measuring it
+
+    def row(self) -> ReportRow:
+        return ReportRow(
+            variant=self.variant,
+            size_bytes=self.size_bytes,
+            parameters=self.parameters,
+            perplexity=finite(self.perplexity),
+            tokens_per_second=finite(self.tokens_per_second),
+        )
+
+
+@dataclass
+class Check:
+    """One gate applied to one variant."""
+
+    variant: str
+    gate: str  # maxPerplexityIncrease | minTokensPerSecond
+    value: float | None
+    limit: float
+    passed: bool
+    text: str
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    message: str
+    checks: list[Check] = field(default_factory=list)
+
+    def dump(self) -> dict[str, Any]:
+        return {"passed": self.passed, "message": self.message}
+
+
+def finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def relative_increase(value: float | None, base: float | None) -> float | None:
+    if finite(value) is None or finite(base) is None or base == 0:
+        return None
+    return value / base - 1
+
+
+def document(report: Report, measurements: list[Measurement], gate: GateResult, setup: dict[str, Any]) -> dict[str, Any]:
+    """The report.json document: the summary table plus every measurement, the setup and the gates."""
+    base = next((m.perplexity for m in measurements if m.variant == report.baseline), None)
+    variants = []
+    for m in measurements:
+        doc = {k: (finite(v) if isinstance(v, float) else v) for k, v in asdict(m).items()}
+        doc["perplexity_increase"] = relative_increase(m.perplexity, base)
+        variants.append(doc)
+    return {
+        "uri": report.uri,
+        "baseline": report.baseline,
+        "setup": setup,
+        "variants": variants,
+        "gate": {**gate.dump(), "checks": [asdict(c) for c in gate.checks]},
+        "table": report.dump()["table"],
+    }
+
+
+def write(out_dir: Path, report: Report, measurements: list[Measurement], gate: GateResult, setup: dict[str, Any]) -> list[Path]:
+    doc = document(report, measurements, gate, setup)
+    paths = [out_dir / "report.json", out_dir / "report.md", out_dir / "plot.png"]
+    paths[0].write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    paths[1].write_text(markdown(doc))
+    plot(doc, paths[2])
+    return paths
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    setup = doc["setup"]
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Perplexity on {setup['windows']} held-out windows of {setup['seq_length']} tokens "
+        f"({setup['tokens']} tokens, identical for every variant); throughput: greedy generation of "
+        f"{setup['generate_tokens']} new tokens after a {setup['prompt_tokens']}-token prompt.",
+        "",
+        "| variant | format | size on disk | parameters | memory | perplexity | vs baseline | tokens/s |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for v in doc["variants"]:
+        name = f"{v['variant']} (baseline)" if v["variant"] == doc["baseline"] else v["variant"]
+        inc = v["perplexity_increase"]
+        params = "-" if v["parameters"] is None else f"{v['parameters'] / 1e6:.2f}M"
+        vs = "-" if inc is None or v["variant"] == doc["baseline"] else f"{inc * 100:+.2f}%"
+        lines.append(
+            f"| {name} | {v['format']} | {human_bytes(v['size_bytes'])} | {params} | {human_bytes(v['memory_bytes'])} | "
+            f"{_num(v['perplexity'], '.2f')} | {vs} | {_num(v['tokens_per_second'], '.1f')} |"
+        )
+    gate = doc["gate"]
+    lines += ["", "## Quality gates", ""]
+    if not gate["checks"]:
+        lines.append("No quality gates set.")
+    else:
+        lines.append(f"**{'Passed' if gate['passed'] else 'Failed'}**: {gate['message']}")
+        lines.append("")
+        lines += [f"- {'PASS' if c['passed'] else 'FAIL'} {c['text']}" for c in gate["checks"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    """Size on disk (MiB) against perplexity, one labelled point per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(v["variant"], v["size_bytes"] / MIB, v["perplexity"]) for v in doc["variants"] if v["perplexity"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, size, ppl in points:
+        baseline = name == doc["baseline"]
+        ax.scatter([size], [ppl], s=60 if baseline else 40, marker="*" if baseline else "o", color="tab:red" if baseline else "tab:blue")
+        ax.annotate(name, (size, ppl), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    ppls = [p for _, _, p in points]
+    if ppls and max(ppls) / max(min(ppls), 1e-9) > 5:
+        ax.set_yscale("log")
+    ax.set_xlabel("size on disk (MiB)")
+    ax.set_ylabel("perplexity (held-out)")
+    ax.set_title(f"Size vs perplexity (baseline: {doc['baseline']})")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,316 @@
+"""The distill stage: kd_loss properties, the staged checkpoints, and every method end to end.
+
+End-to-end tests run the real entrypoint (`python -m kondense_jobs distill`) on the tiny
+models of conftest.py with a few steps of 4 x 64 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kondense.api import DistillSpec, InputRef, Resources
+from kondense.events import parse_line
+from kondense.store import FileStore
+from kondense_jobs.distill import Checkpoints, kd_loss
+
+FAST = dict(learning_rate=3e-3, batch_size=4, max_seq_length=64, checkpoint_every=1000, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# kd_loss
+# ---------------------------------------------------------------------------------------------
+
+
+def logits_and_labels(seed: int = 0, batch: int = 3, seq: int = 7, vocab: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(batch, seq, vocab, generator=g)
+    teacher = torch.randn(batch, seq, vocab, generator=g)
+    labels = torch.randint(0, vocab, (batch, seq), generator=g)
+    labels[0, -3:] = -100  # padding
+    labels[1, :2] = -100  # a prompt
+    return student, teacher, labels
+
+
+def reference_kl(student, teacher, labels, temperature):
+    """KL(p_t || p_s) per predicted token, written out longhand."""
+    s, t, y = student[:, :-1], teacher[:, :-1], labels[:, 1:]
+    p_t = torch.softmax(t / temperature, -1)
+    kl = (p_t * (torch.log_softmax(t / temperature, -1) - torch.log_softmax(s / temperature, -1))).sum(-1)
+    return kl[y != -100].mean()
+
+
+def test_kd_term_is_zero_for_identical_logits_and_has_no_gradient():
+    student, _, labels = logits_and_labels()
+    student.requires_grad_(True)
+    loss = kd_loss(student, student.detach().clone(), labels, temperature=2.0, alpha=1.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert student.grad.abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0], ids=lambda t: f"T={t:g}")
+def test_kd_term_is_kl_scaled_by_t_squared(temperature):
+    student, teacher, labels = logits_and_labels()
+    loss = kd_loss(student, teacher, labels, temperature=temperature, alpha=1.0)
+    assert loss.item() == pytest.approx(temperature**2 * reference_kl(student, teacher, labels, temperature).item(), rel=1e-5)
+    # Scaling the logits by T and dividing by T inside cancel: only the T^2 factor remains.
+    scaled = kd_loss(student * temperature, teacher * temperature, labels, temperature=temperature, alpha=1.0)
+    plain = kd_loss(student, teacher, labels, temperature=1.0, alpha=1.0)
+    assert scaled.item() == pytest.approx(temperature**2 * plain.item(), rel=1e-5)
+
+
+def test_alpha_zero_is_cross_entropy_and_needs_no_teacher():
+    student, _, labels = logits_and_labels()
+    ce = F.cross_entropy(student[:, :-1].reshape(-1, student.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert kd_loss(student, None, labels, temperature=2.0, alpha=0.0).item() == pytest.approx(ce.item(), rel=1e-6)
+
+
+def test_alpha_mixes_the_two_terms():
+    student, teacher, labels = logits_and_labels()
+    kd = kd_loss(student, teacher, labels, 2.0, 1.0)
+    ce = kd_loss(student, teacher, labels, 2.0, 0.0)
+    assert kd_loss(student, teacher, labels, 2.0, 0.3).item() == pytest.approx(0.3 * kd.item() + 0.7 * ce.item(), rel=1e-6)
+
+
+def test_masked_positions_do_not_count():
+    student, teacher, labels = logits_and_labels()
+    before = kd_loss(student, teacher, labels, 2.0, 0.5)
+    # Logits at position t predict labels[t + 1]; change those whose target is -100.
+    masked = torch.nn.functional.pad(labels[:, 1:] == -100, (0, 1))
+    noisy = student + 100 * masked.unsqueeze(-1) * torch.randn_like(student)
+    assert kd_loss(noisy, teacher, labels, 2.0, 0.5).item() == pytest.approx(before.item(), rel=1e-6)
+
+
+def test_num_items_in_batch_makes_gradient_accumulation_exact():
+    student, teacher, labels = logits_and_labels(batch=4)
+    whole = kd_loss(student, teacher, labels, 2.0, 0.5)
+    n = int((labels[:, 1:] != -100).sum())
+    halves = sum(kd_loss(student[i : i + 2], teacher[i : i + 2], labels[i : i + 2], 2.0, 0.5, num_items_in_batch=n) for i in (0, 2))
+    assert halves.item() == pytest.approx(whole.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints in the store (file:// and s3://)
+# ---------------------------------------------------------------------------------------------
+
+
+def checkpoint_folder(root: Path, step: int) -> Path:
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return folder
+
+
+@pytest.mark.parametrize("scheme", ["file", "s3"])
+def test_checkpoints_keep_newest_two_and_resume_from_newest_complete(scheme, tmp_path, make_run, monkeypatch):
+    from kondense.api import Storage
+    from kondense_jobs.runtime import Context
+
+    if scheme == "s3":
+        moto = pytest.importorskip("moto")
+        for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(k, v)
+        mock = moto.mock_aws()
+        mock.start()
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="ckpt")
+        storage = Storage(uri="s3://ckpt/store")
+        output = "s3://ckpt/store/distill"
+    else:
+        storage, output = None, None
+    try:
+        overrides = {"storage": storage, "output": output} if storage else {}
+        run, _ = make_run(tmp_path, "distill", DistillSpec(), {"teacher": tmp_path, "student": tmp_path}, **overrides)
+        ctx = Context(run, tmp_path / "work", tmp_path / "cache")
+        ckpts = Checkpoints(ctx)
+        assert ckpts.latest(tmp_path / "resume") is None
+        for step in (5, 10, 15):
+            ckpts.stage(checkpoint_folder(tmp_path / "trainer", step), step)
+        ckpts.wait()
+        assert ckpts.steps() == [15, 10]
+        # An upload cut short (no manifest) and another version's checkpoint are never resumed from.
+        ctx.store.upload([(tmp_path / "trainer" / "checkpoint-5" / "trainer_state.json", f"{ctx.checkpoint_uri()}/step-20/trainer_state.json")])
+        ctx.store.publish(
+            checkpoint_folder(tmp_path / "other", 25), f"{ctx.checkpoint_uri()}/step-25",
+            stage="distill", stage_kind="distill", input_digest="sha256:other",
+        )
+        assert ckpts.steps() == [25, 20, 15, 10]
+        assert ckpts.committed() == [15, 10]
+        resume = ckpts.latest(tmp_path / "resume")
+        assert resume.step == 15
+        assert json.loads((resume.path / "trainer_state.json").read_text()) == {"global_step": 15}
+        ckpts.clear()
+        assert ckpts.steps() == []
+    finally:
+        if scheme == "s3":
+            mock.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage end to end
+# ---------------------------------------------------------------------------------------------
+
+
+def progress_events(output: str) -> list[dict]:
+    return [ev for line in output.splitlines() if (ev := parse_line(line)) and ev["kondense"] == "progress"]
+
+
+def assert_trained_and_reloads(tmp_path: Path, code: int, summary, output: str, steps: int) -> None:
+    assert code == 0, output[-3000:]
+    assert summary.state == "Succeeded"
+    m = summary.metrics
+    assert m["steps"] == steps
+    assert m["final_loss"] < m["initial_loss"], m
+    assert m["tokens_per_second"] > 0 and m["train_seconds"] > 0
+    steps_lines = [ev for ev in progress_events(output) if ev.get("phase") == "steps"]
+    assert steps_lines[0]["step"] >= 1 and steps_lines[-1]["step"] == steps == steps_lines[-1]["total"]
+    assert "loss" in steps_lines[0] and "loss" in steps_lines[-1]
+    assert "it/s]" not in output and "examples/s]" not in output, "tqdm bars in the stage output"
+    out = FileStore.path(summary.artifact.uri)
+    assert (out / "manifest.json").exists() and not (out / "training_args.bin").exists()
+    assert not FileStore.path(summary.artifact.uri + ".checkpoints").exists(), "checkpoints left after publishing"
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("The module", return_tensors="pt")["input_ids"]
+    gen = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gen.shape[1] == ids.shape[1] + 5
+
+
+@pytest.mark.slow
+def test_logits(tmp_path, make_run, run_stage, tiny_teacher, tiny_student, tiny_dataset):
+    spec = DistillSpec(method="logits", max_steps=12, temperature=2.0, alpha=0.5, **FAST)
+    _, path = make_run(tmp_path, "distill", spec, {"teacher": tiny_teacher, "student": tiny_student}, tiny_dataset)
+    code, summary, output = run_stage("distill", path, tmp_path)
+    assert_trained_and_reloads(tmp_path, code, summary, output, 12)
+    assert "teacher skipped" not in output
+
+
+@pytest.mark.slow
+def test_logits_alpha_zero_skips_the_teacher(tmp_path, make_run, run_stage, tiny_student, tiny_dataset):
+    # A teacher folder with a tokenizer and config but no weights: loading it would fail.
+    teacher = tmp_path / "no-weights"
+    teacher.mkdir()
+    for f in tiny_student.iterdir():
+        if not f.name.endswith(".safetensors"):
+            (teacher / f.name).write_bytes(f.read_bytes())
+    spec = DistillSpec(method="logits", max_steps=6, alpha=0.0, **FAST)
+    _, path = make_run(tmp_path, "distill", spec, {"teacher": teacher, "student": tiny_student}, tiny_dataset)
+    code, summary, output = run_stage("distill", path, tmp_path)
+    assert_trained_and_reloads(tmp_path, code, summary, output, 6)
+    assert "teacher skipped" in output
+
+
+@pytest.mark.slow
+def test_synthetic(tmp_path, make_run, run_stage, tiny_teacher, tiny_student, tiny_dataset):
+    spec = DistillSpec(method="synthetic", max_steps=6, max_new_tokens=16, generation_temperature=0.7, top_p=0.95, **FAST)
+    _, path = make_run(tmp_path, "distill", spec, {"teacher": tiny_teacher, "student": tiny_student}, tiny_dataset)
+    code, summary, output = run_stage("distill", path, tmp_path)
+    assert_trained_and_reloads(tmp_path, code, summary, output, 6)
+    assert summary.metrics["synthetic_samples"] >= 6 * 4 * 0.9  # one batch of prompts per step, few empty completions
+    assert any(ev.get("phase") == "prompts" for ev in progress_events(output))
+
+
+@pytest.mark.slow
+def test_gkd(tmp_path, make_run, run_stage, tiny_teacher, tiny_student, tiny_dataset):
+    spec = DistillSpec(method="gkd", max_steps=10, lmbda=0.5, beta=0.5, max_new_tokens=16, generation_temperature=0.9, **FAST)
+    _, path = make_run(tmp_path, "distill", spec, {"teacher": tiny_teacher, "student": tiny_student}, tiny_dataset)
+    code, summary, output = run_stage("distill", path, tmp_path)
+    assert_trained_and_reloads(tmp_path, code, summary, output, 10)
+    assert "GKDTrainer" in output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_student_of_another_family(family, request, tmp_path, make_run, run_stage, tiny_teacher, tiny_dataset):
+    student = request.getfixturevalue(f"tiny_student_{family}")
+    assert json.loads((student / "config.json").read_text())["model_type"] == family
+    spec = DistillSpec(method="logits", max_steps=8, **FAST)
+    _, path = make_run(tmp_path, "distill", spec, {"teacher": tiny_teacher, "student": student}, tiny_dataset)
+    code, summary, output = run_stage("distill", path, tmp_path)
+    assert_trained_and_reloads(tmp_path, code, summary, output, 8)
+
+
+@pytest.fixture(scope="session")
+def student_with_other_tokenizer(models_root, corpus_texts) -> Path:
+    from kondense_jobs.tiny import build_model, train_tokenizer
+
+    tokenizer = train_tokenizer(corpus_texts[:300], vocab_size=512)
+    return build_model(models_root / "student-other-tokenizer", tokenizer, family="llama", layers=1, hidden=32, heads=2)
+
+
+def test_vocabulary_mismatch_fails_before_loading_weights(tmp_path, make_run, run_stage, tiny_teacher, student_with_other_tokenizer, tiny_dataset):
+    spec = DistillSpec(method="logits", max_steps=2, **FAST)
+    run, path = make_run(tmp_path, "distill", spec, {"teacher": tiny_teacher, "student": student_with_other_tokenizer}, tiny_dataset)
+    code, summary, output = run_stage("distill", path, tmp_path)
+    assert code == 11, output[-2000:]
+    assert summary.reason == "InvalidInput"
+    assert "\n" not in summary.message
+    assert "1024" in summary.message and "512" in summary.message and "share a tokenizer" in summary.message
+    assert not (FileStore.path(run.output) / "manifest.json").exists()
+    assert "Loading weights" not in output and "Preflight" not in output
+
+
+def test_preflight_refuses_what_cannot_fit(tmp_path, make_run, run_stage, tiny_teacher, tiny_student, tiny_dataset):
+    spec = DistillSpec(method="logits", max_steps=2, **FAST)
+    run, path = make_run(
+        tmp_path, "distill", spec, {"teacher": tiny_teacher, "student": tiny_student}, tiny_dataset,
+        resources=Resources(gpus=0, memory="1Mi"),
+    )
+    code, summary, output = run_stage("distill", path, tmp_path)
+    assert code == 14, output[-2000:]
+    assert summary.reason == "InsufficientResources"
+    assert "needs about" in summary.message and "GiB" in summary.message and "1Mi" in summary.message
+    assert not (FileStore.path(run.output) / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_newest_checkpoint(tmp_path, make_run, run_stage, tiny_teacher, tiny_student, tiny_dataset):
+    steps, every = 60, 4
+    spec = DistillSpec(method="logits", max_steps=steps, **{**FAST, "checkpoint_every": every})
+    run, path = make_run(tmp_path, "distill", spec, {"teacher": tiny_teacher, "student": tiny_student}, tiny_dataset)
+    checkpoints = FileStore.path(run.output + ".checkpoints")
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kondense_jobs", "distill", "--spec", str(path), "--termination-log", str(tmp_path / "t1"),
+             "--cache-dir", str(tmp_path / "cache")],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while not list(checkpoints.glob("step-*/manifest.json")):
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint committed in 300 s"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    committed = sorted(int(p.parent.name[5:]) for p in checkpoints.glob("step-*/manifest.json"))
+    assert committed and committed[-1] < steps
+    assert not (FileStore.path(run.output) / "manifest.json").exists()
+
+    code, summary, output = run_stage("distill", path, tmp_path)
+    assert code == 0, output[-3000:]
+    resumed = summary.metrics["resumed_from_step"]
+    assert resumed == committed[-1] and resumed % every == 0
+    assert f"resuming from step {int(resumed)}" in output
+    assert summary.metrics["steps"] == steps
+    first = [ev for ev in progress_events(output) if ev.get("phase") == "steps"][0]
+    assert first["step"] > resumed, "the step count did not continue"
+    assert not checkpoints.exists()
