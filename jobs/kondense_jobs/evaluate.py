@@ -47,7 +47,11 @@ def run(ctx: Context) -> Summary:
     baseline = spec.baseline or spec.of[0]
     check_names(spec, baseline)
 
-    variants = [Variant(name, path, format_of(name, path)) for name in spec.of for path in [ctx.model_dir(name)]]
+    # 1. Fetch: every variant, the held-out windows (cut once, with the baseline's tokenizer).
+    variants = []
+    for name in spec.of:
+        path = ctx.model_dir(name)
+        variants.append(Variant(name, path, format_of(name, path)))
     tokenizer = shared_tokenizer(variants, baseline)
     split = data.load(ctx.dataset_path(), ctx.run.dataset)
     stream = data.token_stream(tokenizer, data.texts(split.eval, ctx.run.dataset))
@@ -58,8 +62,11 @@ def run(ctx: Context) -> Summary:
             "To resolve, lower evaluate.seqLength or raise dataset.evalSplit."
         )
     prompt_ids = prompt(tokenizer, split.eval, ctx.run.dataset, windows[0])
-    log.info("Fetched %d variants; evaluating on %d windows of %d tokens", len(variants), len(windows), spec.seq_length)
+    log.info(
+        "Fetched %d variants; evaluating on %d windows of %d tokens", len(variants), len(windows), spec.seq_length
+    )
 
+    # 2. Measure each variant, then apply the gates.
     measurements = []
     for i, variant in enumerate(variants):
         ctx.progress.update(i, len(variants), phase="variants", force=True)
@@ -72,6 +79,7 @@ def run(ctx: Context) -> Summary:
     ctx.progress.update(len(variants), len(variants), phase="variants", force=True)
     gate = check_gates(spec.gates, baseline, measurements)
 
+    # 3. Publish the report, also when a gate failed (so that users can see why), then fail.
     summary_report = Report(uri=ctx.run.output, baseline=baseline, table=[m.row() for m in measurements])
     setup = {
         "seq_length": spec.seq_length,
@@ -136,7 +144,8 @@ def shared_tokenizer(variants: list[Variant], baseline: str):
     for v in hf:
         if v is not source and load_tokenizer(v.path).get_vocab() != vocab:
             raise InvalidInput(
-                f"variant {v.name} has a different tokenizer than {source.name}: perplexities would not be comparable. "
+                f"variant {v.name} has a different tokenizer than {source.name}: "
+                "perplexities would not be comparable. "
                 "To resolve, evaluate only variants that share one tokenizer."
             )
     return tokenizer
@@ -164,7 +173,7 @@ def measure(variant: Variant, windows: list[list[int]], prompt_ids: list[int], g
     return m
 
 
-def measure_hf(variant: Variant, windows: list[list[int]], prompt_ids: list[int], generate_tokens: int) -> Measurement:
+def measure_hf(variant: Variant, windows: list[list[int]], prompt_ids: list[int], generate_tokens: int):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -194,8 +203,9 @@ def logical_parameters(model) -> int:
         own = dict(module.named_parameters(recurse=False))
         if not own:
             continue
-        if isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int):
-            total += module.in_features * module.out_features + (module.out_features if getattr(module, "bias", None) is not None else 0)
+        rows, cols = getattr(module, "out_features", None), getattr(module, "in_features", None)
+        if isinstance(rows, int) and isinstance(cols, int):  # Linear, bnb Linear4bit/8bitLt, compressed Linear
+            total += rows * cols + (rows if getattr(module, "bias", None) is not None else 0)
         else:
             total += sum(p.numel() for p in own.values())
     return total
@@ -222,7 +232,11 @@ def hf_tokens_per_second(model, prompt_ids: list[int], n_tokens: int) -> float:
     import torch
 
     ids = torch.tensor([prompt_ids], device=model.device)
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=model.config.eos_token_id)
+    pad = model.generation_config.pad_token_id
+    if pad is None:  # silence "Setting pad_token_id to eos_token_id"; eos may be a list (Llama 3)
+        eos = model.generation_config.eos_token_id
+        pad = eos[0] if isinstance(eos, list) else eos
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=pad)
 
     def generate(n: int) -> int:
         with torch.inference_mode():
@@ -239,7 +253,7 @@ def hf_tokens_per_second(model, prompt_ids: list[int], n_tokens: int) -> float:
     return produced / (time.perf_counter() - start)
 
 
-def measure_gguf(variant: Variant, windows: list[list[int]], prompt_ids: list[int], generate_tokens: int) -> Measurement:
+def measure_gguf(variant: Variant, windows: list[list[int]], prompt_ids: list[int], generate_tokens: int):
     backend = gguf_backend()
     path = backend.find_gguf(variant.path)
     if path is None:
@@ -271,7 +285,7 @@ def gguf_parameters(path: Path) -> int | None:
 
 
 def check_gates(gates: Gates, baseline: str, measurements: list[Measurement]) -> GateResult:
-    """Apply maxPerplexityIncrease and minTokensPerSecond to the variants in appliesTo (default: all but the baseline)."""
+    """maxPerplexityIncrease and minTokensPerSecond on the variants in appliesTo (default: all but the baseline)."""
     by_name = {m.variant: m for m in measurements}
     base = by_name[baseline]
     names = gates.applies_to or [m.variant for m in measurements if m.variant != baseline]
@@ -282,7 +296,10 @@ def check_gates(gates: Gates, baseline: str, measurements: list[Measurement]) ->
             limit = gates.max_perplexity_increase
             inc = relative_increase(m.perplexity, base.perplexity)
             if inc is None:
-                text = f"{name}: perplexity {m.perplexity} against {baseline} ({base.perplexity}) is not a finite number; gate maxPerplexityIncrease {limit:g}"
+                text = (
+                    f"{name}: perplexity {m.perplexity} against {baseline} ({base.perplexity}) is not a finite number; "
+                    f"gate maxPerplexityIncrease {limit:g}"
+                )
                 checks.append(Check(name, "maxPerplexityIncrease", None, limit, False, text))
             else:
                 delta = f"+{inc * 100:.2f}% over" if inc >= 0 else f"{-inc * 100:.2f}% under"
@@ -295,7 +312,8 @@ def check_gates(gates: Gates, baseline: str, measurements: list[Measurement]) ->
             limit = gates.min_tokens_per_second
             tps = m.tokens_per_second
             ok = tps is not None and math.isfinite(tps) and tps >= limit
-            text = f"{name}: {tps if tps is None else round(tps, 1)} tokens/s {'meets' if ok else 'is below'} gate minTokensPerSecond {limit:g}"
+            shown = tps if tps is None else round(tps, 1)
+            text = f"{name}: {shown} tokens/s {'meets' if ok else 'is below'} gate minTokensPerSecond {limit:g}"
             checks.append(Check(name, "minTokensPerSecond", tps, limit, ok, text))
     failed = [c for c in checks if not c.passed]
     if failed:

@@ -46,9 +46,11 @@ def run(ctx: Context) -> Summary:
     spec: QuantizeSpec = ctx.config
     quantize = method(spec.method)
 
+    # 1. Fetch the input model (an earlier stage's artifact is verified against its manifest).
     model_dir = ctx.model_dir("model")
     log.info("Fetched input model: %s", model_dir)
 
+    # 2. Quantize into the output folder.
     out = ctx.output_dir()
     start = time.monotonic()
     ctx.progress.update(0, 1, phase="quantize", force=True)
@@ -57,6 +59,7 @@ def run(ctx: Context) -> Summary:
     metrics = {**metrics, "sizeBytes": weight_bytes(out), "seconds": round(time.monotonic() - start, 2)}
     log.info("Quantized with %s in %.1f s: %d bytes of weights", spec.method, metrics["seconds"], metrics["sizeBytes"])
 
+    # 3. Publish: files, then manifest.json.
     return ctx.publish(metrics=metrics, format="gguf" if spec.method == "gguf" else "hf")
 
 
@@ -132,7 +135,8 @@ def bnb_nf4(ctx: Context, model_dir: Path, out: Path) -> dict[str, float]:
 def bnb_int8(ctx: Context, model_dir: Path, out: Path) -> dict[str, float]:
     transformers = require("transformers", "method bnb-int8")
     log.info("Quantizing to LLM.int8()")
-    return _bitsandbytes(model_dir, out, transformers.BitsAndBytesConfig(load_in_8bit=True), "Linear8bitLt", "method bnb-int8")
+    config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return _bitsandbytes(model_dir, out, config, "Linear8bitLt", "method bnb-int8")
 
 
 def _bitsandbytes(model_dir: Path, out: Path, config, layer_class: str, feature: str) -> dict[str, float]:
@@ -141,7 +145,9 @@ def _bitsandbytes(model_dir: Path, out: Path, config, layer_class: str, feature:
 
     tokenizer = load_tokenizer(model_dir)
     # bitsandbytes quantizes each Linear as its weights load; other layers keep the checkpoint's dtype.
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map=device_map(), dtype="auto")
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=config, device_map=device_map(), dtype="auto"
+    )
     quantized = sum(isinstance(m, getattr(bnb.nn, layer_class)) for m in model.modules())
     if quantized == 0:
         raise InvalidInput(f"{model_dir}: bitsandbytes found no Linear layer to quantize")
@@ -161,7 +167,9 @@ def gptq_scheme(bits: int, group_size: int):
     from compressed_tensors.quantization import QuantizationStrategy, preset_name_to_scheme
 
     if group_size == 0 or group_size < -1:
-        raise InvalidSpec(f"gptq: groupSize {group_size} is invalid; use -1 (one scale per output channel) or a positive column count")
+        raise InvalidSpec(
+            f"gptq: groupSize {group_size} is invalid; use -1 (one scale per output channel) or a positive column count"
+        )
     scheme = preset_name_to_scheme(f"W{bits}A16", ["Linear"])
     if group_size == -1:
         update = {"strategy": QuantizationStrategy.CHANNEL, "group_size": None}
@@ -194,7 +202,8 @@ def check_group_size(targets: dict[str, int], group_size: int) -> None:
     examples = ", ".join(f"{name} ({cols})" for name, cols in list(bad.items())[:3])
     raise InvalidSpec(
         f"gptq: groupSize {group_size} does not divide the input width of {len(bad)} of {len(targets)} layers, "
-        f"e.g. {examples}. To resolve, set groupSize to a divisor of {common} (e.g. {divisor}) or to -1 for per-channel scales."
+        f"e.g. {examples}. To resolve, set groupSize to a divisor of {common} (e.g. {divisor}) "
+        "or to -1 for per-channel scales."
     )
 
 
@@ -206,10 +215,16 @@ def calibration_windows(ctx: Context, tokenizer, samples: int, seq_length: int) 
     if not windows:
         if not stream:
             raise InvalidInput("gptq: the training split holds no tokens to calibrate on")
-        log.warning("The training split has %d tokens, fewer than calibrationSeqLength %d: calibrating on one shorter sample", len(stream), seq_length)
+        log.warning(
+            "The training split has %d tokens, fewer than calibrationSeqLength %d: calibrating on one shorter sample",
+            len(stream), seq_length,
+        )
         windows = [stream]
     elif len(windows) < samples:
-        log.warning("The training split yields %d windows of %d tokens, fewer than calibrationSamples %d", len(windows), seq_length, samples)
+        log.warning(
+            "The training split yields %d windows of %d tokens, fewer than calibrationSamples %d",
+            len(windows), seq_length, samples,
+        )
     return windows
 
 
@@ -218,7 +233,8 @@ def gptq(ctx: Context, model_dir: Path, out: Path) -> dict[str, float]:
     bits = spec.bits or GPTQ_DEFAULT_BITS
     group_size = spec.group_size if spec.group_size is not None else GPTQ_DEFAULT_GROUP_SIZE
     # Quiet llm-compressor's per-module INFO lines unless asked for (its env variable wins).
-    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "INFO" if os.environ.get("KONDENSE_LOG_LEVEL") == "DEBUG" else "WARNING")
+    verbose = os.environ.get("KONDENSE_LOG_LEVEL") == "DEBUG"
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "INFO" if verbose else "WARNING")
     require("llmcompressor", "method gptq")
     datasets = require("datasets", "method gptq")
     from llmcompressor import oneshot
@@ -234,8 +250,11 @@ def gptq(ctx: Context, model_dir: Path, out: Path) -> dict[str, float]:
     check_group_size(targets, group_size)
     windows = calibration_windows(ctx, tokenizer, spec.calibration_samples, spec.calibration_seq_length)
 
-    log.info("Quantizing %d modules with %d samples (W%dA16, groupSize %d)", len(targets), len(windows), bits, group_size)
-    calibration = datasets.Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
+    log.info(
+        "Quantizing %d modules with %d samples (W%dA16, groupSize %d)", len(targets), len(windows), bits, group_size
+    )
+    masks = [[1] * len(w) for w in windows]
+    calibration = datasets.Dataset.from_dict({"input_ids": windows, "attention_mask": masks})
     oneshot(
         model=model,
         dataset=calibration,

@@ -71,7 +71,7 @@ def relative_increase(value: float | None, base: float | None) -> float | None:
     return value / base - 1
 
 
-def document(report: Report, measurements: list[Measurement], gate: GateResult, setup: dict[str, Any]) -> dict[str, Any]:
+def document(report: Report, measurements: list[Measurement], gate: GateResult, setup: dict[str, Any]) -> dict:
     """The report.json document: the summary table plus every measurement, the setup and the gates."""
     base = next((m.perplexity for m in measurements if m.variant == report.baseline), None)
     variants = []
@@ -89,7 +89,7 @@ def document(report: Report, measurements: list[Measurement], gate: GateResult, 
     }
 
 
-def write(out_dir: Path, report: Report, measurements: list[Measurement], gate: GateResult, setup: dict[str, Any]) -> list[Path]:
+def write(out_dir: Path, report: Report, measurements: list[Measurement], gate: GateResult, setup: dict) -> list[Path]:
     doc = document(report, measurements, gate, setup)
     paths = [out_dir / "report.json", out_dir / "report.md", out_dir / "plot.png"]
     paths[0].write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
@@ -131,7 +131,8 @@ def markdown(doc: dict[str, Any]) -> str:
         params = "-" if v["parameters"] is None else f"{v['parameters'] / 1e6:.2f}M"
         vs = "-" if inc is None or v["variant"] == doc["baseline"] else f"{inc * 100:+.2f}%"
         lines.append(
-            f"| {name} | {v['format']} | {human_bytes(v['size_bytes'])} | {params} | {human_bytes(v['memory_bytes'])} | "
+            f"| {name} | {v['format']} | {human_bytes(v['size_bytes'])} | {params} | "
+            f"{human_bytes(v['memory_bytes'])} | "
             f"{_num(v['perplexity'], '.2f')} | {vs} | {_num(v['tokens_per_second'], '.1f')} |"
         )
     gate = doc["gate"]
@@ -152,11 +153,12 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(v["variant"], v["size_bytes"] / MIB, v["perplexity"]) for v in doc["variants"] if v["perplexity"] is not None]
+    points = [(v["variant"], v["size_bytes"] / MIB, v["perplexity"]) for v in doc["variants"] if v["perplexity"]]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for name, size, ppl in points:
         baseline = name == doc["baseline"]
-        ax.scatter([size], [ppl], s=60 if baseline else 40, marker="*" if baseline else "o", color="tab:red" if baseline else "tab:blue")
+        style = {"s": 80, "marker": "*", "color": "tab:red"} if baseline else {"s": 40, "marker": "o", "color": "tab:blue"}
+        ax.scatter([size], [ppl], **style)
         ax.annotate(name, (size, ppl), textcoords="offset points", xytext=(6, 4), fontsize=9)
     ppls = [p for _, _, p in points]
     if ppls and max(ppls) / max(min(ppls), 1e-9) > 5:
