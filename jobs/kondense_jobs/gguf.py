@@ -66,7 +66,8 @@ EXIT_UNKNOWN_PRETOKENIZER = 4
 
 LLAMA_CPP_HINT = (
     "To resolve, use the kondense jobs image, or build it from source: "
-    "CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX2=ON\" pip install 'llama-cpp-python==0.3.36' --no-binary llama-cpp-python"
+    'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON" '
+    "pip install 'llama-cpp-python==0.3.36' --no-binary llama-cpp-python"
 )
 
 
@@ -75,7 +76,9 @@ def llama_cpp_version() -> str:
     try:
         return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
-        raise MissingDependency(f"GGUF needs the Python package llama_cpp ({DISTRIBUTION} is not installed). {LLAMA_CPP_HINT}") from None
+        raise MissingDependency(
+            f"GGUF needs the Python package llama_cpp ({DISTRIBUTION} is not installed). {LLAMA_CPP_HINT}"
+        ) from None
 
 
 def converter_dir(version: str | None = None) -> Path:
@@ -89,7 +92,9 @@ def _installed(folder: Path) -> bool:
     return (folder / ".complete").exists() and (folder / "convert_hf_to_gguf.py").exists()
 
 
-def install_converter(version: str | None = None, dest: Path | None = None, sdist: Path | None = None) -> Path:
+def install_converter(
+    version: str | None = None, dest: Path | None = None, sdist: Path | None = None
+) -> Path:
     """Extract llama.cpp's converter from the llama-cpp-python sdist of `version` into `dest`.
 
     The sdist is `sdist` if given, else `pip download`ed from the configured index (PyPI).
@@ -107,10 +112,12 @@ def install_converter(version: str | None = None, dest: Path | None = None, sdis
             proc = subprocess.run(cmd, capture_output=True, text=True)
             found = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
             if proc.returncode != 0 or not found:
+                why = _last_line(proc.stderr) or "no sdist"
                 raise MissingDependency(
-                    f"GGUF needs llama.cpp's convert_hf_to_gguf.py and `pip download {DISTRIBUTION}=={version}` failed "
-                    f"({_last_line(proc.stderr) or 'no sdist'}). To resolve, run `python -m kondense_jobs.gguf "
-                    "install-converter` where PyPI is reachable (the jobs image does), or set KONDENSE_LLAMA_CPP_DIR."
+                    "GGUF needs llama.cpp's convert_hf_to_gguf.py and "
+                    f"`pip download {DISTRIBUTION}=={version}` failed ({why}). To resolve, run "
+                    "`python -m kondense_jobs.gguf install-converter` where PyPI is reachable (the jobs "
+                    "image does) or set KONDENSE_LLAMA_CPP_DIR to a folder holding it."
                 )
             sdist = found[0]
         log.info("Extracting llama.cpp's converter from %s into %s", Path(sdist).name, dest)
@@ -127,7 +134,7 @@ def install_converter(version: str | None = None, dest: Path | None = None, sdis
                     members.append(m)
             if not any(m.name == "convert_hf_to_gguf.py" for m in members):
                 shutil.rmtree(partial)
-                raise InvalidInput(f"{sdist} holds no vendor/llama.cpp/convert_hf_to_gguf.py: not a llama-cpp-python sdist")
+                raise InvalidInput(f"{sdist} has no vendor/llama.cpp/convert_hf_to_gguf.py: not the sdist")
             tar.extractall(partial, members=members, filter="data")
         (partial / ".complete").write_text(f"{DISTRIBUTION}=={version}\n")
         if _installed(dest):  # another process finished first
@@ -177,8 +184,8 @@ def _source_outtype(model_dir: Path) -> str:
 def convert(model_dir: Path, outfile: Path, outtype: str) -> Path:
     """Run convert_hf_to_gguf.py (vendored gguf-py first, pre-tokenizer patch) in a subprocess."""
     folder = ensure_converter()
-    cmd = [sys.executable, "-m", "kondense_jobs.gguf", "convert-hf", "--converter", str(folder), str(model_dir),
-           "--outfile", str(outfile), "--outtype", outtype]
+    cmd = [sys.executable, "-m", "kondense_jobs.gguf", "convert-hf", "--converter", str(folder),
+           str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
     env.pop("NO_LOCAL_GGUF", None)
     start = time.monotonic()
@@ -187,7 +194,8 @@ def convert(model_dir: Path, outfile: Path, outtype: str) -> Path:
         raise InvalidInput(_last_line(proc.stderr))
     if proc.returncode != 0 or not outfile.exists():
         raise RuntimeError(
-            f"convert_hf_to_gguf.py {model_dir.name} --outtype {outtype} failed (exit {proc.returncode}): {_last_line(proc.stderr)}"
+            f"convert_hf_to_gguf.py {model_dir.name} --outtype {outtype} failed (exit {proc.returncode}): "
+            + _last_line(proc.stderr)
         )
     log.debug("converter output:\n%s", proc.stderr[-4000:])
     log.info("Converted %s to %s in %.1f s", model_dir.name, outfile.name, time.monotonic() - start)
@@ -201,7 +209,8 @@ def _quantize_file(src: Path, dst: Path, type: str) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not dst.exists():
         why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
-        raise RuntimeError(f"llama_model_quantize {src.name} -> {type} failed ({why}): {_last_line(proc.stderr)}")
+        reason = _last_line(proc.stderr)
+        raise RuntimeError(f"llama_model_quantize {src.name} -> {type} failed ({why}): {reason}")
     log.info("Quantized %s to %s in %.1f s", src.name, dst.name, time.monotonic() - start)
     return dst
 
@@ -211,7 +220,7 @@ def quantize(model_dir: Path, out_dir: Path, type: str, progress=None) -> Path:
     """Write out_dir/model-<type>.gguf from a Hugging Face model folder; return its path."""
     type = type.lower()
     if type not in TYPES:
-        raise InvalidSpec(f"quantize.type {type!r} is not a GGUF type kondense makes; use one of {', '.join(TYPES)}")
+        raise InvalidSpec(f"quantize.type {type!r} is not a GGUF type; use one of {', '.join(TYPES)}.")
     _llama_cpp()  # fail before the conversion, not after it
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +244,10 @@ def quantize(model_dir: Path, out_dir: Path, type: str, progress=None) -> Path:
 
 def find_gguf(folder: Path) -> Path | None:
     """The .gguf file of an artifact folder (the largest if several), or None."""
-    files = sorted(Path(folder).glob("*.gguf"), key=lambda p: (-p.stat().st_size, p.name)) if Path(folder).is_dir() else []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    files = sorted(folder.glob("*.gguf"), key=lambda p: (-p.stat().st_size, p.name))
     return files[0] if files else None
 
 
@@ -261,8 +273,8 @@ def _load(gguf_path: Path, n_ctx: int, logits_all: bool):
     n_ctx = max(n_ctx, 8)
     try:
         return llama_cpp.Llama(
-            model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
-            n_threads=_threads(), n_threads_batch=_threads(), verbose=False,
+            model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+            logits_all=logits_all, n_threads=_threads(), n_threads_batch=_threads(), verbose=False,
         )
     except ValueError as e:  # llama-cpp-python says "Failed to load model from file: ..."
         raise InvalidInput(f"llama.cpp cannot load {gguf_path.name}: {e}") from None
@@ -285,7 +297,10 @@ def perplexity(gguf_path: Path, windows: list[list[int]]) -> float:
         nll, count = 0.0, 0
         for w in windows:
             if max(w) >= n_vocab or min(w) < 0:
-                raise InvalidInput(f"token id {max(w)} is outside {gguf_path.name}'s vocabulary of {n_vocab}: tokenizer mismatch")
+                raise InvalidInput(
+                    f"token ids {min(w)}..{max(w)} fall outside {gguf_path.name}'s vocabulary of {n_vocab}: "
+                    "the windows come from another tokenizer"
+                )
             llm.reset()
             llm.eval(w)
             logits = np.asarray(llm.scores[: len(w) - 1], dtype=np.float64)
@@ -362,8 +377,9 @@ def _convert_hf_main(converter: Path, model_dir: Path, argv: list[str]) -> int:
     arch = get_model_architecture(ModelBase.load_hparams(model_dir, False), ModelType.TEXT)
     if arch not in TEXT_MODEL_MAP:
         print(
-            f"llama.cpp's converter (from {_converter_release(converter)}) does not support architecture {arch!r}; "
-            "to resolve, quantize this model with another method (bnb-nf4, bnb-int8, gptq)", file=sys.stderr,
+            f"llama.cpp's converter (from {_converter_release(converter)}) does not support {arch!r}; "
+            "to resolve, quantize this model with another method (bnb-nf4, bnb-int8, gptq)",
+            file=sys.stderr,
         )
         return EXIT_UNSUPPORTED_ARCH
 
@@ -378,11 +394,11 @@ def _convert_hf_main(converter: Path, model_dir: Path, argv: list[str]) -> int:
         except NotImplementedError:
             if _is_gpt2_pretokenizer(model_dir):
                 converter_log.setLevel(level)
-                converter_log.info("kondense: BPE pre-tokenizer hash unknown, tokenizer.json pre_tokenizer is GPT-2's ByteLevel: 'gpt-2'")
+                converter_log.info("kondense: unknown pre-tokenizer hash; tokenizer.json has GPT-2's: gpt-2")
                 return "gpt-2"
             print(
-                f"{model_dir.name}: llama.cpp's converter does not recognise this tokenizer's BPE pre-tokenizer "
-                "(and it is not GPT-2's ByteLevel); to resolve, convert a model whose tokenizer llama.cpp knows",
+                f"{model_dir.name}: llama.cpp's converter does not recognise this tokenizer's BPE "
+                "pre-tokenizer (nor is it GPT-2's ByteLevel); to resolve, use a tokenizer llama.cpp knows",
                 file=sys.stderr,
             )
             raise SystemExit(EXIT_UNKNOWN_PRETOKENIZER) from None
@@ -409,12 +425,12 @@ def _quantize_gguf_main(src: str, dst: str, type: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kondense_jobs.gguf", description="llama.cpp's converter for kondense")
+    parser = argparse.ArgumentParser(prog="python -m kondense_jobs.gguf", description="llama.cpp's converter")
     sub = parser.add_subparsers(dest="command", required=True)
-    inst = sub.add_parser("install-converter", help="extract convert_hf_to_gguf.py from the llama-cpp-python sdist")
+    inst = sub.add_parser("install-converter", help="extract convert_hf_to_gguf.py from the sdist")
     inst.add_argument("--version", help="llama-cpp-python version (default: the installed one)")
-    inst.add_argument("--dest", type=Path, help="target folder (default $KONDENSE_LLAMA_CPP_DIR or ~/.cache/kondense/llama.cpp-<version>)")
-    inst.add_argument("--sdist", type=Path, help="a local llama_cpp_python-<version>.tar.gz instead of pip download")
+    inst.add_argument("--dest", type=Path, help="target folder (default: see converter_dir)")
+    inst.add_argument("--sdist", type=Path, help="a local llama_cpp_python-<version>.tar.gz to extract")
     conv = sub.add_parser("convert-hf", help="(internal) run convert_hf_to_gguf.py with kondense's patch")
     conv.add_argument("--converter", type=Path, required=True)
     conv.add_argument("model", type=Path)
