@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from kondense.crd import inline_refs
+
 # A Kubernetes namespace name (RFC 1123 label).
 NAMESPACE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # A resource name (RFC 1123 subdomain), e.g. a ServiceAccount or a peering object.
@@ -231,22 +233,17 @@ class ChartValues(Values):
     crds: Crds = Field(default_factory=Crds, description="The CompressionPipeline CRD.")
 
 
-def _inline(node: Any, defs: dict[str, Any]) -> Any:
-    """Draft-07 without references: each `$ref` replaced by its definition, titles dropped."""
+def _without(node: Any, keys: tuple[str, ...]) -> Any:
     if isinstance(node, list):
-        return [_inline(x, defs) for x in node]
+        return [_without(x, keys) for x in node]
     if not isinstance(node, dict):
         return node
-    if "$ref" in node:
-        target = defs[node["$ref"].rsplit("/", 1)[-1]]
-        # The referring field's description and default win over the model's docstring.
-        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
-    return {k: _inline(v, defs) for k, v in node.items() if k not in ("title", "$defs")}
+    return {k: _without(v, keys) for k, v in node.items() if k not in keys}
 
 
 def schema() -> dict[str, Any]:
     raw = ChartValues.model_json_schema(by_alias=True, mode="validation")
-    body = _inline(raw, raw.get("$defs", {}))
+    body = _without(inline_refs(raw, raw.get("$defs", {})), ("title", "$defs"))
     return {
         "$schema": "http://json-schema.org/draft-07/schema#",
         "title": "Values of the kondense chart",

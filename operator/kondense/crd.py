@@ -16,16 +16,17 @@ from kondense import api
 DROP = {"title", "$defs", "discriminator"}
 
 
-def _inline(node: Any, defs: dict[str, Any]) -> Any:
+def inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    """A JSON schema with every `$ref` replaced by its definition (shared with chart.py)."""
     if isinstance(node, list):
-        return [_inline(x, defs) for x in node]
+        return [inline_refs(x, defs) for x in node]
     if not isinstance(node, dict):
         return node
     if "$ref" in node:
-        target = _inline(defs[node["$ref"].rsplit("/", 1)[-1]], defs)
+        target = inline_refs(defs[node["$ref"].rsplit("/", 1)[-1]], defs)
         # Keep the referring field's own description/default over the model's docstring.
-        return {**target, **{k: _inline(v, defs) for k, v in node.items() if k != "$ref"}}
-    return {k: _inline(v, defs) for k, v in node.items()}
+        return {**target, **{k: inline_refs(v, defs) for k, v in node.items() if k != "$ref"}}
+    return {k: inline_refs(v, defs) for k, v in node.items()}
 
 
 def _structural(node: Any) -> Any:
@@ -67,7 +68,7 @@ def _structural(node: Any) -> Any:
 
 def schema_of(model: type[api.Model]) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
-    return _structural(_inline(raw, raw.get("$defs", {})))
+    return _structural(inline_refs(raw, raw.get("$defs", {})))
 
 
 def openapi_schema() -> dict[str, Any]:
