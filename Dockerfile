@@ -33,6 +33,10 @@ COPY pyproject.toml README.md ./
 COPY operator ./operator
 COPY jobs ./jobs
 RUN pip install ".[jobs]"
+# llama.cpp's converter (convert_hf_to_gguf.py and its gguf-py) from the sdist of the installed
+# llama-cpp-python, at a path the Job's emptyDir cache mount does not hide.
+RUN python -m kondense_jobs.gguf install-converter --dest /opt/venv/share/kondense/llama.cpp \
+    && python -m compileall -q /opt/venv/share/kondense/llama.cpp
 
 FROM ${CUDA_RUNTIME_IMAGE} AS jobs
 ENV DEBIAN_FRONTEND=noninteractive
@@ -52,6 +56,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     TMPDIR=/scratch \
     HF_HOME=/home/kondense/.cache/huggingface \
     KONDENSE_CACHE=/home/kondense/.cache/kondense \
+    KONDENSE_LLAMA_CPP_DIR=/opt/venv/share/kondense/llama.cpp \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /scratch
