@@ -71,7 +71,9 @@ LOGGING_RATIO = 0.02  # log the loss every 2% of the steps (Trainer reads a floa
 # ---------------------------------------------------------------------------------------------
 
 
-def kd_loss(student_logits, teacher_logits, labels, temperature: float, alpha: float, num_items_in_batch=None):
+def kd_loss(
+    student_logits, teacher_logits, labels, temperature: float, alpha: float, num_items_in_batch=None
+):
     """alpha * T^2 * KL(p_teacher || p_student) at temperature T + (1 - alpha) * CE(labels).
 
     Logits are (batch, seq, vocab) as a causal LM returns them and labels (batch, seq) as in
@@ -91,7 +93,9 @@ def kd_loss(student_logits, teacher_logits, labels, temperature: float, alpha: f
     vocab = logits.shape[-1]
     loss = logits.new_zeros((), dtype=torch.float32)
     if alpha < 1:
-        ce = F.cross_entropy(logits.reshape(-1, vocab).float(), target.reshape(-1), ignore_index=-100, reduction="sum")
+        ce = F.cross_entropy(
+            logits.reshape(-1, vocab).float(), target.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         loss = loss + (1 - alpha) * ce / denom
     if alpha > 0:
         if teacher_logits is None:
@@ -127,12 +131,15 @@ def _logit_trainer_class():
                 with torch.no_grad():
                     device = self.teacher.device
                     teacher_logits = self.teacher(
-                        input_ids=inputs["input_ids"].to(device), attention_mask=None if mask is None else mask.to(device)
+                        input_ids=inputs["input_ids"].to(device),
+                        attention_mask=None if mask is None else mask.to(device),
                     ).logits.to(student_logits.device)
-                # Same tokenizer but vocab_size padded differently (e.g. Qwen2.5 7B vs 0.5B): compare the shared ids.
+                # Same tokenizer, vocab_size padded differently (Qwen2.5 7B vs 0.5B): compare the shared ids.
                 vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
                 student_logits, teacher_logits = student_logits[..., :vocab], teacher_logits[..., :vocab]
-            loss = kd_loss(student_logits, teacher_logits, inputs["labels"], self.temperature, self.alpha, num_items_in_batch)
+            loss = kd_loss(
+                student_logits, teacher_logits, inputs["labels"], self.temperature, self.alpha, num_items_in_batch
+            )
             return (loss, outputs) if return_outputs else loss
 
     return LogitDistillTrainer
@@ -159,11 +166,14 @@ def _tokenizer(model_dir: Path):
         return None
 
 
-def check_vocabularies(teacher_dir: Path, student_dir: Path, method: str):
+def check_vocabularies(teacher_dir: Path | None, student_dir: Path, method: str):
     """The student's tokenizer (pad token set) when it is the teacher's; else InvalidInput naming both sizes.
 
-    Reads tokenizer files and config.json only, never weights.
+    Reads tokenizer files and config.json only, never weights. Without a teacher (alpha 0) it
+    only loads the student's tokenizer.
     """
+    if teacher_dir is None:
+        teacher_dir = student_dir
     t_tok, s_tok = _tokenizer(teacher_dir), _tokenizer(student_dir)
     t_cfg, s_cfg = _config(teacher_dir), _config(student_dir)
     fix = "Teacher and student must share a tokenizer: pick a student of the teacher's family or retokenize."
@@ -215,11 +225,14 @@ def sequence_length(spec: DistillSpec, *model_dirs: Path) -> int:
     return min([spec.max_seq_length, *[n for n in limits if n]])
 
 
-def check_memory(ctx: Context, spec: DistillSpec, teacher_dir: Path, student_dir: Path, precision: str, seq: int) -> None:
-    """Teacher inference + student training vs ctx.run.resources (InsufficientResources when it cannot fit)."""
-    teacher = preflight.inference_bytes(preflight.Shape.of(teacher_dir), precision)
-    student = preflight.training_bytes(preflight.Shape.of(student_dir), spec.batch_size, seq, spec.gradient_checkpointing)
-    if spec.method == "logits" and spec.alpha == 0:
+def check_memory(
+    ctx: Context, spec: DistillSpec, teacher_dir: Path | None, student_dir: Path, precision: str, seq: int
+) -> None:
+    """Teacher inference + student training vs ctx.run.resources (InsufficientResources if it cannot fit)."""
+    student_shape = preflight.Shape.of(student_dir)
+    student = preflight.training_bytes(student_shape, spec.batch_size, seq, spec.gradient_checkpointing)
+    teacher = preflight.inference_bytes(preflight.Shape.of(teacher_dir), precision) if teacher_dir else 0.0
+    if teacher_dir is None:
         parts = {"student training": student}
     elif spec.method == "synthetic":  # the teacher is freed before the student trains
         parts = {"teacher generation" if teacher > student else "student training": max(teacher, student)}
@@ -244,7 +257,8 @@ def load_teacher(model_dir: Path, precision: str):
 def load_student(model_dir: Path, spec: DistillSpec):
     torch = require("torch", "distillation")
     transformers = require("transformers", "distillation")
-    student = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # fp32 master weights
+    # fp32 master weights; bf16/fp16 are autocast by the Trainer
+    student = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if spec.gradient_checkpointing:
         student.config.use_cache = False
     return student
@@ -282,7 +296,8 @@ class Checkpoints:
 
     def steps(self) -> list[int]:
         """Every step folder, newest first, committed or not."""
-        return sorted((int(m.group(1)) for n in list_dirs(self.store, self.uri) if (m := STEP_DIR.fullmatch(n))), reverse=True)
+        found = (m.group(1) for n in list_dirs(self.store, self.uri) if (m := STEP_DIR.fullmatch(n)))
+        return sorted(map(int, found), reverse=True)
 
     def committed(self) -> list[int]:
         """Steps whose manifest exists and belongs to this stage version, newest first."""
@@ -306,7 +321,7 @@ class Checkpoints:
         return None
 
     def stage(self, folder: Path, step: int) -> None:
-        """Upload a checkpoint folder in the background (one at a time; an upload error surfaces here or in wait())."""
+        """Upload a checkpoint folder in the background, one at a time; an upload error surfaces here or in wait()."""
         self.wait()
         self._pending = self._pool.submit(self._publish, folder, step)
 
@@ -423,29 +438,60 @@ class Windows:
 
 
 # ---------------------------------------------------------------------------------------------
-# The three methods: each returns (trainer, tokens per optimizer step or None to let Trainer count)
+# The three methods
 # ---------------------------------------------------------------------------------------------
 
 
-def logits_trainer(spec, student, teacher, tokenizer, train: list[str], seq: int, out_dir: Path, precision: str):
+@dataclass(frozen=True)
+class Inputs:
+    """What step 1 fetched and checked."""
+
+    spec: DistillSpec
+    student_dir: Path
+    teacher_dir: Path | None  # None: logits with alpha 0, the teacher is unused
+    tokenizer: Any
+    split: data.Split
+    seq: int
+    precision: str
+    trainer_dir: Path  # the Trainer's scratch output_dir (its checkpoint-<N> folders)
+
+
+@dataclass(frozen=True)
+class Built:
+    trainer: Any
+    what: str  # for the log line
+    tokens_per_step: int | None  # None: the Trainer counts non-padding tokens
+    info: dict[str, float]
+
+
+def logits_trainer(ctx: Context, job: Inputs, student) -> Built:
     torch = require("torch", "distillation")
     transformers = require("transformers", "distillation")
-    rows = data.windows(data.token_stream(tokenizer, train), seq)
+    spec = job.spec
+    rows = data.windows(data.token_stream(job.tokenizer, data.texts(job.split.train, ctx.run.dataset)), job.seq)
     if not rows:
-        raise InvalidInput(f"dataset: the training split holds fewer than maxSeqLength={seq} tokens; lower maxSeqLength")
-    args = training_args(transformers.TrainingArguments, spec, out_dir, precision)
+        raise InvalidInput(
+            f"dataset: the training split holds fewer than maxSeqLength={job.seq} tokens; lower maxSeqLength"
+        )
+    teacher = load_teacher(job.teacher_dir, job.precision) if job.teacher_dir else None
+    args = training_args(transformers.TrainingArguments, spec, job.trainer_dir, job.precision)
     trainer = _logit_trainer_class()(
         model=student,
         args=args,
         train_dataset=Windows(torch.tensor(rows, dtype=torch.long)),
         data_collator=transformers.default_data_collator,
-        processing_class=tokenizer,
+        processing_class=job.tokenizer,
         teacher=teacher,
         temperature=spec.temperature,
         alpha=spec.alpha,
     )
-    per_step = spec.batch_size * spec.gradient_accumulation_steps * args.world_size * seq
-    return trainer, per_step, {"train_windows": float(len(rows))}
+    skipped = ", teacher skipped" if teacher is None else ""
+    return Built(
+        trainer,
+        f"logit KD (T={spec.temperature:g}, alpha={spec.alpha:g}{skipped})",
+        spec.batch_size * spec.gradient_accumulation_steps * args.world_size * job.seq,
+        {"train_windows": float(len(rows))},
+    )
 
 
 def generate(teacher, tokenizer, prompts: list[str], spec: DistillSpec, seq: int, progress) -> list[str]:
@@ -459,39 +505,45 @@ def generate(teacher, tokenizer, prompts: list[str], spec: DistillSpec, seq: int
     )
     max_prompt = max(seq // 2, seq - spec.max_new_tokens)
     out: list[str] = []
-    for i in range(0, len(prompts), spec.batch_size):
-        batch = tokenizer(
-            prompts[i : i + spec.batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_prompt
-        ).to(teacher.device)
-        with torch.inference_mode():
-            seqs = teacher.generate(
-                **batch, max_new_tokens=spec.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
-            )
-        out += tokenizer.batch_decode(seqs[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        progress.update(len(out), len(prompts), phase="prompts")
-    tokenizer.padding_side, tokenizer.truncation_side = "right", "right"
+    try:
+        for i in range(0, len(prompts), spec.batch_size):
+            batch = tokenizer(
+                prompts[i : i + spec.batch_size],
+                return_tensors="pt", padding=True, truncation=True, max_length=max_prompt,
+            ).to(teacher.device)
+            with torch.inference_mode():
+                seqs = teacher.generate(
+                    **batch, max_new_tokens=spec.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling
+                )
+            out += tokenizer.batch_decode(seqs[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            progress.update(len(out), len(prompts), phase="prompts")
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = "right", "right"
     return out
 
 
-def synthetic_records(ctx: Context, spec, teacher_dir: Path, tokenizer, split, seq: int, precision: str, world: int) -> list[dict]:
-    """prompt/completion records, from the store when an earlier attempt generated them."""
+def synthetic_records(ctx: Context, job: Inputs) -> list[dict]:
+    """prompt/completion records generated by the teacher, or fetched where an earlier attempt staged them."""
     torch = require("torch", "distillation")
+    spec, run = job.spec, ctx.run
     uri = join(ctx.checkpoint_uri(), SYNTHETIC)
     folder = ctx.work_dir / SYNTHETIC
     manifest = ctx.store.read_manifest(uri)
-    if manifest is not None and manifest.input_digest == ctx.run.input_digest:
-        ctx.store.fetch(uri, folder, expect_input_digest=ctx.run.input_digest)
+    if manifest is not None and manifest.input_digest == run.input_digest:
+        ctx.store.fetch(uri, folder, expect_input_digest=run.input_digest)
         records = data.load_records(folder / "records.jsonl")
         log.info("Reusing %d teacher completions staged at %s", len(records), uri)
         return records
-    records_in = split.train
+    sources = job.split.train
     if spec.max_steps:  # generate what the steps consume, not the whole split
-        records_in = records_in[: spec.max_steps * spec.batch_size * spec.gradient_accumulation_steps * world]
-    # Trailing blanks would merge with the completion's first token and split prompt from completion badly.
-    prompts = [p.rstrip() for p in data.prompts(records_in, ctx.run.dataset, tokenizer)]
-    teacher = load_teacher(teacher_dir, precision)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        sources = sources[: spec.max_steps * spec.batch_size * spec.gradient_accumulation_steps * world]
+    # A trailing blank would merge with the completion's first token and blur the prompt/completion boundary.
+    prompts = [p.rstrip() for p in data.prompts(sources, run.dataset, job.tokenizer)]
+    log.info("Teacher generating up to %d tokens for each of %d prompts", spec.max_new_tokens, len(prompts))
+    teacher = load_teacher(job.teacher_dir, job.precision)
     require("transformers", "distillation").set_seed(spec.seed)
-    completions = generate(teacher, tokenizer, prompts, spec, seq, ctx.progress)
+    completions = generate(teacher, job.tokenizer, prompts, spec, job.seq, ctx.progress)
     del teacher
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -499,31 +551,36 @@ def synthetic_records(ctx: Context, spec, teacher_dir: Path, tokenizer, split, s
     if not records:
         raise InvalidInput("synthetic: the teacher generated only empty completions; raise maxNewTokens or check the teacher")
     folder.mkdir(parents=True, exist_ok=True)
-    data_file = folder / "records.jsonl"
-    data_file.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    run = ctx.run
-    ctx.store.publish(folder, uri, stage=run.stage, stage_kind=run.stage_kind, input_digest=run.input_digest, format="dataset")
+    (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    ctx.store.publish(
+        folder, uri, stage=run.stage, stage_kind=run.stage_kind, input_digest=run.input_digest, format="dataset"
+    )
     return records
 
 
-def synthetic_trainer(ctx, spec, student, teacher_dir, tokenizer, split, seq, out_dir, precision):
+def synthetic_trainer(ctx: Context, job: Inputs, student) -> Built:
     datasets = require("datasets", "synthetic distillation")
     trl = require("trl", "synthetic distillation")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    records = synthetic_records(ctx, spec, teacher_dir, tokenizer, split, seq, precision, world)
+    records = synthetic_records(ctx, job)
     args = training_args(
-        trl.SFTConfig, spec, out_dir, precision,
-        max_length=seq, completion_only_loss=True, packing=False,
-        include_num_input_tokens_seen="non_padding",
+        trl.SFTConfig, job.spec, job.trainer_dir, job.precision,
+        max_length=job.seq, completion_only_loss=True, packing=False, include_num_input_tokens_seen="non_padding",
     )
     trainer = trl.SFTTrainer(
-        model=student, args=args, train_dataset=datasets.Dataset.from_list(records), processing_class=tokenizer
+        model=student, args=args, train_dataset=datasets.Dataset.from_list(records), processing_class=job.tokenizer
     )
-    return trainer, None, {"synthetic_samples": float(len(records))}
+    return Built(
+        trainer, f"SFT on {len(records)} teacher completions (trl.SFTTrainer)", None,
+        {"synthetic_samples": float(len(records))},
+    )
 
 
 def gkd_records(records: list[dict], ref, tokenizer, seq: int) -> list[dict]:
-    """Pre-tokenized {input_ids, completion_mask}: the prompt, then the rest of the text (the off-policy target)."""
+    """Pre-tokenized {prompt, input_ids, completion_mask}: the prompt, then the rest of the text.
+
+    The rest of the text is what the off-policy batches (a fraction 1 - lmbda) train on. TRL's
+    collator reads "prompt" only when completion_mask is absent, but it must be present.
+    """
     eos = tokenizer.eos_token_id
     out = []
     for r in records:
@@ -539,36 +596,41 @@ def gkd_records(records: list[dict], ref, tokenizer, seq: int) -> list[dict]:
         if eos is not None and len(p_ids) + len(c_ids) < seq:
             c_ids = c_ids + [eos]
         c_ids = c_ids[: seq - len(p_ids)]
-        # "prompt" is only read by the collator when completion_mask is absent, but it must be there.
-        out.append(
-            {"prompt": tokenizer.decode(p_ids), "input_ids": p_ids + c_ids, "completion_mask": [0] * len(p_ids) + [1] * len(c_ids)}
-        )
+        mask = [0] * len(p_ids) + [1] * len(c_ids)
+        out.append({"prompt": tokenizer.decode(p_ids), "input_ids": p_ids + c_ids, "completion_mask": mask})
     return out
 
 
-def gkd_trainer(ctx, spec, student, teacher, tokenizer, split, seq, out_dir, precision):
+def gkd_trainer(ctx: Context, job: Inputs, student) -> Built:
     datasets = require("datasets", "gkd distillation")
-    with warnings.catch_warnings():  # TRLExperimentalWarning: the choice is deliberate, see the module docstring
+    with warnings.catch_warnings():  # TRLExperimentalWarning: a deliberate choice, see the module docstring
         warnings.simplefilter("ignore")
         gkd = require("trl.experimental.gkd", "gkd distillation")
-    records = gkd_records(split.train, ctx.run.dataset, tokenizer, seq)
+    spec = job.spec
+    records = gkd_records(job.split.train, ctx.run.dataset, job.tokenizer, job.seq)
     greedy = spec.generation_temperature == 0
     args = training_args(
-        gkd.GKDConfig, spec, out_dir, precision,
-        max_length=seq, lmbda=spec.lmbda, beta=spec.beta, max_new_tokens=spec.max_new_tokens,
+        gkd.GKDConfig, spec, job.trainer_dir, job.precision,
+        max_length=job.seq, lmbda=spec.lmbda, beta=spec.beta, max_new_tokens=spec.max_new_tokens,
         temperature=1.0 if greedy else spec.generation_temperature, seq_kd=False,
         include_num_input_tokens_seen="non_padding",
     )
     trainer = gkd.GKDTrainer(
-        model=student, teacher_model=teacher, args=args,
-        train_dataset=datasets.Dataset.from_list(records), processing_class=tokenizer,
+        model=student, teacher_model=load_teacher(job.teacher_dir, job.precision), args=args,
+        train_dataset=datasets.Dataset.from_list(records), processing_class=job.tokenizer,
     )
-    if greedy:
+    if greedy:  # GKDConfig always samples; generationTemperature 0 means greedy on-policy completions
         for key in ("temperature", "top_k", "top_p"):
             trainer.generation_kwargs.pop(key, None)
         trainer.generation_kwargs["do_sample"] = False
         trainer.generation_config.do_sample = False
-    return trainer, None, {"gkd_records": float(len(records))}
+    return Built(
+        trainer, f"GKD (lmbda={spec.lmbda:g}, beta={spec.beta:g}, trl.experimental.gkd.GKDTrainer)", None,
+        {"gkd_records": float(len(records))},
+    )
+
+
+METHODS = {"logits": logits_trainer, "synthetic": synthetic_trainer, "gkd": gkd_trainer}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,51 +638,50 @@ def gkd_trainer(ctx, spec, student, teacher, tokenizer, split, seq, out_dir, pre
 # ---------------------------------------------------------------------------------------------
 
 
+def fetch_inputs(ctx: Context) -> Inputs:
+    """Models and data, with the tokenizers compared and the memory estimated before any weight is loaded.
+
+    Logits with alpha 0 (the CE-only baseline) never uses the teacher, so it is not even fetched.
+    """
+    spec: DistillSpec = ctx.config
+    student_dir = ctx.model_dir("student")
+    teacher_dir = None if spec.method == "logits" and spec.alpha == 0 else ctx.model_dir("teacher")
+    tokenizer = check_vocabularies(teacher_dir, student_dir, spec.method)
+    precision = resolve_precision(spec.precision)
+    seq = sequence_length(spec, *[d for d in (teacher_dir, student_dir) if d is not None])
+    check_memory(ctx, spec, teacher_dir, student_dir, precision, seq)
+    split = data.load(ctx.dataset_path(), ctx.run.dataset)
+    return Inputs(spec, student_dir, teacher_dir, tokenizer, split, seq, precision, ctx.work_dir / "trainer")
+
+
 def run(ctx: Context) -> Summary:
     spec: DistillSpec = ctx.config
-    torch = require("torch", "distillation")
     transformers = require("transformers", "distillation")
     transformers.utils.logging.disable_progress_bar()  # no tqdm bars per weight load/save: progress lines say it
     if spec.method != "logits":
         require("datasets", f"{spec.method} distillation").disable_progress_bars()
 
-    # 1. Fetch inputs: tokenizers and memory are checked before any weight is loaded.
-    teacher_dir, student_dir = ctx.model_dir("teacher"), ctx.model_dir("student")
-    tokenizer = check_vocabularies(teacher_dir, student_dir, spec.method)
-    precision = resolve_precision(spec.precision)
-    seq = sequence_length(spec, teacher_dir, student_dir)
-    check_memory(ctx, spec, teacher_dir, student_dir, precision, seq)
-    split = data.load(ctx.dataset_path(), ctx.run.dataset)
+    # 1. Fetch inputs.
+    job = fetch_inputs(ctx)
     log.info(
         "Fetched teacher %s and student %s (shared vocabulary of %d tokens), %d training records; precision %s",
-        teacher_dir.name, student_dir.name, len(tokenizer), len(split.train), precision,
+        job.teacher_dir.name if job.teacher_dir else "(unused: alpha 0)", job.student_dir.name,
+        len(job.tokenizer), len(job.split.train), job.precision,
     )
 
     # 2. Transform: train the student, resuming from the newest staged checkpoint.
     checkpoints = Checkpoints(ctx)
     resume = checkpoints.latest(ctx.work_dir / "resume")
     transformers.set_seed(spec.seed)
-    student = load_student(student_dir, spec)
-    out_dir = ctx.work_dir / "trainer"
-    if spec.method == "logits":
-        teacher = load_teacher(teacher_dir, precision) if spec.alpha > 0 else None
-        train_texts = data.texts(split.train, ctx.run.dataset)
-        trainer, tokens_per_step, info = logits_trainer(spec, student, teacher, tokenizer, train_texts, seq, out_dir, precision)
-        what = f"logit KD (T={spec.temperature:g}, alpha={spec.alpha:g}{', teacher skipped' if teacher is None else ''})"
-    elif spec.method == "synthetic":
-        trainer, tokens_per_step, info = synthetic_trainer(ctx, spec, student, teacher_dir, tokenizer, split, seq, out_dir, precision)
-        what = f"SFT on {int(info['synthetic_samples'])} teacher completions (trl.SFTTrainer)"
-    else:
-        teacher = load_teacher(teacher_dir, precision)
-        trainer, tokens_per_step, info = gkd_trainer(ctx, spec, student, teacher, tokenizer, split, seq, out_dir, precision)
-        what = f"GKD (lmbda={spec.lmbda:g}, beta={spec.beta:g}, trl.experimental.gkd.GKDTrainer)"
-    trainer.remove_callback(transformers.PrinterCallback)  # its dict-per-log prints replace tqdm; we print progress lines
+    built = METHODS[spec.method](ctx, job, load_student(job.student_dir, spec))
+    trainer = built.trainer
+    trainer.remove_callback(transformers.PrinterCallback)  # it prints a dict per log; we print progress lines
     callback = _callback(ctx, checkpoints)
     trainer.add_callback(callback)
     log.info(
         "Distilling with %s: %s steps of %d x %d tokens%s",
-        what, spec.max_steps or f"{spec.epochs:g} epochs of", spec.batch_size * spec.gradient_accumulation_steps, seq,
-        f", resuming from step {resume.step} ({resume.uri})" if resume else "",
+        built.what, spec.max_steps or f"{spec.epochs:g} epochs of", spec.batch_size * spec.gradient_accumulation_steps,
+        job.seq, f", resuming from step {resume.step} ({resume.uri})" if resume else "",
     )
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
@@ -628,31 +689,37 @@ def run(ctx: Context) -> Summary:
     checkpoints.wait()
 
     # 3. Publish the student; the staged checkpoints are no longer needed.
-    state = trainer.state
-    losses = [h["loss"] for h in state.log_history if "loss" in h]
-    session_steps = state.global_step - callback.start_step
-    tokens = session_steps * tokens_per_step if tokens_per_step else state.num_input_tokens_seen - callback.start_tokens
-    metrics = {
-        "initial_loss": float(losses[0]) if losses else math.nan,
-        "train_loss": float(sum(losses) / len(losses)) if losses else math.nan,
-        "final_loss": float(losses[-1]) if losses else math.nan,
-        "steps": float(state.global_step),
-        "tokens_per_second": round(tokens / train_seconds, 2) if train_seconds > 0 else 0.0,
-        "train_seconds": round(train_seconds, 3),
-        **info,
-    }
+    metrics = training_metrics(trainer.state, callback, built, train_seconds)
     if resume:
         metrics["resumed_from_step"] = float(resume.step)
     if not trainer.is_world_process_zero():
         return Summary(state="Succeeded", reason="Succeeded", message="worker process done", metrics=metrics)
     out = ctx.output_dir()
     trainer.save_model(str(out))
-    tokenizer.save_pretrained(out)
+    job.tokenizer.save_pretrained(out)
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle of local paths; consumers need none of it
     log.info(
-        "Publishing the student: %d steps, loss %.4f -> %.4f, %.0f tokens/s",
-        state.global_step, metrics["initial_loss"], metrics["final_loss"], metrics["tokens_per_second"],
+        "Publishing the student: %d steps, loss %.4f -> %.4f, %.0f tokens/s", metrics["steps"],
+        metrics.get("initial_loss", math.nan), metrics.get("final_loss", math.nan), metrics["tokens_per_second"],
     )
     summary = ctx.publish(metrics=metrics)
     checkpoints.clear()
     return summary
+
+
+def training_metrics(state, callback, built: Built, train_seconds: float) -> dict[str, float]:
+    """Losses over the whole run (the history survives a resume); throughput of this attempt."""
+    losses = [float(h["loss"]) for h in state.log_history if "loss" in h]
+    if built.tokens_per_step:
+        tokens = (state.global_step - callback.start_step) * built.tokens_per_step
+    else:
+        tokens = state.num_input_tokens_seen - callback.start_tokens
+    metrics = {
+        "steps": float(state.global_step),
+        "tokens_per_second": round(tokens / train_seconds, 2) if train_seconds > 0 else 0.0,
+        "train_seconds": round(train_seconds, 3),
+        **built.info,
+    }
+    if losses:
+        metrics |= {"initial_loss": losses[0], "train_loss": sum(losses) / len(losses), "final_loss": losses[-1]}
+    return metrics

@@ -35,6 +35,23 @@ TOKENS_PER_BATCH = 4096  # perplexity batch: windows per forward = TOKENS_PER_BA
 WARMUP_TOKENS = 4
 
 
+class Once(logging.Filter):
+    """Let each distinct message through once (bitsandbytes warns on every int8 matmul)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in self.seen:
+            return False
+        self.seen.add(record.msg)
+        return True
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(Once())
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str

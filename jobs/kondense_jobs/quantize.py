@@ -232,9 +232,10 @@ def gptq(ctx: Context, model_dir: Path, out: Path) -> dict[str, float]:
     spec: QuantizeSpec = ctx.config
     bits = spec.bits or GPTQ_DEFAULT_BITS
     group_size = spec.group_size if spec.group_size is not None else GPTQ_DEFAULT_GROUP_SIZE
-    # Quiet llm-compressor's per-module INFO lines unless asked for (its env variable wins).
+    # llm-compressor logs two lines per module (INFO and its METRIC level, 38): keep them for
+    # KONDENSE_LOG_LEVEL=DEBUG only (its own LLM_COMPRESSOR_LOG_LEVEL wins when set).
     verbose = os.environ.get("KONDENSE_LOG_LEVEL") == "DEBUG"
-    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "INFO" if verbose else "ERROR")
     require("llmcompressor", "method gptq")
     datasets = require("datasets", "method gptq")
     from llmcompressor import oneshot

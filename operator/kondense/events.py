@@ -93,6 +93,10 @@ def parse_summary(text: str) -> Summary | None:
 
 
 def describe(progress: dict[str, Any]) -> str:
-    """'120/500 steps' for status.progress."""
+    """'120/500 steps, ETA 1:05' for status.progress and the progress bars."""
     phase = progress.get("phase") or "steps"
-    return f"{progress.get('step', 0)}/{progress.get('total', '?')} {phase}"
+    text = f"{progress.get('step', 0)}/{progress.get('total', '?')} {phase}"
+    eta = progress.get("etaSeconds")
+    if eta is not None and progress.get("step") != progress.get("total"):
+        text += f", ETA {int(eta) // 60}:{int(eta) % 60:02d}"
+    return text

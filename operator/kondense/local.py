@@ -50,13 +50,21 @@ class Display:
             lines = [self._line(s) for s in stages]
             self.out.write("\x1b[F\x1b[2K" * self._drawn + "\n".join(lines) + "\n")
             self._drawn = len(lines)
-        else:
+        else:  # a log or CI: a line per state change and per 10% of progress
             for s in stages:
-                line = self._line(s)
-                if self._last_plain.get(s.name) != line and s.state != "Pending":
-                    self._last_plain[s.name] = line
-                    self.out.write(line + "\n")
+                key = f"{s.state} {self._decile(s.progress)}"
+                if self._last_plain.get(s.name) != key and s.state != "Pending":
+                    self._last_plain[s.name] = key
+                    self.out.write(self._line(s) + "\n")
         self.out.flush()
+
+    @staticmethod
+    def _decile(progress: str | None) -> int:
+        try:
+            step, total = (int(x) for x in (progress or "").split()[0].split("/"))
+            return 10 * step // max(total, 1)
+        except (ValueError, IndexError):
+            return -1
 
     @staticmethod
     def _line(s: StageStatus) -> str:

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kondense.api import DistillSpec, InputRef, Resources
+from kondense.api import DistillSpec, Resources
 from kondense.events import parse_line
 from kondense.store import FileStore
 from kondense_jobs.distill import Checkpoints, kd_loss
@@ -201,12 +201,8 @@ def test_logits(tmp_path, make_run, run_stage, tiny_teacher, tiny_student, tiny_
 
 @pytest.mark.slow
 def test_logits_alpha_zero_skips_the_teacher(tmp_path, make_run, run_stage, tiny_student, tiny_dataset):
-    # A teacher folder with a tokenizer and config but no weights: loading it would fail.
-    teacher = tmp_path / "no-weights"
-    teacher.mkdir()
-    for f in tiny_student.iterdir():
-        if not f.name.endswith(".safetensors"):
-            (teacher / f.name).write_bytes(f.read_bytes())
+    # The CE-only baseline neither fetches, loads nor runs the teacher: a missing one does not matter.
+    teacher = tmp_path / "no-such-teacher"
     spec = DistillSpec(method="logits", max_steps=6, alpha=0.0, **FAST)
     _, path = make_run(tmp_path, "distill", spec, {"teacher": teacher, "student": tiny_student}, tiny_dataset)
     code, summary, output = run_stage("distill", path, tmp_path)
@@ -234,10 +230,10 @@ def test_gkd(tmp_path, make_run, run_stage, tiny_teacher, tiny_student, tiny_dat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
-def test_student_of_another_family(family, request, tmp_path, make_run, run_stage, tiny_teacher, tiny_dataset):
-    student = request.getfixturevalue(f"tiny_student_{family}")
-    assert json.loads((student / "config.json").read_text())["model_type"] == family
+def test_student_of_another_family(tmp_path, make_run, run_stage, tiny_teacher, tiny_student_gpt2, tiny_dataset):
+    # Llama teacher, GPT-2 student (LayerNorm, learned positions, Conv1D): only the tokenizer is shared.
+    student = tiny_student_gpt2
+    assert json.loads((student / "config.json").read_text())["model_type"] == "gpt2"
     spec = DistillSpec(method="logits", max_steps=8, **FAST)
     _, path = make_run(tmp_path, "distill", spec, {"teacher": tiny_teacher, "student": student}, tiny_dataset)
     code, summary, output = run_stage("distill", path, tmp_path)
@@ -279,7 +275,7 @@ def test_preflight_refuses_what_cannot_fit(tmp_path, make_run, run_stage, tiny_t
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_newest_checkpoint(tmp_path, make_run, run_stage, tiny_teacher, tiny_student, tiny_dataset):
-    steps, every = 60, 4
+    steps, every = 24, 3
     spec = DistillSpec(method="logits", max_steps=steps, **{**FAST, "checkpoint_every": every})
     run, path = make_run(tmp_path, "distill", spec, {"teacher": tiny_teacher, "student": tiny_student}, tiny_dataset)
     checkpoints = FileStore.path(run.output + ".checkpoints")
