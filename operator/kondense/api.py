@@ -191,6 +191,7 @@ class QuantizeSpec(Model):
                 cel("!has(self.type) || self.method == 'gguf'", "type is only for method gguf", ".type"),
                 cel("!has(self.bits) || self.method == 'gptq'", "bits is only for method gptq", ".bits"),
                 cel("!has(self.groupSize) || self.method == 'gptq'", "groupSize is only for method gptq", ".groupSize"),
+                cel("!has(self.groupSize) || self.groupSize != 0", "groupSize must be -1 (per channel) or positive", ".groupSize"),
                 cel(
                     "!has(self.doubleQuant) || self.method == 'bnb-nf4'",
                     "doubleQuant is only for method bnb-nf4",
@@ -224,6 +225,8 @@ class QuantizeSpec(Model):
         for name, method in self.METHOD_FIELDS.items():
             if getattr(self, name) is not None and self.method != method:
                 raise ValueError(f"{to_camel(name)} is only for method {method}")
+        if self.group_size == 0:
+            raise ValueError("groupSize must be -1 (per channel) or positive")
         return self
 
 
