@@ -196,6 +196,8 @@ class LocalRunner:
             s.artifact, s.metrics = summary.artifact, summary.metrics
             if summary.report:
                 self.report = summary.report
+            if proc.plan.kind == "evaluate":
+                self.gate = (True, "all quality gates passed")
             return False
         outcome = outcome_for_exit(code)
         retry = outcome.retryable and s.attempts <= proc.plan.resources.backoff_limit and code != 130

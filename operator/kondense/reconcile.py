@@ -219,7 +219,7 @@ def reconcile(
             if summary.reason == Reason.QUALITY_GATE_FAILED:
                 gate = (False, summary.message)
             elif st.state == "Succeeded":
-                gate = (True, summary.message or "all quality gates passed")
+                gate = (True, "all quality gates passed")
     status = summarize(stages, previous, generation, now, report, gate)
     return Outcome(status, _changed(previous, status), created, deleted, evs)
 
