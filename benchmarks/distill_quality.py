@@ -7,7 +7,7 @@ soft targets) differs. The held-out perplexity of each is measured on the eval s
 stream joined with EOS, non-overlapping windows), as the evaluate stage does. The demo's
 inputs (teacher pretrained on the other 7/8 of the corpus) come from `kondense.demo.build_inputs`.
 
-    python benchmarks/distill_quality.py [--steps 300] [--alpha 0.9] [--temperature 1.0]
+    python benchmarks/distill_quality.py [--steps 300] [--alpha 0.5] [--temperature 2]
 """
 
 from __future__ import annotations
@@ -70,8 +70,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--inputs", help="demo inputs folder with teacher/, student/, dataset.jsonl (default: the demo's, built once)")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--alpha", type=float, default=0.9)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)

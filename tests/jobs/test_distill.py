@@ -18,10 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kondense.api import DistillSpec, Resources
+from kondense.api import DatasetRef, DistillSpec, Resources
+from kondense.errors import InvalidInput
 from kondense.events import parse_line
 from kondense.store import FileStore
-from kondense_jobs.distill import Checkpoints, kd_loss
+from kondense_jobs.distill import Checkpoints, check_vocabularies, gkd_records, kd_loss
 
 FAST = dict(learning_rate=3e-3, batch_size=4, max_seq_length=64, checkpoint_every=1000, seed=0)
 
@@ -97,6 +98,43 @@ def test_num_items_in_batch_makes_gradient_accumulation_exact():
     n = int((labels[:, 1:] != -100).sum())
     halves = sum(kd_loss(student[i : i + 2], teacher[i : i + 2], labels[i : i + 2], 2.0, 0.5, num_items_in_batch=n) for i in (0, 2))
     assert halves.item() == pytest.approx(whole.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: vocabularies and GKD records
+# ---------------------------------------------------------------------------------------------
+
+
+def test_padded_vocab_size_is_fine_for_logits_but_not_for_gkd(tmp_path, tiny_student):
+    # The same tokenizer with a larger embedding matrix (as Qwen2.5 7B vs 0.5B): only config.json differs.
+    teacher = tmp_path / "padded"
+    teacher.mkdir()
+    for f in tiny_student.glob("*.json"):
+        (teacher / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((teacher / "config.json").read_text())
+    cfg["vocab_size"] += 64
+    (teacher / "config.json").write_text(json.dumps(cfg))
+    assert len(check_vocabularies(teacher, tiny_student, "logits")) == cfg["vocab_size"] - 64
+    with pytest.raises(InvalidInput, match="vocab_size"):
+        check_vocabularies(teacher, tiny_student, "gkd")
+
+
+def test_gkd_records_split_prompt_and_completion(tiny_student):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    ref = DatasetRef(uri="file:///unused", prompt_tokens=5)
+    text = "Return the number of items in the container, counting each one once. " * 3
+    records = gkd_records([{"text": text}, {"text": text, "prompt": "Return the number"}], ref, tok, seq=16)
+    by_tokens, by_field = records
+    for r in records:
+        assert len(r["input_ids"]) == len(r["completion_mask"]) <= 16
+        assert r["completion_mask"][0] == 0 and r["completion_mask"][-1] == 1
+        assert r["completion_mask"] == sorted(r["completion_mask"])  # prompt first, then completion
+    assert by_tokens["completion_mask"].count(0) == 5
+    assert by_tokens["input_ids"] == tok(text)["input_ids"][:16]
+    assert by_field["prompt"] == "Return the number"
+    assert tok.decode(by_field["input_ids"]).startswith("Return the number of items")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +260,9 @@ def test_synthetic(tmp_path, make_run, run_stage, tiny_teacher, tiny_student, ti
 
 @pytest.mark.slow
 def test_gkd(tmp_path, make_run, run_stage, tiny_teacher, tiny_student, tiny_dataset):
-    spec = DistillSpec(method="gkd", max_steps=10, lmbda=0.5, beta=0.5, max_new_tokens=16, generation_temperature=0.9, **FAST)
+    # lmbda 1: every batch is generated on-policy by the student (GKD's point), so the losses of
+    # the first and last steps are of the same kind and comparable; gkd_records is tested below.
+    spec = DistillSpec(method="gkd", max_steps=10, lmbda=1.0, beta=0.5, max_new_tokens=16, generation_temperature=0.9, **FAST)
     _, path = make_run(tmp_path, "distill", spec, {"teacher": tiny_teacher, "student": tiny_student}, tiny_dataset)
     code, summary, output = run_stage("distill", path, tmp_path)
     assert_trained_and_reloads(tmp_path, code, summary, output, 10)
