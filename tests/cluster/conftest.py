@@ -39,7 +39,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     except ControlPlaneError:
         capture = session.config.pluginmanager.getplugin("capturemanager")
         with capture.global_and_fixture_disabled():
-            print("\nbuilding etcd, kube-apiserver, kube-controller-manager (first run only)", flush=True)
+            print("\ncontrol plane: tests/cluster/build-assets.sh (builds etcd, kube-apiserver, kube-controller-manager on first use)", flush=True)
             try:
                 find_assets()
             except ControlPlaneError as exc:  # the control_plane fixture reports it per test
