@@ -1,0 +1,88 @@
+"""The GPU paths in one short run, for a machine with an NVIDIA GPU (prints figures, exits 1 on failure).
+
+Uses the real stages in-process on models built on the spot (no hub):
+  1. bf16 logit-KD throughput: the distill stage (precision auto -> bf16 on CUDA) vs the same
+     steps in fp32; tokens/s of each and the ratio
+  2. bitsandbytes NF4 and int8 on CUDA: quantize, reload with device_map="auto", generate
+  3. GPTQ W4A16 through llm-compressor on CUDA: quantize, reload, perplexity vs bf16
+Run: python benchmarks/gpu_check.py [--hidden 1024 --layers 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kondense.api import DatasetRef, DistillSpec, EvaluateSpec, InputRef, QuantizeSpec, Resources, StageRun, Storage
+from kondense.events import Progress
+from kondense.store import FileStore
+from kondense_jobs import distill, evaluate, quantize, tiny
+from kondense_jobs.runtime import Context
+
+
+def stage(root: Path, kind: str, config, models: dict[str, Path | InputRef], dataset: Path, name: str) -> dict:
+    refs = {k: v if isinstance(v, InputRef) else InputRef(uri=f"file://{v}") for k, v in models.items()}
+    run = StageRun(
+        pipeline="gpu", namespace="check", stage=name, stage_kind=kind, **{kind: config}, models=refs,
+        dataset=DatasetRef(uri=f"file://{dataset}", eval_split=0.1), output=f"file://{root}/store/{name}",
+        input_digest=f"sha256:{name}", storage=Storage(uri=f"file://{root}/store"), resources=Resources(gpus=1),
+    )
+    fn = {"distill": distill.run, "quantize": quantize.run, "evaluate": evaluate.run}[kind]
+    summary = fn(Context(run, root / "work" / name, root / "cache", Progress(name, min_interval=30)))
+    return {"uri": run.output, "digest": run.input_digest, "metrics": summary.metrics, "report": summary.report}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=40)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check", file=sys.stderr)
+        return 1
+    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, bf16 {torch.cuda.is_bf16_supported()}")
+    root = Path(tempfile.mkdtemp(prefix="kondense-gpu-"))
+    texts = tiny.corpus(max_docs=3000)
+    tok = tiny.train_tokenizer(texts, vocab_size=8192)
+    teacher = tiny.build_model(root / "teacher", tok, "llama", args.layers, args.hidden, 16, seed=1)
+    student = tiny.build_model(root / "student", tok, "llama", args.layers // 2, args.hidden // 2, 8, seed=2)
+    dataset = tiny.write_jsonl(root / "data.jsonl", [{"text": t} for t in texts])
+    figures: dict[str, float] = {}
+
+    for precision in ("fp32", "bf16"):
+        cfg = DistillSpec(method="logits", max_steps=args.steps, batch_size=16, max_seq_length=512, precision=precision,
+                          learning_rate=1e-4, checkpoint_every=10_000)
+        out = stage(root, "distill", cfg, {"teacher": teacher, "student": student}, dataset, f"kd-{precision}")
+        figures[f"kd_{precision}_tokens_per_second"] = out["metrics"]["tokens_per_second"]
+    figures["bf16_over_fp32"] = figures["kd_bf16_tokens_per_second"] / figures["kd_fp32_tokens_per_second"]
+
+    published = FileStore().publish(student, f"file://{root}/store/base", stage="base", stage_kind="distill",
+                                    input_digest="sha256:base")
+    base = InputRef(uri=f"file://{root}/store/base", stage="base", input_digest=published.input_digest)
+    variants: dict[str, InputRef] = {"base": base}
+    for name, cfg in {
+        "nf4": QuantizeSpec(method="bnb-nf4", compute_dtype="bfloat16"),
+        "int8": QuantizeSpec(method="bnb-int8"),
+        "gptq": QuantizeSpec(method="gptq", bits=4, group_size=128, calibration_samples=64),
+    }.items():
+        started = time.perf_counter()
+        out = stage(root, "quantize", cfg, {"model": base}, dataset, name)
+        figures[f"{name}_seconds"] = time.perf_counter() - started
+        variants[name] = InputRef(uri=out["uri"], stage=name, input_digest=out["digest"])
+    report = stage(root, "evaluate", EvaluateSpec(of=list(variants), baseline="base", seq_length=512), variants, dataset, "eval")["report"]
+    for row in report.table:
+        figures[f"{row.variant}_perplexity"] = row.perplexity
+        figures[f"{row.variant}_tokens_per_second"] = row.tokens_per_second
+    print(json.dumps({k: round(v, 3) for k, v in figures.items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
