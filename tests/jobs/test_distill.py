@@ -320,10 +320,12 @@ def test_killed_run_resumes_from_its_newest_checkpoint(tmp_path, make_run, run_s
     run, path = make_run(tmp_path, "distill", spec, {"teacher": tiny_teacher, "student": tiny_student}, tiny_dataset)
     checkpoints = FileStore.path(run.output + ".checkpoints")
     log = tmp_path / "first.log"
+    work = tmp_path / "work"
+    work.mkdir()
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "kondense_jobs", "distill", "--spec", str(path), "--termination-log", str(tmp_path / "t1"),
-             "--cache-dir", str(tmp_path / "cache")],
+             "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(work)],  # a killed run leaves its scratch
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
         )
         try:
