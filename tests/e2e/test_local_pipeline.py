@@ -48,11 +48,8 @@ def test_demo_runs_every_stage_and_prints_the_table(demo_run):
     report_dir = FileStore.path(status["report"]["uri"])
     assert {"report.json", "report.md", "plot.png", "manifest.json"} <= {p.name for p in report_dir.iterdir()}
     rows = {row["variant"]: row for row in status["report"]["table"]}
-    # Both trainings take the random student most of the way to the teacher. (On these tiny demo
-    # models logit KD lands within a few percent of CE-only: see the distill_quality benchmark.)
-    for trained in ("distill", "ce-only"):
-        assert rows[trained]["perplexity"] < rows["student"]["perplexity"] / 4
-    assert rows["teacher"]["perplexity"] < rows["ce-only"]["perplexity"]
+    # The distilled student beats the same training without the teacher, and both beat the random init.
+    assert rows["distill"]["perplexity"] < 0.9 * rows["ce-only"]["perplexity"] < rows["student"]["perplexity"]
     for variant in ("nf4", "gptq", "gguf"):  # the gate held: within 5% of the distilled student
         assert rows[variant]["perplexity"] <= rows["distill"]["perplexity"] * 1.05
     print(f"demo: {elapsed:.0f}s; perplexity distill {rows['distill']['perplexity']:.1f}, "
