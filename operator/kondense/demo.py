@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
 from kondense.api import CompressionPipeline
-from kondense.events import Progress
 from kondense.store import join, open_store
 from kondense.validation import parse
 
@@ -42,6 +42,9 @@ def build_inputs(folder: Path, out=print) -> Path:
         from kondense_jobs import tiny
     except ImportError as e:
         raise SystemExit(f"kondense demo needs the stage libraries ({e}). To resolve: pip install -e '.[jobs]'") from None
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     out("Building the demo inputs (once): tokenizer, teacher, student, dataset")
@@ -53,11 +56,25 @@ def build_inputs(folder: Path, out=print) -> Path:
     layers, hidden, heads = RECIPE["teacher"]
     teacher = tiny.build_model(folder / "teacher", tokenizer, "llama", layers, hidden, heads, seed=1)
     out(f"Pretraining the teacher on {cut} paragraphs ({RECIPE['steps']} steps)")
-    tiny.pretrain(teacher, texts[:cut], steps=RECIPE["steps"], seq_len=128, batch=16, lr=3e-3, progress=Progress("teacher", min_interval=5))
+    tiny.pretrain(teacher, texts[:cut], steps=RECIPE["steps"], seq_len=128, batch=16, lr=3e-3, progress=_Printed(out))
     layers, hidden, heads = RECIPE["student"]
     tiny.build_model(folder / "student", tokenizer, "llama", layers, hidden, heads, seed=2)
     marker.write_text(json.dumps(RECIPE))
     return folder
+
+
+class _Printed:
+    """Pretraining progress as a human line per 10% (the stages' JSON lines are for machines)."""
+
+    def __init__(self, out):
+        self.out, self.shown, self.started = out, -1, time.monotonic()
+
+    def update(self, step: int, total: int, phase: str = "steps", **metrics: float) -> None:
+        decile = 10 * step // total
+        if decile != self.shown:
+            self.shown = decile
+            eta = (time.monotonic() - self.started) / max(step, 1) * (total - step)
+            self.out(f"  teacher {step}/{total} {phase}, ETA {int(eta) // 60}:{int(eta) % 60:02d}, loss {metrics.get('loss', float('nan')):.2f}")
 
 
 def stage_inputs(local_inputs: Path, base_uri: str) -> None:
