@@ -196,7 +196,8 @@ def reconcile(
         adopt(job)
         if create(job):
             created.append(plan.name)
-        observed[plan.name] = Observed("Pending", Reason.PENDING, "job created")
+        # What the Job's own watch event will say, so that event changes nothing more in status.
+        observed[plan.name] = observe_job(job, [])
 
     # Report.
     stages, evs = [], []

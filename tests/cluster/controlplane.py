@@ -347,6 +347,10 @@ class ControlPlane:
             self._owns_dir = False
 
     @property
+    def pids(self) -> dict[str, int]:
+        """Process id of each running component, by binary name (for CPU and memory figures)."""
+        return {c.name: c.process.pid for c in self._components}
+
     def log_paths(self) -> dict[str, Path]:
         """Log file of each running component, by binary name."""
         return {c.name: c.log_path for c in self._components}
