@@ -42,6 +42,10 @@ class Reason:
     IMAGE_PULL_FAILED = "ImagePullFailed"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     INTERRUPTED = "Interrupted"
+    # The API server refused a child the operator wanted to create.
+    FORBIDDEN = "Forbidden"
+    QUOTA_EXCEEDED = "QuotaExceeded"
+    API_UNAVAILABLE = "APIUnavailable"
     # Progress reasons
     PENDING = "Pending"
     RUNNING = "Running"
@@ -80,6 +84,9 @@ HINTS = {o.reason: o.hint for o in OUTCOMES} | {
     Reason.DEADLINE_EXCEEDED: "raise resources.activeDeadlineSeconds or lower maxSteps",
     Reason.IMAGE_PULL_FAILED: "check spec.image and the registry's pull secret",
     Reason.BACKOFF_LIMIT_EXCEEDED: "the stage failed on every retry; see the last pod's log",
+    Reason.FORBIDDEN: "grant the operator's ServiceAccount create on batch/jobs in this namespace (chart value rbac)",
+    Reason.QUOTA_EXCEEDED: "a ResourceQuota in this namespace is used up; the stage starts when it frees",
+    Reason.API_UNAVAILABLE: "the Kubernetes API server did not answer; retried automatically",
 }
 
 
@@ -95,6 +102,15 @@ class KondenseError(Exception):
     @property
     def exit_code(self) -> int:
         return BY_REASON[self.reason].exit_code
+
+
+class ApiRejected(KondenseError):
+    """The API server refused a write: `retry_after` seconds can help, None means it never will."""
+
+    def __init__(self, reason: str, message: str, retry_after: float | None) -> None:
+        super().__init__(message)
+        self.reason = reason  # type: ignore[misc]  # per instance: one class for several reasons
+        self.retry_after = retry_after
 
 
 class InvalidSpec(KondenseError):

@@ -6,15 +6,17 @@ reconcile reads its children from memory: no list calls per pipeline.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections import defaultdict
+from dataclasses import dataclass
 
 import kopf
 from kubernetes import client, config
 
 from kondense import api, reconcile
-from kondense.errors import InvalidSpec
+from kondense.errors import ApiRejected, InvalidSpec
 from kondense.kube import Kube
 from kondense.manifests import LABEL_PIPELINE
 from kondense.settings import PREFIX, Settings
@@ -31,12 +33,20 @@ CHILDREN = {LABEL_PIPELINE: kopf.PRESENT}
 # before the watch delivers it back. Reconciles of one pipeline run one at a time.
 _WRITTEN: dict[tuple[str, str], dict] = {}
 _LOCKS: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+# Reconciles that a Job/pod event started and the API server refused for now: retried later on
+# the operator's loop (kopf retries its change handlers itself, but not its event handlers).
+_LOOP: asyncio.AbstractEventLoop | None = None
+_REQUEUED: set[tuple[str, str]] = set()
+MAX_REQUEUE_DELAY = 300.0
 
 
-def configure(settings: Settings, api_client: client.ApiClient | None = None) -> None:
-    """Called once at startup (and by tests with an explicit client)."""
+def configure(settings: Settings, api_client: client.ApiClient | None = None, kube: Kube | None = None) -> None:
+    """Called once at startup (and by tests with an explicit client, or a Kube with short delays)."""
     global SETTINGS, KUBE
     SETTINGS = settings
+    if kube is not None:
+        KUBE = kube
+        return
     if api_client is None:
         try:
             config.load_incluster_config()
@@ -48,7 +58,9 @@ def configure(settings: Settings, api_client: client.ApiClient | None = None) ->
 
 
 @kopf.on.startup()
-def startup(settings: kopf.OperatorSettings, **_) -> None:
+async def startup(settings: kopf.OperatorSettings, **_) -> None:
+    global _LOOP
+    _LOOP = asyncio.get_running_loop()
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -82,8 +94,14 @@ def pipelines(namespace: str, name: str, body: kopf.Body, **_) -> dict:
     return {(namespace, name): dict(body)}
 
 
-def _reconcile(body: kopf.Body | dict, jobs: kopf.Index, pods: kopf.Index) -> InvalidSpec | None:
-    """Reconcile one pipeline; returns the InvalidSpec it reported, if any."""
+@dataclass(frozen=True)
+class Result:
+    invalid: InvalidSpec | None = None  # reported on the pipeline as Failed/InvalidSpec
+    retry_after: float | None = None  # a Job the API server refused for now
+
+
+def _reconcile(body: kopf.Body | dict, jobs: kopf.Index, pods: kopf.Index) -> Result:
+    """Reconcile one pipeline. Raises ApiRejected when its status could not be written."""
     assert KUBE is not None, "configure() was not called"
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
@@ -94,7 +112,7 @@ def _reconcile(body: kopf.Body | dict, jobs: kopf.Index, pods: kopf.Index) -> In
         return _reconcile_locked(current, jobs, pods)
 
 
-def _reconcile_locked(body: dict, jobs: kopf.Index, pods: kopf.Index) -> InvalidSpec | None:
+def _reconcile_locked(body: dict, jobs: kopf.Index, pods: kopf.Index) -> Result:
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     now = now_rfc3339()
@@ -111,9 +129,9 @@ def _reconcile_locked(body: dict, jobs: kopf.Index, pods: kopf.Index) -> Invalid
         )
     except InvalidSpec as e:
         _apply(body, reconcile.invalid(dict(body), e, now))
-        return e
+        return Result(invalid=e)
     _apply(body, outcome)
-    return None
+    return Result(retry_after=outcome.retry_after)
 
 
 def _apply(body, outcome: reconcile.Outcome) -> None:
@@ -130,12 +148,51 @@ def _apply(body, outcome: reconcile.Outcome) -> None:
         _WRITTEN[(meta["namespace"], meta["name"])] = outcome.status.dump()
 
 
+def _requeue(key: tuple[str, str], delay: float, pipelines: kopf.Index, jobs: kopf.Index, pods: kopf.Index) -> None:
+    """Reconcile `key` again in `delay` seconds (once, however often it is asked), backing off."""
+    if _LOOP is None or key in _REQUEUED:
+        return
+    _REQUEUED.add(key)
+    log.info("Reconciling %s/%s again in %.0fs", *key, delay)
+
+    def again() -> None:
+        _REQUEUED.discard(key)
+        try:
+            _reconcile_key(key, pipelines, jobs, pods, min(delay * 2, MAX_REQUEUE_DELAY))
+        except Exception:  # noqa: BLE001 - nothing awaits this future: say it here
+            log.exception("Reconciling %s/%s failed", *key)
+
+    _LOOP.call_soon_threadsafe(lambda: _LOOP.call_later(delay, _LOOP.run_in_executor, None, again))
+
+
+def _reconcile_key(
+    key: tuple[str, str], pipelines: kopf.Index, jobs: kopf.Index, pods: kopf.Index, backoff: float = 1.0
+) -> None:
+    for parent in pipelines.get(key, []):
+        if parent["metadata"].get("deletionTimestamp"):
+            continue
+        try:
+            result = _reconcile(parent, jobs, pods)  # an invalid spec is reported on the pipeline
+        except ApiRejected as e:
+            log.warning("%s/%s: %s", *key, e)
+            _requeue(key, max(backoff, e.retry_after or 0), pipelines, jobs, pods)
+        else:
+            if result.retry_after is not None:
+                _requeue(key, max(backoff, result.retry_after), pipelines, jobs, pods)
+
+
 @kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
 @kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
 @kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
 def pipeline_changed(body: kopf.Body, jobs_by_pipeline: kopf.Index, pods_by_pipeline: kopf.Index, **_) -> None:
-    if error := _reconcile(body, jobs_by_pipeline, pods_by_pipeline):
-        raise kopf.PermanentError(f"invalid spec: {error}")
+    try:
+        result = _reconcile(body, jobs_by_pipeline, pods_by_pipeline)
+    except ApiRejected as e:
+        raise kopf.TemporaryError(str(e), delay=e.retry_after or 10.0) from None
+    if result.invalid is not None:
+        raise kopf.PermanentError(f"invalid spec: {result.invalid}")
+    if result.retry_after is not None:
+        raise kopf.TemporaryError("a stage's Job was refused for now; see status.stages", delay=result.retry_after)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILDREN)
@@ -144,9 +201,7 @@ def child_changed(
     namespace: str, labels: kopf.Labels, pipelines: kopf.Index, jobs_by_pipeline: kopf.Index, pods_by_pipeline: kopf.Index, **_
 ) -> None:
     """A Job or pod of a pipeline changed: recompute the parent's status and start what can start."""
-    for parent in pipelines.get(_key(namespace, labels), []):
-        if not parent["metadata"].get("deletionTimestamp"):
-            _reconcile(parent, jobs_by_pipeline, pods_by_pipeline)  # an invalid spec is reported on the pipeline
+    _reconcile_key(_key(namespace, labels), pipelines, jobs_by_pipeline, pods_by_pipeline)
 
 
 @kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, optional=True)
@@ -154,3 +209,4 @@ def pipeline_deleted(namespace: str, name: str, **_) -> None:
     """Forget the pipeline; its Jobs go with it through owner references (no finalizer)."""
     _WRITTEN.pop((namespace, name), None)
     _LOCKS.pop((namespace, name), None)
+    _REQUEUED.discard((namespace, name))

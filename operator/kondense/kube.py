@@ -1,26 +1,45 @@
 """The operator's only door to the Kubernetes API for writes (reads come from kopf's indexes).
 
-Responses are not deserialized (nothing reads them; the watches deliver the objects).
 Creates treat 409 AlreadyExists as done (children have deterministic names), status is
-written as a merge patch of the status subresource, deletes treat 404 as done.
+written as a merge patch of the status subresource, deletes treat 404 as done. Responses are
+not deserialized: nothing reads them, the watches deliver the objects.
+
+Like client-go, a write the API server could not serve (429, 5xx, a dropped connection) is
+retried a few times, waiting as long as its Retry-After header says. What is left is raised
+as `ApiRejected` with a reason from errors.Reason and whether waiting can help.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from kondense import api
+from kondense.errors import HINTS, ApiRejected, Reason
 
 log = logging.getLogger("kondense.kube")
+
+TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
 @dataclass
 class Kube:
     api_client: client.ApiClient
+    attempts: int = 4
+    backoff: float = 0.5  # seconds before the first retry, doubling; Retry-After wins
+    max_wait: float = 10.0  # no single wait is longer
+    # How long the reconcile waits before trying a refused Job again, by reason.
+    retry_delays: dict[str, float] = field(
+        default_factory=lambda: {Reason.FORBIDDEN: 60.0, Reason.QUOTA_EXCEEDED: 30.0, Reason.API_UNAVAILABLE: 10.0}
+    )
+    sleep: Callable[[float], None] = time.sleep
     # Built once: the client imports its pydantic models lazily, on first use, which costs about
     # half a second of CPU; paying it at startup keeps it out of the first pipelines' latency.
     batch: client.BatchV1Api = field(init=False)
@@ -33,39 +52,88 @@ class Kube:
     # -- the write path --------------------------------------------------------------------
     def create(self, obj: dict) -> bool:
         """Create a Job; False when it already existed (deterministic names)."""
-        ns = obj["metadata"]["namespace"]
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
         if obj["kind"] != "Job":
             raise ValueError(f"the operator does not create {obj['kind']}")
         try:
-            _drain(self.batch.create_namespaced_job(ns, obj, _preload_content=False))
+            self._call(f"create Job {ns}/{name}", lambda: self.batch.create_namespaced_job(ns, obj, _preload_content=False))
         except ApiException as e:
             if e.status == 409:
                 return False
-            raise
-        log.info("Created %s %s/%s", obj["kind"], ns, obj["metadata"]["name"])
+            raise self.rejected(e, f"creating Job {ns}/{name}") from None
+        log.info("Created Job %s/%s", ns, name)
         return True
 
     def delete_job(self, namespace: str, name: str) -> None:
         try:
-            _drain(self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background", _preload_content=False))
+            self._call(
+                f"delete Job {namespace}/{name}",
+                lambda: self.batch.delete_namespaced_job(
+                    name, namespace, propagation_policy="Background", _preload_content=False
+                ),
+            )
         except ApiException as e:
             if e.status != 404:
-                raise
+                raise self.rejected(e, f"deleting Job {namespace}/{name}") from None
 
     def patch_status(self, namespace: str, name: str, status: dict) -> None:
         """Merge-patch the status subresource. Lists (conditions, stages) are replaced whole."""
         try:
-            _drain(
-                self.custom.patch_namespaced_custom_object_status(
+            self._call(
+                f"patch status of {namespace}/{name}",
+                lambda: self.custom.patch_namespaced_custom_object_status(
                     api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status}, _preload_content=False
-                )
+                ),
             )
         except ApiException as e:
             if e.status != 404:  # deleted meanwhile: nothing to report to
-                raise
+                raise self.rejected(e, f"writing the status of {namespace}/{name}") from None
+
+    def rejected(self, e: ApiException, doing: str) -> ApiRejected:
+        """An error that retries did not cure -> a reason, a message with a hint, and a delay."""
+        message = _status_message(e)
+        if e.status in (400, 422):  # the object itself is invalid: only a spec change helps
+            return ApiRejected(Reason.INVALID_SPEC, f"the API server refused {doing}: {message}", None)
+        if e.status == 403:
+            reason = Reason.QUOTA_EXCEEDED if "exceeded quota" in message else Reason.FORBIDDEN
+        else:
+            reason = Reason.API_UNAVAILABLE
+        delay = _retry_after(e) or self.retry_delays[reason]
+        return ApiRejected(reason, f"{doing}: {message} (hint: {HINTS[reason]})", delay)
+
+    def _call(self, what: str, request: Callable[[], urllib3.HTTPResponse]) -> None:
+        """One write, retried while the API server says it is busy or unreachable."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                response = request()
+                response.read()
+                response.release_conn()
+                return
+            except ApiException as e:
+                if e.status not in TRANSIENT_STATUS or attempt == self.attempts:
+                    raise
+                wait = _retry_after(e) or self.backoff * 2 ** (attempt - 1)
+                detail = f"{e.status} {e.reason}"
+            except urllib3.exceptions.HTTPError as e:  # refused, reset, timed out
+                if attempt == self.attempts:
+                    raise ApiException(status=0, reason=f"{type(e).__name__}: {e}") from e
+                wait, detail = self.backoff * 2 ** (attempt - 1), type(e).__name__
+            wait = min(wait, self.max_wait)
+            log.warning("%s: %s; retrying in %.1fs (attempt %d of %d)", what, detail, wait, attempt, self.attempts)
+            self.sleep(wait)
 
 
-def _drain(response) -> None:
-    """Read an undeserialized response to its end and give its connection back to the pool."""
-    response.read()
-    response.release_conn()
+def _retry_after(e: ApiException) -> float | None:
+    raw = (e.headers or {}).get("Retry-After")
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def _status_message(e: ApiException) -> str:
+    """The API server's own words (a v1.Status message), else the HTTP reason."""
+    try:
+        return json.loads(e.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return f"{e.status} {e.reason}".strip()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from kondense import api, events
-from kondense.errors import HINTS, InvalidSpec, Reason, outcome_for_exit
+from kondense.errors import HINTS, ApiRejected, InvalidSpec, Reason, outcome_for_exit
 from kondense.manifests import ANNOTATION_DIGEST, CONTAINER, build_job, child_name
 from kondense.plan import StagePlan, decide, resolve, stage_run
 from kondense.settings import Settings
@@ -106,6 +106,7 @@ class Outcome:
     created: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    retry_after: float | None = None  # a Job the API server refused for now: reconcile again then
 
 
 def invalid(body: dict, error: InvalidSpec, now: str) -> Outcome:
@@ -176,8 +177,11 @@ def reconcile(
     for p in plans:
         o = observed.get(p.name)
         prior = old.get(p.name)
-        if o is None and prior and prior.input_digest == p.input_digest and prior.state == "Succeeded":
+        recorded = prior.state if o is None and prior and prior.input_digest == p.input_digest else None
+        if recorded == "Succeeded":
             committed.add(p.name)  # Job garbage-collected after success: status is the record
+        elif recorded == "Failed":
+            failed.add(p.name)  # Job garbage-collected after failure, or refused as invalid: a spec edit retries
         elif o is not None and o.state == "Succeeded":
             committed.add(p.name)
         elif o is not None and o.state == "Failed":
@@ -187,15 +191,24 @@ def reconcile(
 
     # Act: start every stage whose inputs are done.
     decision = decide(plans, committed, running, failed)
-    created = []
+    created, refused, retry_after = [], set(), None
     for stage_name in decision.start:
         plan = next(p for p in plans if p.name == stage_name)
         jname = child_name(name, plan.name, plan.input_digest)
         run = stage_run(spec, plans, plan.name, namespace, name)
         job = build_job(run, plan, jname, spec.image or settings.jobs_image, settings)
         adopt(job)
-        if create(job):
-            created.append(plan.name)
+        try:
+            if create(job):
+                created.append(plan.name)
+        except ApiRejected as e:  # the stage says why it has no Job; the others go on
+            refused.add(plan.name)
+            if e.retry_after is None:
+                observed[plan.name] = Observed("Failed", e.reason, str(e))
+            else:
+                observed[plan.name] = Observed("Pending", e.reason, str(e))
+                retry_after = min(retry_after or e.retry_after, e.retry_after)
+            continue
         # What the Job's own watch event will say, so that event changes nothing more in status.
         observed[plan.name] = observe_job(job, [])
 
@@ -203,14 +216,19 @@ def reconcile(
     stages, evs = [], []
     report, gate = previous.report if previous else None, None
     for p in plans:
-        st = _stage_status(p, observed.get(p.name), old.get(p.name), p.name in committed, p.name in decision.blocked)
-        if p.name in observed:
+        st = _stage_status(
+            p, observed.get(p.name), old.get(p.name), p.name in committed | failed, p.name in decision.blocked
+        )
+        if p.name in observed and p.name not in refused:
             st.job = child_name(name, p.name, p.input_digest)
         stages.append(st)
         before = old.get(p.name)
         moved = before is None or before.state != st.state or before.input_digest != st.input_digest
         if p.name in created:
             evs.append(("Normal", "StageStarted", f"stage {p.name}: created Job {child_name(name, p.name, p.input_digest)}"))
+        elif p.name in refused:
+            if before is None or (before.state, before.reason) != (st.state, st.reason):
+                evs.append(("Warning", st.reason or Reason.ERROR, f"stage {p.name}: {st.message}"[:1000]))
         elif moved and st.state != "Pending":  # a stage waiting for its inputs is not news
             evs.append(_event(st))
         summary = observed[p.name].summary if p.name in observed else None
@@ -222,11 +240,11 @@ def reconcile(
             elif st.state == "Succeeded":
                 gate = (True, "all quality gates passed")
     status = summarize(stages, previous, generation, now, report, gate)
-    return Outcome(status, _changed(previous, status), created, deleted, evs)
+    return Outcome(status, _changed(previous, status), created, deleted, evs, retry_after)
 
 
-def _stage_status(p: StagePlan, o: Observed | None, prior: api.StageStatus | None, committed: bool, blocked: bool) -> api.StageStatus:
-    if o is None and committed and prior is not None:
+def _stage_status(p: StagePlan, o: Observed | None, prior: api.StageStatus | None, finished: bool, blocked: bool) -> api.StageStatus:
+    if o is None and finished and prior is not None:
         return prior
     st = api.StageStatus(name=p.name, input_digest=p.input_digest)
     if o is None:

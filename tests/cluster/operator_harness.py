@@ -20,24 +20,12 @@ from kubernetes import client, utils
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "chart"))
+sys.path.insert(0, str(ROOT / "tests"))
+import kopf_login  # noqa: E402  (kopf's credentials for the test's identity)
 import tools  # noqa: E402  (helm/kubectl from the PyPI wheel, cached outside the repo)
 
 RELEASE_NAMESPACE = "kondense-system"
 RELEASE = "kondense"
-
-# kopf's own API access: a login handler for the test's identity (kopf's defaults would read
-# ~/.kube or $KUBECONFIG). Registered once; the credentials are swapped per operator run.
-_CREDENTIALS: dict[str, str] = {}
-
-
-@kopf.on.login()
-def _login(**_) -> kopf.ConnectionInfo:
-    return kopf.ConnectionInfo(
-        server=_CREDENTIALS["server"],
-        ca_path=_CREDENTIALS["ca"],
-        token=_CREDENTIALS["token"],
-        scheme="Bearer",
-    )
 
 
 def install_crd(api_client: client.ApiClient) -> None:
@@ -106,7 +94,7 @@ def running_operator(control_plane, token: str, settings) -> Iterator[client.Api
     api_client = control_plane.api_client(kubeconfig)
     api_client.configuration.connection_pool_maxsize = 32
     handlers.configure(settings, api_client)
-    _CREDENTIALS.update(server=control_plane.server, ca=control_plane.ca_file, token=token)
+    kopf_login.use(control_plane.server, token=token, ca=control_plane.ca_file)
     stop, ready = threading.Event(), threading.Event()
     errors: list[BaseException] = []
 

@@ -1,0 +1,143 @@
+"""The kopf handlers against kmock: API errors and conflicts, each at the moment it hurts most.
+
+The happy path and the real API server's semantics are tested end to end in tests/cluster;
+here kmock answers chosen requests with errors a real cluster gives now and then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from kmocking import (
+    JOBS,
+    NAMESPACE,
+    PIPELINES,
+    RefusingEmulator,
+    first_job,
+    names_of,
+    pipeline_doc,
+    requests_for,
+)
+
+from kondense.errors import Reason
+
+pytestmark = [pytest.mark.kmock(cls=RefusingEmulator), pytest.mark.asyncio]
+
+
+async def apply(k8s: RefusingEmulator, doc: dict) -> None:
+    response = await k8s.post(f"/apis/{PIPELINES.rsplit('/', 1)[0]}/namespaces/{NAMESPACE}/{PIPELINES.rsplit('/', 1)[1]}", json=doc)
+    assert response.status == 200, await response.text()
+
+
+def stage(k8s: RefusingEmulator, pipeline: str, name: str) -> dict:
+    status = k8s.objects[PIPELINES, NAMESPACE, pipeline].get("status") or {}
+    return next((dict(s) for s in status.get("stages") or [] if s["name"] == name), {})
+
+
+async def eventually(check, what: str, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+    return result
+
+
+def events(k8s: RefusingEmulator) -> list[tuple[str, str, str]]:
+    return [(r.data["type"], r.data["reason"], r.data["message"]) for r in requests_for(k8s, "create", "events")]
+
+
+async def test_first_job_goes_through_a_busy_api_server(operator):
+    operator.refuse("create", JOBS, 503, "the server is currently unable to handle the request", times=2)
+    doc = pipeline_doc("p1")
+    await apply(operator, doc)
+    job = first_job(doc)["metadata"]["name"]
+    await eventually(lambda: stage(operator, "p1", "distill").get("job") == job, "the distill stage to name its Job")
+    assert names_of(operator, "jobs") == [job]
+    assert len(requests_for(operator, "create", "jobs")) == 3  # two refusals, one success
+    assert stage(operator, "p1", "distill")["reason"] == Reason.PENDING
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ('jobs.batch is forbidden: User "system:serviceaccount:kondense-system:kondense" cannot create resource "jobs"',
+         Reason.FORBIDDEN),
+        ('jobs.batch "p1-distill" is forbidden: exceeded quota: gpus, requested: requests.nvidia.com/gpu=1',
+         Reason.QUOTA_EXCEEDED),
+    ],
+)
+async def test_refused_job_is_reported_on_the_stage_and_started_once_allowed(operator, message, reason):
+    refusal = operator.refuse("create", JOBS, 403, message)
+    await apply(operator, pipeline_doc("p1"))
+    distill = await eventually(lambda: stage(operator, "p1", "distill").get("reason") == reason
+                               and stage(operator, "p1", "distill"), f"distill to say {reason}")
+    assert distill["state"] == "Pending" and message in distill["message"] and "hint:" in distill["message"]
+    assert "job" not in distill or distill["job"] is None
+    assert names_of(operator, "jobs") == []
+    said = ("Warning", reason, f"stage distill: {distill['message']}")
+    await eventually(lambda: said in events(operator), "a Warning event that says why")  # kopf posts them async
+
+    operator.withdraw(refusal)  # the platform team fixes RBAC, or the quota frees up
+    await eventually(lambda: stage(operator, "p1", "distill").get("job"), "the Job once allowed")
+    assert stage(operator, "p1", "distill")["reason"] == Reason.PENDING
+    assert len(names_of(operator, "jobs")) == 1
+
+
+async def test_job_the_api_server_finds_invalid_fails_the_stage_without_retrying(operator):
+    message = 'Job.batch "p1-distill" is invalid: spec.template.spec.nodeSelector: Invalid value: "a b"'
+    operator.refuse("create", JOBS, 422, message)
+    await apply(operator, pipeline_doc("p1"))
+    distill = await eventually(lambda: stage(operator, "p1", "distill").get("state") == "Failed"
+                               and stage(operator, "p1", "distill"), "distill to fail")
+    assert distill["reason"] == Reason.INVALID_SPEC and "nodeSelector: Invalid value" in distill["message"]
+    status = operator.objects[PIPELINES, NAMESPACE, "p1"]["status"]
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == Reason.INVALID_SPEC
+    await asyncio.sleep(1.0)  # longer than every retry delay in these tests
+    assert len(requests_for(operator, "create", "jobs")) == 1
+    assert stage(operator, "p1", "gguf")["state"] == "Skipped"  # its input can never come
+
+
+async def test_job_left_by_a_previous_operator_is_taken_over_not_duplicated(operator):
+    doc = pipeline_doc("p1")
+    job = first_job(doc)
+    job["metadata"]["ownerReferences"] = [{"apiVersion": doc["apiVersion"], "kind": doc["kind"], "name": "p1",
+                                           "uid": doc["metadata"]["uid"], "controller": True}]
+    response = await operator.post(f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs", json=job)
+    assert response.status == 200
+    await apply(operator, doc)
+    name = job["metadata"]["name"]
+    await eventually(lambda: stage(operator, "p1", "distill").get("job") == name, "distill to name the existing Job")
+    assert names_of(operator, "jobs") == [name]
+    operator_creates = [r for r in requests_for(operator, "create", "jobs") if "kmock" not in r.headers.get("User-Agent", "")]
+    assert len(operator_creates) <= 1  # at most one create, answered 409 AlreadyExists
+
+
+async def test_status_write_goes_through_a_flaky_api_server(operator):
+    operator.refuse("update", PIPELINES, 500, "etcdserver: leader changed", times=2, subresource="status")
+    await apply(operator, pipeline_doc("p1"))
+    await eventually(lambda: stage(operator, "p1", "distill").get("job"), "the status to land")
+    assert len(requests_for(operator, "update", "compressionpipelines", "status")) >= 3
+
+
+async def test_next_stage_refused_after_a_job_event_is_requeued(operator):
+    doc = pipeline_doc("p1")
+    await apply(operator, doc)
+    distill = first_job(doc)["metadata"]["name"]
+    await eventually(lambda: stage(operator, "p1", "distill").get("job") == distill, "distill's Job")
+    # gguf's create fails longer than the write door retries in place (4 attempts).
+    operator.refuse("create", JOBS, 503, "the server is currently unable to handle the request", times=6)
+    completed = {"status": {"succeeded": 1, "completionTime": "2026-11-27T00:00:00Z", "conditions": [
+        {"type": "Complete", "status": "True", "lastTransitionTime": "2026-11-27T00:00:00Z"}]}}
+    response = await operator.patch(f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{distill}/status", json=completed,
+                                    headers={"Content-Type": "application/merge-patch+json"})
+    assert response.status == 200
+    await eventually(lambda: stage(operator, "p1", "gguf").get("reason") == Reason.API_UNAVAILABLE,
+                     "gguf to say the API server is unavailable")
+    gguf = await eventually(lambda: stage(operator, "p1", "gguf").get("job"), "gguf's Job after the requeue")
+    assert gguf in names_of(operator, "jobs")
+    assert stage(operator, "p1", "distill")["state"] == "Succeeded"
+    assert len(requests_for(operator, "create", "jobs")) == 1 + 6 + 1
