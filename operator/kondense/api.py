@@ -101,6 +101,12 @@ class Storage(Model):
         description="Secret in the pipeline's namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
         "(and optionally AWS_SESSION_TOKEN). Mounted as environment variables, never copied into status.",
     )
+    deletion_policy: Literal["Retain", "Delete"] = Field(
+        "Retain",
+        description="What deleting the pipeline does to its artifacts (everything under <uri>/<namespace>/<name>/). "
+        "Retain keeps them. Delete removes them with a cleanup Job first: the pipeline keeps the operator's "
+        "finalizer until the Job has finished.",
+    )
 
 
 class Toleration(Model):

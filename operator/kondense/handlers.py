@@ -38,6 +38,7 @@ _LOCKS: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Loc
 _LOOP: asyncio.AbstractEventLoop | None = None
 _REQUEUED: set[tuple[str, str]] = set()
 MAX_REQUEUE_DELAY = 300.0
+CLEANUP_POLL_SECONDS = 5.0
 
 
 def configure(settings: Settings, api_client: client.ApiClient | None = None, kube: Kube | None = None) -> None:
@@ -202,6 +203,31 @@ def child_changed(
 ) -> None:
     """A Job or pod of a pipeline changed: recompute the parent's status and start what can start."""
     _reconcile_key(_key(namespace, labels), pipelines, jobs_by_pipeline, pods_by_pipeline)
+
+
+@kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, field="spec.storage.deletionPolicy", value="Delete")
+def delete_artifacts(body: kopf.Body, jobs_by_pipeline: kopf.Index, pods_by_pipeline: kopf.Index, **_) -> None:
+    """deletionPolicy: Delete. kopf holds its finalizer on such pipelines until this returns."""
+    assert KUBE is not None
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    try:
+        result = reconcile.cleanup(
+            dict(body),
+            list(jobs_by_pipeline.get((namespace, name), [])),
+            list(pods_by_pipeline.get((namespace, name), [])),
+            SETTINGS,
+            create=KUBE.create,
+            stop_job=lambda job: KUBE.delete_job(namespace, job, propagation="Foreground"),
+            adopt=lambda child: kopf.adopt(child, owner=body),
+        )
+    except ApiRejected as e:
+        raise kopf.TemporaryError(str(e), delay=e.retry_after or 10.0) from None
+    for type_, reason, message in result.events:
+        kopf.event(body, type=type_, reason=reason, message=message)
+    if result.state == "Waiting":
+        raise kopf.TemporaryError(result.message, delay=CLEANUP_POLL_SECONDS)
+    if result.state == "Failed":  # the pipeline goes; the artifacts stay, and the event says why
+        raise kopf.PermanentError(result.message)
 
 
 @kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, optional=True)

@@ -37,7 +37,7 @@ class Kube:
     max_wait: float = 10.0  # no single wait is longer
     # How long the reconcile waits before trying a refused Job again, by reason.
     retry_delays: dict[str, float] = field(
-        default_factory=lambda: {Reason.FORBIDDEN: 60.0, Reason.QUOTA_EXCEEDED: 30.0, Reason.API_UNAVAILABLE: 10.0}
+        default_factory=lambda: {Reason.FORBIDDEN: 30.0, Reason.QUOTA_EXCEEDED: 30.0, Reason.API_UNAVAILABLE: 10.0}
     )
     sleep: Callable[[float], None] = time.sleep
     # Built once: the client imports its pydantic models lazily, on first use, which costs about
@@ -64,12 +64,13 @@ class Kube:
         log.info("Created Job %s/%s", ns, name)
         return True
 
-    def delete_job(self, namespace: str, name: str) -> None:
+    def delete_job(self, namespace: str, name: str, propagation: str = "Background") -> None:
+        """Delete a Job and its pods; "Foreground" keeps the Job until its pods are gone."""
         try:
             self._call(
                 f"delete Job {namespace}/{name}",
                 lambda: self.batch.delete_namespaced_job(
-                    name, namespace, propagation_policy="Background", _preload_content=False
+                    name, namespace, propagation_policy=propagation, _preload_content=False
                 ),
             )
         except ApiException as e:

@@ -15,7 +15,7 @@ from kondense import api
 from kondense.errors import PERMANENT_EXIT_CODES
 from kondense.plan import StagePlan
 from kondense.settings import PREFIX, Settings
-from kondense.store import short
+from kondense.store import join, short
 
 CONTAINER = "stage"
 SPEC_DIR = "/etc/kondense"
@@ -33,6 +33,7 @@ ANNOTATION_DIGEST = f"{PREFIX}/input-digest"
 ANNOTATION_RUN = f"{PREFIX}/stage-run"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 GPU = "nvidia.com/gpu"
+CLEANUP = "cleanup"
 
 
 def child_name(pipeline: str, stage: str, digest: str) -> str:
@@ -98,10 +99,87 @@ def _tolerations(r: api.Resources) -> list[dict]:
     return tolerations
 
 
+def _env(storage: api.Storage) -> list[dict]:
+    return [
+        {"name": "HOME", "value": HOME},
+        {"name": "TMPDIR", "value": SCRATCH},
+        {"name": "HF_HOME", "value": f"{HOME}/.cache/huggingface"},
+        {"name": "KONDENSE_CACHE", "value": f"{HOME}/.cache/kondense"},
+        {"name": "KONDENSE_PVC_ROOT", "value": PVC_ROOT},
+        {"name": "KONDENSE_TERMINATION_LOG", "value": "/dev/termination-log"},
+        *_credentials_env(storage),
+    ]
+
+
+def _container(image: str, settings: Settings, command: list[str], args: list[str], env: list[dict],
+               resources: dict, mounts: list[dict]) -> dict:
+    """The one container of a kondense pod: non-root, read-only root, no capabilities."""
+    return {
+        "name": CONTAINER,
+        "image": image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": command,
+        "args": args,
+        "env": env,
+        "resources": resources,
+        "volumeMounts": mounts,
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+
+
+def _pod_spec(settings: Settings, container: dict, volumes: list[dict]) -> dict:
+    return {
+        "restartPolicy": "Never",
+        "serviceAccountName": settings.job_service_account,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "fsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+
+
+def _job(name: str, namespace: str, job_labels: dict[str, str], annotations: dict[str, str],
+         pod_annotations: dict[str, str], pod_spec: dict, backoff_limit: int, deadline: int | None,
+         settings: Settings) -> dict:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": namespace, "labels": job_labels, "annotations": annotations},
+        "spec": {
+            "backoffLimit": backoff_limit,
+            "activeDeadlineSeconds": deadline,
+            "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": PERMANENT_EXIT_CODES},
+                    },
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                ]
+            },
+            "template": {"metadata": {"labels": job_labels, "annotations": pod_annotations}, "spec": pod_spec},
+        },
+    }
+
+
 def build_job(run: api.StageRun, plan: StagePlan, name: str, image: str, settings: Settings) -> dict:
     """The stage's Job: one pod, non-root, the StageRun mounted, credentials by reference only."""
     r = plan.resources
-    stage_labels = labels(run.pipeline, plan, settings)
     volumes = [
         {
             "name": "spec",
@@ -122,85 +200,64 @@ def build_job(run: api.StageRun, plan: StagePlan, name: str, image: str, setting
     for claim in _pvc_claims(run):
         volumes.append({"name": f"pvc-{claim}"[:63], "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": f"pvc-{claim}"[:63], "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True})
-    env = [
-        {"name": "HOME", "value": HOME},
-        {"name": "TMPDIR", "value": SCRATCH},
-        {"name": "HF_HOME", "value": f"{HOME}/.cache/huggingface"},
-        {"name": "KONDENSE_CACHE", "value": f"{HOME}/.cache/kondense"},
-        {"name": "KONDENSE_PVC_ROOT", "value": PVC_ROOT},
-        {"name": "KONDENSE_TERMINATION_LOG", "value": "/dev/termination-log"},
-        *_credentials_env(run.storage),
-    ]
-    container = {
-        "name": CONTAINER,
-        "image": image,
-        "imagePullPolicy": settings.image_pull_policy,
-        "command": ["python", "-m", "kondense_jobs"],
-        "args": [run.stage_kind, "--spec", f"{SPEC_DIR}/{SPEC_FILE}", "--work-dir", SCRATCH],
-        "env": env,
-        "resources": _resources(r),
-        "volumeMounts": mounts,
-        "terminationMessagePath": "/dev/termination-log",
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
-    }
-    pod_spec: dict = {
-        "restartPolicy": "Never",
-        "serviceAccountName": settings.job_service_account,
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": UID,
-            "runAsGroup": UID,
-            "fsGroup": UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "containers": [container],
-        "volumes": volumes,
-    }
+    container = _container(
+        image, settings, ["python", "-m", "kondense_jobs"],
+        [run.stage_kind, "--spec", f"{SPEC_DIR}/{SPEC_FILE}", "--work-dir", SCRATCH],
+        _env(run.storage), _resources(r), mounts,
+    )
+    pod_spec = _pod_spec(settings, container, volumes)
     if r.node_selector:
         pod_spec["nodeSelector"] = dict(r.node_selector)
     if tolerations := _tolerations(r):
         pod_spec["tolerations"] = tolerations
     if r.priority_class_name:
         pod_spec["priorityClassName"] = r.priority_class_name
-    job = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": run.namespace,
-            "labels": stage_labels,
-            "annotations": {ANNOTATION_DIGEST: plan.input_digest},
-        },
-        "spec": {
-            "backoffLimit": r.backoff_limit,
-            "activeDeadlineSeconds": r.active_deadline_seconds,
-            "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
-            "podFailurePolicy": {
-                "rules": [
-                    {
-                        "action": "FailJob",
-                        "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": PERMANENT_EXIT_CODES},
-                    },
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                ]
-            },
-            "template": {
-                "metadata": {
-                    "labels": stage_labels,
-                    "annotations": {ANNOTATION_RUN: json.dumps(run.dump(), sort_keys=True, separators=(",", ":"))},
-                },
-                "spec": pod_spec,
-            },
-        },
-    }
+    job = _job(
+        name, run.namespace, labels(run.pipeline, plan, settings), {ANNOTATION_DIGEST: plan.input_digest},
+        {ANNOTATION_RUN: json.dumps(run.dump(), sort_keys=True, separators=(",", ":"))},
+        pod_spec, r.backoff_limit, r.active_deadline_seconds, settings,
+    )
     if r.queue_name:
         job["spec"]["suspend"] = True  # Kueue admits (unsuspends) the Job when its quota allows
     return job
+
+
+def pipeline_prefix(storage: api.Storage, namespace: str, pipeline: str) -> str:
+    """Everything a pipeline ever published lies under this prefix (see store.artifact_uri)."""
+    return join(storage.uri, namespace, pipeline)
+
+
+def cleanup_name(pipeline: str, prefix: str) -> str:
+    return child_name(pipeline, CLEANUP, hashlib.sha256(prefix.encode()).hexdigest())
+
+
+def build_cleanup_job(pipeline: str, namespace: str, storage: api.Storage, image: str, settings: Settings) -> dict:
+    """The Job that deletes a pipeline's artifacts (spec.storage.deletionPolicy: Delete).
+
+    The operator never holds storage credentials: like the stages, this pod gets them from the
+    pipeline's Secret by reference.
+    """
+    prefix = pipeline_prefix(storage, namespace, pipeline)
+    args = ["--prefix", prefix]
+    if storage.endpoint:
+        args += ["--endpoint", storage.endpoint]
+    if storage.region:
+        args += ["--region", storage.region]
+    container = _container(
+        image, settings, ["python", "-m", "kondense_jobs.cleanup"], args, _env(storage),
+        {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
+        [{"name": "scratch", "mountPath": SCRATCH}],
+    )
+    job_labels = {
+        "app.kubernetes.io/name": "kondense",
+        "app.kubernetes.io/component": CLEANUP,
+        "app.kubernetes.io/managed-by": "kondense-operator",
+        LABEL_PIPELINE: pipeline,
+        **settings.extra_labels,
+    }
+    pod_spec = _pod_spec(settings, container, [{"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}}])
+    return _job(cleanup_name(pipeline, prefix), namespace, job_labels, {}, {}, pod_spec, 3, 3600, settings)
+
+
+def is_cleanup(job: dict) -> bool:
+    return (job["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == CLEANUP

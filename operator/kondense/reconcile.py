@@ -13,7 +13,7 @@ from typing import Callable
 
 from kondense import api, events
 from kondense.errors import HINTS, ApiRejected, InvalidSpec, Reason, outcome_for_exit
-from kondense.manifests import ANNOTATION_DIGEST, CONTAINER, build_job, child_name
+from kondense.manifests import ANNOTATION_DIGEST, CONTAINER, build_cleanup_job, build_job, child_name, is_cleanup
 from kondense.plan import StagePlan, decide, resolve, stage_run
 from kondense.settings import Settings
 from kondense.status import FAILED, PROGRESSING, READY, SUCCEEDED, set_condition, summarize
@@ -164,6 +164,8 @@ def reconcile(
     observed: dict[str, Observed] = {}
     deleted = []
     for job in jobs:
+        if is_cleanup(job):
+            continue
         jname = job["metadata"]["name"]
         plan = current.get(jname)
         if plan is None or job["metadata"].get("annotations", {}).get(ANNOTATION_DIGEST) != plan.input_digest:
@@ -241,6 +243,58 @@ def reconcile(
                 gate = (True, "all quality gates passed")
     status = summarize(stages, previous, generation, now, report, gate)
     return Outcome(status, _changed(previous, status), created, deleted, evs, retry_after)
+
+
+@dataclass
+class Cleanup:
+    """Where deleting a pipeline's artifacts stands (spec.storage.deletionPolicy: Delete)."""
+
+    state: str  # Waiting | Done | Failed
+    message: str
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def cleanup(
+    body: dict,
+    jobs: list[dict],
+    pods: list[dict],
+    settings: Settings,
+    create: Callable[[dict], bool],
+    stop_job: Callable[[str], None],
+    adopt: Callable[[dict], None],
+) -> Cleanup:
+    """Stop the stage Jobs, then run the cleanup Job, then let the pipeline go. Idempotent."""
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta["namespace"]
+    try:
+        pipeline = parse({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body})
+    except InvalidSpec as e:
+        return Cleanup("Failed", f"artifacts kept: the spec is invalid, so where they are is unknown: {e}")
+    unfinished = [
+        j for j in jobs
+        if not is_cleanup(j) and observe_job(j, []).state not in ("Succeeded", "Failed")
+    ]
+    if unfinished:  # a stage still running could publish after the cleanup
+        for job in unfinished:
+            if not job["metadata"].get("deletionTimestamp"):
+                stop_job(job["metadata"]["name"])
+        return Cleanup("Waiting", f"stopping {len(unfinished)} stage Jobs before deleting the artifacts")
+    job = build_cleanup_job(name, namespace, pipeline.spec.storage, pipeline.spec.image or settings.jobs_image, settings)
+    jname = job["metadata"]["name"]
+    existing = next((j for j in jobs if j["metadata"]["name"] == jname), None)
+    if existing is None:
+        adopt(job)
+        create(job)
+        return Cleanup("Waiting", f"deleting the artifacts with Job {jname}",
+                       [("Normal", "CleanupStarted", f"deleting the artifacts with Job {jname}")])
+    o = observe_job(existing, [p for p in pods if (p["metadata"].get("labels") or {}).get("job-name") == jname])
+    if o.state == "Succeeded":
+        detail = o.summary.message if o.summary else "artifacts deleted"
+        return Cleanup("Done", detail, [("Normal", "ArtifactsDeleted", detail)])
+    if o.state == "Failed":
+        detail = f"artifacts kept: cleanup Job {jname} failed: {o.reason}: {o.message}"
+        return Cleanup("Failed", detail, [("Warning", o.reason, detail[:1000])])
+    return Cleanup("Waiting", f"deleting the artifacts with Job {jname}")
 
 
 def _stage_status(p: StagePlan, o: Observed | None, prior: api.StageStatus | None, finished: bool, blocked: bool) -> api.StageStatus:

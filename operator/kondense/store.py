@@ -111,7 +111,8 @@ class Store:
     def download(self, files: list[tuple[str, Path]]) -> None:
         raise NotImplementedError
 
-    def delete_prefix(self, uri: str) -> None:
+    def delete_prefix(self, uri: str) -> int:
+        """Delete everything under `uri`; returns how many objects there were."""
         raise NotImplementedError
 
     def check_access(self, uri: str) -> None:
@@ -241,8 +242,11 @@ class FileStore(Store):
             except OSError:
                 shutil.copyfile(src, dst)
 
-    def delete_prefix(self, uri: str) -> None:
-        shutil.rmtree(self.path(uri), ignore_errors=True)
+    def delete_prefix(self, uri: str) -> int:
+        root = self.path(uri)
+        count = sum(1 for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+        shutil.rmtree(root, ignore_errors=True)
+        return count
 
     def check_access(self, uri: str) -> None:
         root = self.path(uri)
@@ -354,14 +358,20 @@ class S3Store(Store):
                 keys += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
         return keys
 
-    def delete_prefix(self, uri: str) -> None:
+    def delete_prefix(self, uri: str) -> int:
         loc = S3Location.parse(uri)
         keys = [join(loc.key, k) for k in self.list_keys(uri)]
-        with self._errors(uri):
-            for i in range(0, len(keys), 1000):
-                self.client.delete_objects(
-                    Bucket=loc.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]]}
+        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            with self._errors(uri):
+                response = self.client.delete_objects(
+                    Bucket=loc.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
                 )
+            if errors := response.get("Errors"):  # per-key failures come back in a 200 response
+                first = errors[0]
+                kind = StorageAccessDenied if first.get("Code") == "AccessDenied" else StorageUnavailable
+                raise kind(f"{uri}: could not delete {len(errors)} objects, e.g. {first.get('Key')}: "
+                           f"{first.get('Code')} {first.get('Message', '')}".strip())
+        return len(keys)
 
     def check_access(self, uri: str) -> None:
         loc = S3Location.parse(uri)

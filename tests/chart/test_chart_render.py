@@ -222,6 +222,7 @@ def granted(
 APPLICATION = (
     {("kondense.io", "compressionpipelines", v) for v in ("get", "list", "watch", "patch", "update")}
     | {("kondense.io", "compressionpipelines/status", v) for v in ("get", "patch", "update")}
+    | {("kondense.io", "compressionpipelines/finalizers", "update")}  # Jobs' blockOwnerDeletion
     | {("batch", "jobs", v) for v in ("create", "get", "list", "watch", "delete", "patch")}
     | {("", "pods", v) for v in ("get", "list", "watch")}
 )

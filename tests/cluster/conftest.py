@@ -48,7 +48,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 @pytest.fixture(scope="session")
 def control_plane() -> Iterator[ControlPlane]:
-    with ControlPlane(users={UNPRIVILEGED_USER: []}) as cp:
+    # OwnerReferencesPermissionEnforcement, as hardened clusters (OpenShift among them) run it:
+    # an owner reference that blocks the owner's deletion needs update on <owner>/finalizers.
+    flags = ("--enable-admission-plugins=OwnerReferencesPermissionEnforcement",)
+    with ControlPlane(users={UNPRIVILEGED_USER: []}, apiserver_flags=flags) as cp:
         yield cp
 
 

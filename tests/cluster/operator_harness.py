@@ -76,6 +76,25 @@ def apply(api_client: client.ApiClient, objects: list[dict]) -> None:
                 raise
 
 
+def wait_for_rbac(api_client: client.ApiClient, user: str, namespace: str, rules: list[tuple[str, str, str]]) -> None:
+    """Wait until the authorizer grants `user` every (group, resource[/subresource], verb): RBAC
+    objects take effect through an informer, a moment after they are created."""
+    from controlplane import wait_for
+
+    authz = client.AuthorizationV1Api(api_client)
+
+    def allowed() -> bool:
+        for group, resource, verb in rules:
+            resource, _, sub = resource.partition("/")
+            review = authz.create_subject_access_review({"spec": {"user": user, "resourceAttributes": {
+                "group": group, "resource": resource, "subresource": sub, "verb": verb, "namespace": namespace}}})
+            if not review.status.allowed:
+                return False
+        return True
+
+    wait_for(allowed, timeout=30, what=f"RBAC to grant {user} {rules}")
+
+
 def operator_service_account(objects: list[dict]) -> str:
     binding = next(
         o

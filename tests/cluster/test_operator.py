@@ -25,6 +25,7 @@ from operator_harness import (
     operator_service_account,
     running_operator,
     tools,
+    wait_for_rbac,
 )
 
 from kondense import api
@@ -58,7 +59,11 @@ def operator(control_plane, api_client):
         n.metadata.name == RELEASE_NAMESPACE for n in client.CoreV1Api(api_client).list_namespace().items
     ) else None
     apply(api_client, rbac)
-    token = control_plane.service_account_token(RELEASE_NAMESPACE, operator_service_account(rbac))
+    account = operator_service_account(rbac)
+    wait_for_rbac(api_client, f"system:serviceaccount:{RELEASE_NAMESPACE}:{account}", "default", [
+        ("batch", "jobs", "create"), ("kondense.io", "compressionpipelines/finalizers", "update"),
+        ("kondense.io", "compressionpipelines/status", "patch"), ("", "events", "create")])
+    token = control_plane.service_account_token(RELEASE_NAMESPACE, account)
     settings = Settings(jobs_image="kondense-jobs:test", ttl_seconds_after_finished=3600)
     with running_operator(control_plane, token, settings) as operator_client:
         yield operator_client
@@ -138,11 +143,15 @@ def test_demo_shaped_pipeline_end_to_end(operator, api_client, workspace, s3_buc
     custom(api_client).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
 
     # The first stage's Job appears alone: its dependents wait for its artifact.
-    first = wait_for(lambda: jobs(api_client, ns) or None, timeout=60, what="the first Job")
+    try:
+        first = wait_for(lambda: jobs(api_client, ns) or None, timeout=60, what="the first Job")
+    except TimeoutError as e:  # say why: a refused Job is reported on its stage
+        raise AssertionError(f"{e}; status: {get(api_client, ns, 'e2e').get('status')}") from None
     assert [j.metadata.labels["kondense.io/stage"] for j in first] == ["distill"]
     assert first[0].metadata.owner_references[0].kind == api.KIND
 
     done = wait_condition(api_client, ns, "e2e", "Ready")
+    assert not done["metadata"].get("finalizers"), "deletionPolicy Retain (the default) needs no finalizer"
     st = done["status"]
     assert st["observedGeneration"] == done["metadata"]["generation"]
     assert [s["state"] for s in st["stages"]] == ["Succeeded"] * 4
@@ -181,6 +190,33 @@ def test_demo_shaped_pipeline_end_to_end(operator, api_client, workspace, s3_buc
     custom(api_client).delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "e2e")
     wait_for(lambda: not jobs(api_client, ns), timeout=60, what="the Jobs to be garbage-collected")
     assert store.read_manifest(st["stages"][0]["artifact"]["uri"]) is not None, "artifacts stay"
+
+
+def test_delete_policy_removes_the_artifacts_before_the_pipeline_goes(operator, api_client, workspace, s3_bucket, s3_endpoint):
+    ns = workspace
+    body = pipeline_doc("doomed", s3_bucket, s3_endpoint, STAGES[:1])
+    body["spec"]["storage"]["deletionPolicy"] = "Delete"
+    custom(api_client).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+    done = wait_condition(api_client, ns, "doomed", "Ready")
+    assert done["metadata"]["finalizers"] == ["kondense.io/finalizer"]
+    store = S3Store(endpoint=s3_endpoint)
+    prefix = join(s3_bucket, "artifacts", ns, "doomed")
+    assert store.read_manifest(done["status"]["stages"][0]["artifact"]["uri"]) is not None
+
+    custom(api_client).delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "doomed")
+
+    def gone():
+        try:
+            get(api_client, ns, "doomed")
+        except client.ApiException as e:
+            return e.status == 404
+        return False
+
+    wait_for(gone, timeout=180, what="the pipeline to go once its artifacts are deleted")
+    assert store.list_keys(prefix) == [], "every artifact under <storage>/<namespace>/<pipeline> is deleted"
+    events = client.CoreV1Api(api_client).list_namespaced_event(ns, field_selector="involvedObject.name=doomed").items
+    assert any(e.reason == "ArtifactsDeleted" for e in events), [(e.reason, e.message) for e in events]
+    wait_for(lambda: not jobs(api_client, ns), timeout=60, what="the stage and cleanup Jobs to be garbage-collected")
 
 
 def test_invalid_spec_gets_failed_condition_and_no_job_while_others_run(operator, api_client, workspace, s3_bucket, s3_endpoint):

@@ -9,7 +9,15 @@ import pytest
 import yaml
 
 from kondense.errors import PERMANENT_EXIT_CODES
-from kondense.manifests import ANNOTATION_RUN, build_job, child_name
+from kondense.manifests import (
+    ANNOTATION_RUN,
+    build_cleanup_job,
+    build_job,
+    child_name,
+    cleanup_name,
+    is_cleanup,
+    pipeline_prefix,
+)
 from kondense.plan import resolve, stage_run
 from kondense.settings import Settings
 from kondense.validation import load_file
@@ -120,3 +128,23 @@ def test_pvc_sources_are_mounted_read_only():
     pod = job["spec"]["template"]["spec"]
     assert {"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
     assert {"name": "pvc-models", "mountPath": "/mnt/pvc/models", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+
+
+def test_cleanup_job_is_valid_unprivileged_and_gets_credentials_by_reference():
+    kv = pytest.importorskip("kubernetes_validate")
+    p = load_file(ROOT / "crds/examples/llama-70b-to-8b.yaml")
+    job = build_cleanup_job(p.metadata.name, p.metadata.namespace, p.spec.storage, SETTINGS.jobs_image, SETTINGS)
+    kv.validate(json.loads(json.dumps(job)), "1.33", strict=True)
+    assert is_cleanup(job) and job["metadata"]["name"] == cleanup_name(
+        p.metadata.name, pipeline_prefix(p.spec.storage, p.metadata.namespace, p.metadata.name))
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["python", "-m", "kondense_jobs.cleanup"]
+    prefix = container["args"][container["args"].index("--prefix") + 1]
+    assert prefix == f"{p.spec.storage.uri.rstrip('/')}/{p.metadata.namespace}/{p.metadata.name}"
+    assert "nvidia.com/gpu" not in json.dumps(job) and pod["securityContext"]["runAsNonRoot"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] and container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    if p.spec.storage.credentials_secret:
+        secret_refs = [e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e]
+        assert secret_refs and set(secret_refs) == {p.spec.storage.credentials_secret}
+    assert not [e for e in container["env"] if e["name"].startswith("AWS_") and "value" in e]

@@ -10,8 +10,8 @@ import yaml
 from kondense.api import Summary
 from kondense.errors import Reason
 from kondense.events import summary_line
-from kondense.manifests import ANNOTATION_DIGEST
-from kondense.reconcile import invalid, observe_job, reconcile
+from kondense.manifests import ANNOTATION_DIGEST, is_cleanup
+from kondense.reconcile import cleanup, invalid, observe_job, reconcile
 from kondense.errors import InvalidSpec
 from kondense.settings import Settings
 
@@ -173,3 +173,46 @@ def test_invalid_spec_reports_failed_with_field_path_and_creates_nothing():
     out = invalid(body, e.value, NOW)
     failed = next(c for c in out.status.conditions if c.type == "Failed")
     assert failed.status == "True" and failed.reason == "InvalidSpec" and "spec.stages[3].from" in failed.message
+
+
+def cleanup_run(body, jobs=(), pods=()):
+    rec = Recorder()
+    out = cleanup(body, list(jobs), list(pods), Settings(), rec.create, rec.delete, lambda child: None)
+    return out, rec
+
+
+def test_cleanup_stops_running_stages_first_then_runs_its_job_then_lets_go():
+    body = demo_body(storage={"uri": "s3://bucket/runs", "deletionPolicy": "Delete"})
+    _, rec = run(body)
+    distill = {**rec.created[0], "status": {"active": 1}}
+    out, rec1 = cleanup_run(body, jobs=[distill])
+    assert out.state == "Waiting" and rec1.deleted == [distill["metadata"]["name"]] and not rec1.created
+
+    done = {**distill, "status": job([("Complete", "", "")], succeeded=1)["status"]}
+    out, rec2 = cleanup_run(body, jobs=[done])
+    assert out.state == "Waiting" and [is_cleanup(j) for j in rec2.created] == [True]
+    assert out.events[0][1] == "CleanupStarted"
+    cleanup_job = rec2.created[0]
+    assert "s3://bucket/runs/ns/" in " ".join(cleanup_job["spec"]["template"]["spec"]["containers"][0]["args"])
+
+    # A running cleanup Job is the operator's own: reconcile never takes it for a superseded stage.
+    _, rec3 = run(body, jobs=[done, {**cleanup_job, "status": {"active": 1}}])
+    assert rec3.deleted == []
+
+    finished = {**cleanup_job, "status": job([("Complete", "", "")], succeeded=1)["status"]}
+    ok = summary_line(Summary(state="Succeeded", reason="Succeeded", message="deleted 7 objects under s3://bucket/runs/ns/demo"))
+    pods = [{**pod(0, "Completed", ok), "metadata": {"creationTimestamp": NOW, "labels": {"job-name": cleanup_job["metadata"]["name"]}}}]
+    out, rec4 = cleanup_run(body, jobs=[done, finished], pods=pods)
+    assert out.state == "Done" and out.events == [("Normal", "ArtifactsDeleted", "deleted 7 objects under s3://bucket/runs/ns/demo")]
+    assert not rec4.created and not rec4.deleted
+
+
+def test_failed_cleanup_lets_the_pipeline_go_and_says_the_artifacts_stay():
+    body = demo_body(storage={"uri": "s3://bucket/runs", "deletionPolicy": "Delete"})
+    _, rec = cleanup_run(body)
+    failed = {**rec.created[0], "status": job([("Failed", "PodFailurePolicy", "")], failed=1)["status"]}
+    denied = summary_line(Summary(state="Failed", reason=Reason.STORAGE_ACCESS_DENIED, message="s3://bucket/runs: AccessDenied"))
+    pods = [{**pod(15, message=denied), "metadata": {"creationTimestamp": NOW, "labels": {"job-name": failed["metadata"]["name"]}}}]
+    out, _ = cleanup_run(body, jobs=[failed], pods=pods)
+    assert out.state == "Failed" and out.message.startswith("artifacts kept") and "AccessDenied" in out.message
+    assert out.events[0][:2] == ("Warning", Reason.STORAGE_ACCESS_DENIED)

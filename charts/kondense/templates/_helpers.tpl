@@ -72,7 +72,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* The application's rules: pipelines, their Jobs, pods and spec ConfigMaps. Never Secrets: credentials reach pods only as secretKeyRef. */}}
+{{/* The application's rules: pipelines, their Jobs and pods. Never Secrets: credentials reach pods only as secretKeyRef. */}}
 {{- define "kondense.applicationRules" -}}
 - apiGroups: [kondense.io]
   resources: [compressionpipelines]
@@ -80,6 +80,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [kondense.io]
   resources: [compressionpipelines/status]
   verbs: [get, patch, update]
+# Jobs block their pipeline's deletion (ownerReferences.blockOwnerDeletion), which the
+# OwnerReferencesPermissionEnforcement admission plugin allows only with this.
+- apiGroups: [kondense.io]
+  resources: [compressionpipelines/finalizers]
+  verbs: [update]
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [create, get, list, watch, delete, patch]
