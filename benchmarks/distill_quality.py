@@ -103,7 +103,7 @@ def main() -> None:
     )
     print(f"{'model':28}{'perplexity':>12}{'final stage loss':>18}")
     for name, _, metrics in rows:
-        loss = f"{metrics['final_loss']:.3f}" if metrics else "-"
+        loss = f"{metrics['finalLoss']:.3f}" if metrics else "-"
         print(f"{name:28}{ppl[name]:>12.1f}{loss:>18}")
     kd, ce = ppl[rows[3][0]], ppl[rows[2][0]]
     print(f"ratio logit-KD / CE-only perplexity: {kd / ce:.3f} (target <= 0.90)")

@@ -60,7 +60,7 @@ def main() -> int:
         cfg = DistillSpec(method="logits", max_steps=args.steps, batch_size=16, max_seq_length=512, precision=precision,
                           learning_rate=1e-4, checkpoint_every=10_000)
         out = stage(root, "distill", cfg, {"teacher": teacher, "student": student}, dataset, f"kd-{precision}")
-        figures[f"kd_{precision}_tokens_per_second"] = out["metrics"]["tokens_per_second"]
+        figures[f"kd_{precision}_tokens_per_second"] = out["metrics"]["tokensPerSecond"]
     figures["bf16_over_fp32"] = figures["kd_bf16_tokens_per_second"] / figures["kd_fp32_tokens_per_second"]
 
     published = FileStore().publish(student, f"file://{root}/store/base", stage="base", stage_kind="distill",

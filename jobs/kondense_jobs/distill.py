@@ -490,7 +490,7 @@ def logits_trainer(ctx: Context, job: Inputs, student) -> Built:
         trainer,
         f"logit KD (T={spec.temperature:g}, alpha={spec.alpha:g}{skipped})",
         spec.batch_size * spec.gradient_accumulation_steps * args.world_size * job.seq,
-        {"train_windows": float(len(rows))},
+        {"trainWindows": float(len(rows))},
     )
 
 
@@ -571,7 +571,7 @@ def synthetic_trainer(ctx: Context, job: Inputs, student) -> Built:
     )
     return Built(
         trainer, f"SFT on {len(records)} teacher completions (trl.SFTTrainer)", None,
-        {"synthetic_samples": float(len(records))},
+        {"syntheticSamples": float(len(records))},
     )
 
 
@@ -626,7 +626,7 @@ def gkd_trainer(ctx: Context, job: Inputs, student) -> Built:
         trainer.generation_config.do_sample = False
     return Built(
         trainer, f"GKD (lmbda={spec.lmbda:g}, beta={spec.beta:g}, trl.experimental.gkd.GKDTrainer)", None,
-        {"gkd_records": float(len(records))},
+        {"gkdRecords": float(len(records))},
     )
 
 
@@ -691,7 +691,7 @@ def run(ctx: Context) -> Summary:
     # 3. Publish the student; the staged checkpoints are no longer needed.
     metrics = training_metrics(trainer.state, callback, built, train_seconds)
     if resume:
-        metrics["resumed_from_step"] = float(resume.step)
+        metrics["resumedFromStep"] = float(resume.step)
     if not trainer.is_world_process_zero():
         return Summary(state="Succeeded", reason="Succeeded", message="worker process done", metrics=metrics)
     out = ctx.output_dir()
@@ -700,7 +700,7 @@ def run(ctx: Context) -> Summary:
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle of local paths; consumers need none of it
     log.info(
         "Publishing the student: %d steps, loss %.4f -> %.4f, %.0f tokens/s", metrics["steps"],
-        metrics.get("initial_loss", math.nan), metrics.get("final_loss", math.nan), metrics["tokens_per_second"],
+        metrics.get("initialLoss", math.nan), metrics.get("finalLoss", math.nan), metrics["tokensPerSecond"],
     )
     summary = ctx.publish(metrics=metrics)
     checkpoints.clear()
@@ -716,10 +716,10 @@ def training_metrics(state, callback, built: Built, train_seconds: float) -> dic
         tokens = state.num_input_tokens_seen - callback.start_tokens
     metrics = {
         "steps": float(state.global_step),
-        "tokens_per_second": round(tokens / train_seconds, 2) if train_seconds > 0 else 0.0,
-        "train_seconds": round(train_seconds, 3),
+        "tokensPerSecond": round(tokens / train_seconds, 2) if train_seconds > 0 else 0.0,
+        "trainSeconds": round(train_seconds, 3),
         **built.info,
     }
     if losses:
-        metrics |= {"initial_loss": losses[0], "train_loss": sum(losses) / len(losses), "final_loss": losses[-1]}
+        metrics |= {"initialLoss": losses[0], "trainLoss": sum(losses) / len(losses), "finalLoss": losses[-1]}
     return metrics

@@ -86,6 +86,12 @@ class Jobs(Values):
         pattern=QUANTITY,
         description="Size limit of the /scratch emptyDir where a stage downloads and writes models.",
     )
+    progress_seconds: int = Field(
+        30,
+        ge=0,
+        description="How often the operator reads the tail of each running stage's log for its progress "
+        "(status.stages[].progress); 0 turns it off.",
+    )
 
 
 class Resources(Values):

@@ -92,6 +92,15 @@ def parse_summary(text: str) -> Summary | None:
     return None
 
 
+def last_progress(text: str) -> dict[str, Any] | None:
+    """The newest progress event in a log (or its tail), or None."""
+    for line in reversed(text.strip().splitlines()):
+        doc = parse_line(line)
+        if doc and doc[KEY] == "progress":
+            return doc
+    return None
+
+
 def describe(progress: dict[str, Any]) -> str:
     """'120/500 steps, ETA 1:05' for status.progress and the progress bars."""
     phase = progress.get("phase") or "steps"

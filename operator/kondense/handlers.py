@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import kopf
 from kubernetes import client, config
 
-from kondense import api, reconcile
+from kondense import api, events, reconcile
 from kondense.errors import ApiRejected, InvalidSpec
 from kondense.kube import Kube
-from kondense.manifests import LABEL_PIPELINE
+from kondense.manifests import CONTAINER, LABEL_PIPELINE, LABEL_STAGE
 from kondense.settings import PREFIX, Settings
 from kondense.status import now_rfc3339
 
@@ -38,6 +38,10 @@ _LOCKS: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Loc
 _LOOP: asyncio.AbstractEventLoop | None = None
 _REQUEUED: set[tuple[str, str]] = set()
 MAX_REQUEUE_DELAY = 300.0
+# Progress of running stages, (namespace, pipeline) -> stage -> "120/500 steps, ETA 3:10", read
+# from the tails of their pods' logs every SETTINGS.progress_seconds (no watch carries it).
+_PROGRESS: dict[tuple[str, str], dict[str, str]] = {}
+_PROGRESS_TASK: asyncio.Task | None = None
 CLEANUP_POLL_SECONDS = 5.0
 
 
@@ -59,8 +63,11 @@ def configure(settings: Settings, api_client: client.ApiClient | None = None, ku
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, **_) -> None:
-    global _LOOP
+async def startup(
+    settings: kopf.OperatorSettings, pipelines: kopf.Index, jobs_by_pipeline: kopf.Index, pods_by_pipeline: kopf.Index,
+    **_,
+) -> None:
+    global _LOOP, _PROGRESS_TASK
     _LOOP = asyncio.get_running_loop()
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
@@ -73,6 +80,8 @@ async def startup(settings: kopf.OperatorSettings, **_) -> None:
     settings.execution.max_workers = 16
     if KUBE is None:
         configure(Settings.from_env())
+    if SETTINGS.progress_seconds > 0:
+        _PROGRESS_TASK = asyncio.create_task(_follow_progress(pipelines, jobs_by_pipeline, pods_by_pipeline))
 
 
 # -- indexes: (namespace, pipeline) -> bodies ----------------------------------------------
@@ -127,6 +136,7 @@ def _reconcile_locked(body: dict, jobs: kopf.Index, pods: kopf.Index) -> Result:
             create=KUBE.create,
             delete_job=lambda job: KUBE.delete_job(namespace, job),
             adopt=lambda child: kopf.adopt(child, owner=body),
+            progress=_PROGRESS.get((namespace, name)),
         )
     except InvalidSpec as e:
         _apply(body, reconcile.invalid(dict(body), e, now))
@@ -180,6 +190,37 @@ def _reconcile_key(
         else:
             if result.retry_after is not None:
                 _requeue(key, max(backoff, result.retry_after), pipelines, jobs, pods)
+
+
+async def _follow_progress(pipelines: kopf.Index, jobs: kopf.Index, pods: kopf.Index) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(SETTINGS.progress_seconds)
+        try:
+            await loop.run_in_executor(None, poll_progress, pipelines, jobs, pods)
+        except Exception:  # noqa: BLE001 - the next round tries again
+            log.exception("Reading the stages' progress failed")
+
+
+def poll_progress(pipelines: kopf.Index, jobs: kopf.Index, pods: kopf.Index) -> None:
+    """Read the log tail of every running stage pod; reconcile the pipelines whose progress moved."""
+    assert KUBE is not None
+    for key in list(pods):
+        running: dict[str, str] = {}
+        for pod in pods.get(key, []):
+            labels = pod["metadata"].get("labels") or {}
+            stage = labels.get(LABEL_STAGE)
+            if stage is None or (pod.get("status") or {}).get("phase") != "Running":
+                continue
+            text = KUBE.log_tail(pod["metadata"]["namespace"], pod["metadata"]["name"], CONTAINER)
+            if text and (event := events.last_progress(text)):
+                running[stage] = events.describe(event)
+        if running != _PROGRESS.get(key, {}):
+            if running:
+                _PROGRESS[key] = running
+            else:
+                _PROGRESS.pop(key, None)
+            _reconcile_key(key, pipelines, jobs, pods)
 
 
 @kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
@@ -236,3 +277,4 @@ def pipeline_deleted(namespace: str, name: str, **_) -> None:
     _WRITTEN.pop((namespace, name), None)
     _LOCKS.pop((namespace, name), None)
     _REQUEUED.discard((namespace, name))
+    _PROGRESS.pop((namespace, name), None)

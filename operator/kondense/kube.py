@@ -43,11 +43,27 @@ class Kube:
     # Built once: the client imports its pydantic models lazily, on first use, which costs about
     # half a second of CPU; paying it at startup keeps it out of the first pipelines' latency.
     batch: client.BatchV1Api = field(init=False)
+    core: client.CoreV1Api = field(init=False)
     custom: client.CustomObjectsApi = field(init=False)
 
     def __post_init__(self) -> None:
         self.batch = client.BatchV1Api(self.api_client)
+        self.core = client.CoreV1Api(self.api_client)
         self.custom = client.CustomObjectsApi(self.api_client)
+
+    # -- the one read that no watch delivers -----------------------------------------------
+    def log_tail(self, namespace: str, pod: str, container: str, lines: int = 20) -> str | None:
+        """The last lines of a container's log (at most 16 KiB), or None when they cannot be read."""
+        try:
+            response = self.core.read_namespaced_pod_log(
+                pod, namespace, container=container, tail_lines=lines, limit_bytes=16384, _preload_content=False
+            )
+            text = response.read().decode("utf-8", errors="replace")
+            response.release_conn()
+            return text
+        except (ApiException, urllib3.exceptions.HTTPError) as e:  # no RBAC, kubelet unreachable, pod gone
+            log.debug("No log for %s/%s: %s", namespace, pod, e)
+            return None
 
     # -- the write path --------------------------------------------------------------------
     def create(self, obj: dict) -> bool:

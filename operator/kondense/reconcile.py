@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 from kondense import api, events
 from kondense.errors import HINTS, ApiRejected, InvalidSpec, Reason, outcome_for_exit
@@ -142,8 +142,12 @@ def reconcile(
     create: Callable[[dict], bool],
     delete_job: Callable[[str], None],
     adopt: Callable[[dict], None],
+    progress: Mapping[str, str] | None = None,
 ) -> Outcome:
-    """Observe -> plan -> act. Raises InvalidSpec for a spec that cannot run."""
+    """Observe -> plan -> act. Raises InvalidSpec for a spec that cannot run.
+
+    `progress` is the last progress of running stages, by stage name, as read from their logs.
+    """
     meta = body["metadata"]
     name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation")
     pipeline = parse({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body})
@@ -223,6 +227,8 @@ def reconcile(
         )
         if p.name in observed and p.name not in refused:
             st.job = child_name(name, p.name, p.input_digest)
+        if st.state == "Running" and progress:
+            st.progress = progress.get(p.name)
         stages.append(st)
         before = old.get(p.name)
         moved = before is None or before.state != st.state or before.input_digest != st.input_digest

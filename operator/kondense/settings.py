@@ -19,6 +19,7 @@ class Settings:
     peering: str | None = None  # None: standalone (one replica); a name: kopf peering for HA
     scratch_size_limit: str = "200Gi"
     log_level: str = "INFO"
+    progress_seconds: int = 30  # how often running stages' logs are read for progress; 0: never
     extra_labels: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -45,4 +46,5 @@ class Settings:
             peering=env.get("KONDENSE_PEERING") or None,
             scratch_size_limit=env.get("KONDENSE_SCRATCH_SIZE_LIMIT", cls.scratch_size_limit),
             log_level=env.get("KONDENSE_LOG_LEVEL", cls.log_level).upper(),
+            progress_seconds=integer("KONDENSE_PROGRESS_SECONDS", cls.progress_seconds),
         )

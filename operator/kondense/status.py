@@ -64,7 +64,7 @@ def summarize(
             reason, message = Reason.SUCCEEDED, f"all {total} stages succeeded"
             ready, succeeded, progressing = True, True, False
         elif running:
-            names = ", ".join(s.name for s in running)
+            names = ", ".join(f"{s.name} ({s.progress})" if s.progress else s.name for s in running)
             reason, message = Reason.RUNNING, f"running {names}"
             ready, succeeded, progressing = False, False, True
         else:

@@ -225,6 +225,7 @@ APPLICATION = (
     | {("kondense.io", "compressionpipelines/finalizers", "update")}  # Jobs' blockOwnerDeletion
     | {("batch", "jobs", v) for v in ("create", "get", "list", "watch", "delete", "patch")}
     | {("", "pods", v) for v in ("get", "list", "watch")}
+    | {("", "pods/log", "get")}
 )
 DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")} | {
     ("", "namespaces", v) for v in ("list", "watch")

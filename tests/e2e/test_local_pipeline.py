@@ -123,4 +123,4 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes_from_the_checkpoint(tmp_p
     assert r.returncode == 0, r.stdout[-3000:]
     status = json.loads((tmp_path / ".kondense/default/resume/status.json").read_text())["status"]
     metrics = status["stages"][0]["metrics"]
-    assert metrics["resumed_from_step"] >= 5 and metrics["steps"] == 60, metrics
+    assert metrics["resumedFromStep"] >= 5 and metrics["steps"] == 60, metrics

@@ -209,8 +209,8 @@ def assert_trained_and_reloads(tmp_path: Path, code: int, summary, output: str, 
     assert summary.state == "Succeeded"
     m = summary.metrics
     assert m["steps"] == steps
-    assert m["final_loss"] < m["initial_loss"], m
-    assert m["tokens_per_second"] > 0 and m["train_seconds"] > 0
+    assert m["finalLoss"] < m["initialLoss"], m
+    assert m["tokensPerSecond"] > 0 and m["trainSeconds"] > 0
     steps_lines = [ev for ev in progress_events(output) if ev.get("phase") == "steps"]
     assert steps_lines[0]["step"] >= 1 and steps_lines[-1]["step"] == steps == steps_lines[-1]["total"]
     assert "loss" in steps_lines[0] and "loss" in steps_lines[-1]
@@ -228,12 +228,18 @@ def assert_trained_and_reloads(tmp_path: Path, code: int, summary, output: str, 
     assert gen.shape[1] == ids.shape[1] + 5
 
 
+def distill_and_check(tmp_path, make_run, run_stage, spec, teacher, student, dataset):
+    """Run the stage on these models; it must train spec.max_steps steps and publish a model that reloads."""
+    _, path = make_run(tmp_path, "distill", spec, {"teacher": teacher, "student": student}, dataset)
+    code, summary, output = run_stage("distill", path, tmp_path)
+    assert_trained_and_reloads(tmp_path, code, summary, output, spec.max_steps)
+    return summary, output
+
+
 @pytest.mark.slow
 def test_logits(tmp_path, make_run, run_stage, tiny_teacher, tiny_student, tiny_dataset):
     spec = DistillSpec(method="logits", max_steps=12, temperature=2.0, alpha=0.5, **FAST)
-    _, path = make_run(tmp_path, "distill", spec, {"teacher": tiny_teacher, "student": tiny_student}, tiny_dataset)
-    code, summary, output = run_stage("distill", path, tmp_path)
-    assert_trained_and_reloads(tmp_path, code, summary, output, 12)
+    summary, output = distill_and_check(tmp_path, make_run, run_stage, spec, tiny_teacher, tiny_student, tiny_dataset)
     assert "teacher skipped" not in output
 
 
@@ -242,19 +248,15 @@ def test_logits_alpha_zero_skips_the_teacher(tmp_path, make_run, run_stage, tiny
     # The CE-only baseline neither fetches, loads nor runs the teacher: a missing one does not matter.
     teacher = tmp_path / "no-such-teacher"
     spec = DistillSpec(method="logits", max_steps=6, alpha=0.0, **FAST)
-    _, path = make_run(tmp_path, "distill", spec, {"teacher": teacher, "student": tiny_student}, tiny_dataset)
-    code, summary, output = run_stage("distill", path, tmp_path)
-    assert_trained_and_reloads(tmp_path, code, summary, output, 6)
+    summary, output = distill_and_check(tmp_path, make_run, run_stage, spec, teacher, tiny_student, tiny_dataset)
     assert "teacher skipped" in output
 
 
 @pytest.mark.slow
 def test_synthetic(tmp_path, make_run, run_stage, tiny_teacher, tiny_student, tiny_dataset):
     spec = DistillSpec(method="synthetic", max_steps=6, max_new_tokens=16, generation_temperature=0.7, top_p=0.95, **FAST)
-    _, path = make_run(tmp_path, "distill", spec, {"teacher": tiny_teacher, "student": tiny_student}, tiny_dataset)
-    code, summary, output = run_stage("distill", path, tmp_path)
-    assert_trained_and_reloads(tmp_path, code, summary, output, 6)
-    assert summary.metrics["synthetic_samples"] >= 6 * 4 * 0.9  # one batch of prompts per step, few empty completions
+    summary, output = distill_and_check(tmp_path, make_run, run_stage, spec, tiny_teacher, tiny_student, tiny_dataset)
+    assert summary.metrics["syntheticSamples"] >= 6 * 4 * 0.9  # one batch of prompts per step, few empty completions
     assert any(ev.get("phase") == "prompts" for ev in progress_events(output))
 
 
@@ -263,9 +265,7 @@ def test_gkd(tmp_path, make_run, run_stage, tiny_teacher, tiny_student, tiny_dat
     # lmbda 1: every batch is generated on-policy by the student (GKD's point), so the losses of
     # the first and last steps are of the same kind and comparable; gkd_records is tested below.
     spec = DistillSpec(method="gkd", max_steps=10, lmbda=1.0, beta=0.5, max_new_tokens=16, generation_temperature=0.9, **FAST)
-    _, path = make_run(tmp_path, "distill", spec, {"teacher": tiny_teacher, "student": tiny_student}, tiny_dataset)
-    code, summary, output = run_stage("distill", path, tmp_path)
-    assert_trained_and_reloads(tmp_path, code, summary, output, 10)
+    summary, output = distill_and_check(tmp_path, make_run, run_stage, spec, tiny_teacher, tiny_student, tiny_dataset)
     assert "GKDTrainer" in output
 
 
@@ -275,9 +275,7 @@ def test_student_of_another_family(tmp_path, make_run, run_stage, tiny_teacher, 
     student = tiny_student_gpt2
     assert json.loads((student / "config.json").read_text())["model_type"] == "gpt2"
     spec = DistillSpec(method="logits", max_steps=8, **FAST)
-    _, path = make_run(tmp_path, "distill", spec, {"teacher": tiny_teacher, "student": student}, tiny_dataset)
-    code, summary, output = run_stage("distill", path, tmp_path)
-    assert_trained_and_reloads(tmp_path, code, summary, output, 8)
+    summary, output = distill_and_check(tmp_path, make_run, run_stage, spec, tiny_teacher, student, tiny_dataset)
 
 
 @pytest.fixture(scope="session")
@@ -345,7 +343,7 @@ def test_killed_run_resumes_from_its_newest_checkpoint(tmp_path, make_run, run_s
 
     code, summary, output = run_stage("distill", path, tmp_path)
     assert code == 0, output[-3000:]
-    resumed = summary.metrics["resumed_from_step"]
+    resumed = summary.metrics["resumedFromStep"]
     assert resumed == committed[-1] and resumed % every == 0
     assert f"resuming from step {int(resumed)}" in output
     assert summary.metrics["steps"] == steps

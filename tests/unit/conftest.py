@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import kopf
+import pytest
 import pytest_asyncio
 from kmock import ResourceInfo
 from kmocking import PIPELINES, RefusingEmulator, kube_for
@@ -30,8 +31,13 @@ async def k8s(kmock: RefusingEmulator) -> RefusingEmulator:
     return kmock
 
 
+@pytest.fixture
+def operator_settings() -> Settings:
+    return Settings(jobs_image="kondense-jobs:test", progress_seconds=1)
+
+
 @pytest_asyncio.fixture
-async def operator(k8s: RefusingEmulator) -> AsyncIterator[RefusingEmulator]:
+async def operator(k8s: RefusingEmulator, operator_settings: Settings) -> AsyncIterator[RefusingEmulator]:
     """The operator's kopf handlers on a thread with its own loop (as in a pod), talking to kmock.
 
     kopf cancels the tasks it finds on its loop when it stops; its own loop keeps the test's
@@ -39,7 +45,8 @@ async def operator(k8s: RefusingEmulator) -> AsyncIterator[RefusingEmulator]:
     """
     handlers._WRITTEN.clear()
     handlers._REQUEUED.clear()
-    handlers.configure(Settings(jobs_image="kondense-jobs:test"), kube=kube_for(k8s))
+    handlers._PROGRESS.clear()
+    handlers.configure(operator_settings, kube=kube_for(k8s))
     kopf_login.use(str(k8s.url).rstrip("/"))
     stop, ready = threading.Event(), threading.Event()
     errors: list[BaseException] = []

@@ -141,3 +141,31 @@ async def test_next_stage_refused_after_a_job_event_is_requeued(operator):
     assert gguf in names_of(operator, "jobs")
     assert stage(operator, "p1", "distill")["state"] == "Succeeded"
     assert len(requests_for(operator, "create", "jobs")) == 1 + 6 + 1
+
+
+async def test_running_stage_progress_is_read_from_its_log_into_status(operator):
+    doc = pipeline_doc("p1")
+    await apply(operator, doc)
+    job = first_job(doc)["metadata"]["name"]
+    await eventually(lambda: stage(operator, "p1", "distill").get("job") == job, "distill's Job")
+    response = await operator.patch(f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{job}/status",
+                                    json={"status": {"active": 1, "startTime": "2026-11-27T00:00:00Z"}},
+                                    headers={"Content-Type": "application/merge-patch+json"})
+    assert response.status == 200
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": f"{job}-x7k2p", "namespace": NAMESPACE, "uid": "pod-1", "creationTimestamp": "2026-11-27T00:00:00Z",
+        "labels": {"kondense.io/pipeline": "p1", "kondense.io/stage": "distill", "job-name": job}},
+        "status": {"phase": "Running"}}
+    response = await operator.post(f"/api/v1/namespaces/{NAMESPACE}/pods", json=pod)
+    assert response.status == 200
+    log = ("2026-11-27 00:03:10 INFO kondense_jobs.distill: step 118\n"
+           '{"kondense":"progress","stage":"distill","phase":"steps","step":120,"total":300,"etaSeconds":190.0,"loss":2.5}\n'
+           "2026-11-27 00:03:11 INFO kondense_jobs.distill: saving\n")
+    operator[f"/api/v1/namespaces/{NAMESPACE}/pods/{job}-x7k2p/log"] << log.encode()
+    await eventually(lambda: stage(operator, "p1", "distill").get("progress") == "120/300 steps, ETA 3:10",
+                     "the stage's progress from its log")
+    status = operator.objects[PIPELINES, NAMESPACE, "p1"]["status"]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["message"] == "running distill (120/300 steps, ETA 3:10)"
+    reads = [r for r in operator if r.resource is not None and r.resource.plural == "pods" and r.subresource == "log"]
+    assert reads and all(r.params.get("tailLines") == "20" and r.params.get("container") == "stage" for r in reads)

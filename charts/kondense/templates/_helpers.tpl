@@ -91,4 +91,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
+# The tail of a running stage's log: its progress (step/total, ETA) for status.stages[].progress.
+- apiGroups: [""]
+  resources: [pods/log]
+  verbs: [get]
 {{- end }}
