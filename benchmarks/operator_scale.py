@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from kubernetes import client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +36,8 @@ from controlplane import ControlPlane, free_port, wait_for  # noqa: E402
 from operator_harness import install_crd  # noqa: E402
 
 from kondense import api  # noqa: E402
-from kondense.manifests import build_job, child_name  # noqa: E402
-from kondense.plan import resolve, stage_run  # noqa: E402
+from kondense.manifests import stage_job  # noqa: E402
+from kondense.plan import resolve  # noqa: E402
 from kondense.settings import Settings  # noqa: E402
 from kondense.validation import parse  # noqa: E402
 
@@ -45,29 +46,16 @@ AUDIT_POLICY = "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestR
 
 
 def pipeline(name: str) -> dict:
-    return {
-        "apiVersion": api.API_VERSION,
-        "kind": api.KIND,
-        "metadata": {"name": name},
-        "spec": {
-            "teacher": {"uri": "s3://models/teacher"},
-            "student": {"uri": "s3://models/student"},
-            "dataset": {"uri": "s3://data/prompts.jsonl"},
-            "storage": {"uri": "s3://artifacts/runs"},
-            "stages": [
-                {"name": "distill", "distill": {"method": "logits"}},
-                {"name": "gguf", "quantize": {"method": "gguf", "type": "q4_k_m"}},
-            ],
-        },
-    }
+    """crds/examples/minimal.yaml (distill, then gguf) as `name`."""
+    doc = yaml.safe_load((ROOT / "crds" / "examples" / "minimal.yaml").read_text())
+    doc["metadata"] = {"name": name}
+    return doc
 
 
 def first_job(doc: dict, namespace: str, settings: Settings) -> dict:
     p = parse({**doc, "metadata": {**doc["metadata"], "namespace": namespace}})
     plans = resolve(p.spec, namespace, p.metadata.name)
-    run = stage_run(p.spec, plans, plans[0].name, namespace, p.metadata.name)
-    name = child_name(p.metadata.name, plans[0].name, plans[0].input_digest)
-    return build_job(run, plans[0], name, settings.jobs_image, settings)
+    return stage_job(p.spec, plans, plans[0], namespace, p.metadata.name, settings)
 
 
 def count_jobs(batch: client.BatchV1Api, namespace: str) -> int:

@@ -84,6 +84,15 @@ async def startup(
         _PROGRESS_TASK = asyncio.create_task(_follow_progress(pipelines, jobs_by_pipeline, pods_by_pipeline))
 
 
+@kopf.on.cleanup()
+async def cleanup(**_) -> None:
+    """Stop the progress follower, or kopf waits 5 s for it as a hung task at every exit."""
+    global _PROGRESS_TASK
+    if _PROGRESS_TASK is not None:
+        _PROGRESS_TASK.cancel()
+        _PROGRESS_TASK = None
+
+
 # -- indexes: (namespace, pipeline) -> bodies ----------------------------------------------
 def _key(namespace: str, labels: dict) -> tuple[str, str]:
     return namespace, labels[LABEL_PIPELINE]

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 from kondense import api
 from kondense.errors import PERMANENT_EXIT_CODES
-from kondense.plan import StagePlan
+from kondense.plan import StagePlan, stage_run
 from kondense.settings import PREFIX, Settings
 from kondense.store import join, short
 
@@ -220,6 +220,14 @@ def build_job(run: api.StageRun, plan: StagePlan, name: str, image: str, setting
     if r.queue_name:
         job["spec"]["suspend"] = True  # Kueue admits (unsuspends) the Job when its quota allows
     return job
+
+
+def stage_job(spec: api.PipelineSpec, plans: list[StagePlan], plan: StagePlan, namespace: str, pipeline: str,
+              settings: Settings) -> dict:
+    """The Job of one planned stage, named and built exactly as the operator creates it."""
+    run = stage_run(spec, plans, plan.name, namespace, pipeline)
+    name = child_name(pipeline, plan.name, plan.input_digest)
+    return build_job(run, plan, name, spec.image or settings.jobs_image, settings)
 
 
 def pipeline_prefix(storage: api.Storage, namespace: str, pipeline: str) -> str:

@@ -13,8 +13,8 @@ from typing import Callable, Mapping
 
 from kondense import api, events
 from kondense.errors import HINTS, ApiRejected, InvalidSpec, Reason, outcome_for_exit
-from kondense.manifests import ANNOTATION_DIGEST, CONTAINER, build_cleanup_job, build_job, child_name, is_cleanup
-from kondense.plan import StagePlan, decide, resolve, stage_run
+from kondense.manifests import ANNOTATION_DIGEST, CONTAINER, build_cleanup_job, child_name, is_cleanup, stage_job
+from kondense.plan import StagePlan, decide, resolve
 from kondense.settings import Settings
 from kondense.status import FAILED, PROGRESSING, READY, SUCCEEDED, set_condition, summarize
 from kondense.validation import parse
@@ -200,9 +200,7 @@ def reconcile(
     created, refused, retry_after = [], set(), None
     for stage_name in decision.start:
         plan = next(p for p in plans if p.name == stage_name)
-        jname = child_name(name, plan.name, plan.input_digest)
-        run = stage_run(spec, plans, plan.name, namespace, name)
-        job = build_job(run, plan, jname, spec.image or settings.jobs_image, settings)
+        job = stage_job(spec, plans, plan, namespace, name, settings)
         adopt(job)
         try:
             if create(job):

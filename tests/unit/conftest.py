@@ -12,7 +12,7 @@ import kopf
 import pytest
 import pytest_asyncio
 from kmock import ResourceInfo
-from kmocking import PIPELINES, RefusingEmulator, kube_for
+from kmocking import JOBS_IMAGE, PIPELINES, RefusingEmulator, kube_for
 
 from kondense import api, handlers
 from kondense.settings import Settings
@@ -33,7 +33,7 @@ async def k8s(kmock: RefusingEmulator) -> RefusingEmulator:
 
 @pytest.fixture
 def operator_settings() -> Settings:
-    return Settings(jobs_image="kondense-jobs:test", progress_seconds=1)
+    return Settings(jobs_image=JOBS_IMAGE, progress_seconds=1)
 
 
 @pytest_asyncio.fixture

@@ -7,17 +7,25 @@ handlers against kmock, where any request can be answered with any error at any 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import kmock
+import yaml
 from kubernetes import client
 
 from kondense import api
 from kondense.errors import Reason
 from kondense.kube import Kube
+from kondense.manifests import stage_job
+from kondense.plan import resolve
+from kondense.settings import Settings
+from kondense.validation import parse
 
 NAMESPACE = "ml"
 PIPELINES = f"{api.GROUP}/{api.VERSION}/{api.PLURAL}"
 JOBS = "batch/v1/jobs"
+JOBS_IMAGE = "kondense-jobs:test"
+MINIMAL = Path(__file__).resolve().parents[2] / "crds" / "examples" / "minimal.yaml"
 
 
 @dataclass
@@ -59,21 +67,10 @@ class RefusingEmulator(kmock.KubernetesEmulator):
 
 
 def pipeline_doc(name: str, uid: str = "uid-1") -> dict:
-    return {
-        "apiVersion": api.API_VERSION,
-        "kind": api.KIND,
-        "metadata": {"name": name, "namespace": NAMESPACE, "uid": uid, "generation": 1, "resourceVersion": "1"},
-        "spec": {
-            "teacher": {"uri": "s3://models/teacher"},
-            "student": {"uri": "s3://models/student"},
-            "dataset": {"uri": "s3://data/prompts.jsonl"},
-            "storage": {"uri": "s3://artifacts/runs"},
-            "stages": [
-                {"name": "distill", "distill": {"method": "logits"}},
-                {"name": "gguf", "quantize": {"method": "gguf", "type": "q4_k_m"}},
-            ],
-        },
-    }
+    """crds/examples/minimal.yaml as `name` in NAMESPACE, stamped as the API server would (kmock does not)."""
+    doc = yaml.safe_load(MINIMAL.read_text())
+    doc["metadata"] = {"name": name, "namespace": NAMESPACE, "uid": uid, "generation": 1, "resourceVersion": "1"}
+    return doc
 
 
 def kube_for(server: RefusingEmulator, **options) -> Kube:
@@ -85,16 +82,9 @@ def kube_for(server: RefusingEmulator, **options) -> Kube:
 
 def first_job(doc: dict) -> dict:
     """The Job the operator builds for the pipeline's first stage (what it will create)."""
-    from kondense.manifests import build_job, child_name
-    from kondense.plan import resolve, stage_run
-    from kondense.settings import Settings
-    from kondense.validation import parse
-
     p = parse(doc)
-    plans = resolve(p.spec, NAMESPACE, p.metadata.name)
-    run = stage_run(p.spec, plans, plans[0].name, NAMESPACE, p.metadata.name)
-    name = child_name(p.metadata.name, plans[0].name, plans[0].input_digest)
-    return build_job(run, plans[0], name, "kondense-jobs:test", Settings())
+    plans = resolve(p.spec, p.metadata.namespace, p.metadata.name)
+    return stage_job(p.spec, plans, plans[0], p.metadata.namespace, p.metadata.name, Settings(jobs_image=JOBS_IMAGE))
 
 
 def requests_for(server: RefusingEmulator, action: str, plural: str, subresource: str | None = None) -> list:
