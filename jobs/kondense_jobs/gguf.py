@@ -260,10 +260,9 @@ def _llama_cpp():
 
 
 def _threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return os.cpu_count() or 1
+    from kondense_jobs.runtime import cpu_budget
+
+    return cpu_budget()
 
 
 def _load(gguf_path: Path, n_ctx: int, logits_all: bool):

@@ -48,6 +48,33 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def cpu_budget(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may really use: its affinity, capped by a cgroup CPU quota.
+
+    A Kubernetes CPU limit is a CFS quota, not an affinity mask: a pod limited to 4 CPUs on a
+    64-core node still sees 64, and a thread pool of 64 then spends most of its time throttled.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = period = None
+    try:  # cgroup v2: "max 100000" or "<quota> <period>"
+        raw_quota, raw_period = (cgroup / "cpu.max").read_text().split()
+        if raw_quota != "max":
+            quota, period = int(raw_quota), int(raw_period)
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            q = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            if q > 0:
+                quota, period = q, int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            pass
+    if quota and period:
+        cpus = min(cpus, max(1, -(-quota // period)))  # ceil: 1.5 CPUs get 2 threads
+    return max(1, cpus)
+
+
 def require(module: str, feature: str):
     """Import an optional dependency or say how to get it."""
     try:

@@ -98,19 +98,29 @@ def _key(namespace: str, labels: dict) -> tuple[str, str]:
     return namespace, labels[LABEL_PIPELINE]
 
 
+def _slim(body: kopf.Body, spec: tuple[str, ...] | None) -> dict:
+    """What reconciles read of an object: no managedFields, and of a child's spec only `spec`'s
+    keys (a Job's pod template, with its StageRun annotation, is most of its size)."""
+    out = {k: body[k] for k in ("apiVersion", "kind", "status") if k in body}
+    out["metadata"] = {k: v for k, v in body["metadata"].items() if k != "managedFields"}
+    whole = dict(body.get("spec") or {})
+    out["spec"] = whole if spec is None else {k: whole[k] for k in spec if k in whole}
+    return out
+
+
 @kopf.index("batch", "v1", "jobs", labels=CHILDREN)
 def jobs_by_pipeline(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
-    return {_key(namespace, labels): dict(body)}
+    return {_key(namespace, labels): _slim(body, spec=("suspend",))}
 
 
 @kopf.index("", "v1", "pods", labels=CHILDREN)
 def pods_by_pipeline(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) -> dict:
-    return {_key(namespace, labels): dict(body)}
+    return {_key(namespace, labels): _slim(body, spec=())}
 
 
 @kopf.index(api.GROUP, api.VERSION, api.PLURAL)
 def pipelines(namespace: str, name: str, body: kopf.Body, **_) -> dict:
-    return {(namespace, name): dict(body)}
+    return {(namespace, name): _slim(body, spec=None)}
 
 
 @dataclass(frozen=True)
