@@ -96,7 +96,8 @@ def main() -> None:
             for d in docs[:count]:
                 custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, d)
 
-        # Warm both paths (the API server builds a new CRD's OpenAPI and CEL programs lazily).
+        # Warm both paths: right after a CRD is installed its first creates are slower (measured:
+        # 200 in 2.7 s, the next 200 in 0.84 s).
         create_jobs("bench-warmup", 20)
         create_pipelines("bench-warmup", 20)
         time.sleep(3)

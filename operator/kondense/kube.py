@@ -39,7 +39,6 @@ class Kube:
     retry_delays: dict[str, float] = field(
         default_factory=lambda: {Reason.FORBIDDEN: 30.0, Reason.QUOTA_EXCEEDED: 30.0, Reason.API_UNAVAILABLE: 10.0}
     )
-    sleep: Callable[[float], None] = time.sleep
     # Built once: the client imports its pydantic models lazily, on first use, which costs about
     # half a second of CPU; paying it at startup keeps it out of the first pipelines' latency.
     batch: client.BatchV1Api = field(init=False)
@@ -137,7 +136,7 @@ class Kube:
                 wait, detail = self.backoff * 2 ** (attempt - 1), type(e).__name__
             wait = min(wait, self.max_wait)
             log.warning("%s: %s; retrying in %.1fs (attempt %d of %d)", what, detail, wait, attempt, self.attempts)
-            self.sleep(wait)
+            time.sleep(wait)
 
 
 def _retry_after(e: ApiException) -> float | None:

@@ -121,6 +121,21 @@ def invalid(body: dict, error: InvalidSpec, now: str) -> Outcome:
     return Outcome(status, _changed(previous, status), events=[("Warning", Reason.INVALID_SPEC, str(error)[:1000])])
 
 
+def _pipeline_of(body: dict) -> api.CompressionPipeline:
+    """The pipeline in a watched body (its status aside); raises InvalidSpec."""
+    return parse({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body})
+
+
+def _pods_by_job(pods: list[dict]) -> dict[str, list[dict]]:
+    """Pods grouped by the Job that owns them (the Job controller's job-name labels)."""
+    by_job: dict[str, list[dict]] = {}
+    for pod in pods:
+        labels = pod["metadata"].get("labels") or {}
+        if job_name := labels.get("job-name") or labels.get("batch.kubernetes.io/job-name"):
+            by_job.setdefault(job_name, []).append(pod)
+    return by_job
+
+
 def _previous(body: dict) -> api.PipelineStatus | None:
     """The status as last written (None when absent or written by something else)."""
     try:
@@ -150,21 +165,14 @@ def reconcile(
     """
     meta = body["metadata"]
     name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation")
-    pipeline = parse({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body})
-    spec = pipeline.spec
+    spec = _pipeline_of(body).spec
     plans = resolve(spec, namespace, name)
     previous = _previous(body)
     old = {s.name: s for s in previous.stages} if previous else {}
 
     # Observe: the Job of each stage's CURRENT digest, and superseded ones.
     current = {child_name(name, p.name, p.input_digest): p for p in plans}
-    by_job: dict[str, list[dict]] = {}
-    for pod in pods:
-        job_name = (pod["metadata"].get("labels") or {}).get("job-name") or (pod["metadata"].get("labels") or {}).get(
-            "batch.kubernetes.io/job-name"
-        )
-        if job_name:
-            by_job.setdefault(job_name, []).append(pod)
+    by_job = _pods_by_job(pods)
     observed: dict[str, Observed] = {}
     deleted = []
     for job in jobs:
@@ -271,7 +279,7 @@ def cleanup(
     meta = body["metadata"]
     name, namespace = meta["name"], meta["namespace"]
     try:
-        pipeline = parse({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body})
+        pipeline = _pipeline_of(body)
     except InvalidSpec as e:
         return Cleanup("Failed", f"artifacts kept: the spec is invalid, so where they are is unknown: {e}")
     unfinished = [
@@ -291,7 +299,7 @@ def cleanup(
         create(job)
         return Cleanup("Waiting", f"deleting the artifacts with Job {jname}",
                        [("Normal", "CleanupStarted", f"deleting the artifacts with Job {jname}")])
-    o = observe_job(existing, [p for p in pods if (p["metadata"].get("labels") or {}).get("job-name") == jname])
+    o = observe_job(existing, _pods_by_job(pods).get(jname, []))
     if o.state == "Succeeded":
         detail = o.summary.message if o.summary else "artifacts deleted"
         return Cleanup("Done", detail, [("Normal", "ArtifactsDeleted", detail)])

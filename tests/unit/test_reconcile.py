@@ -30,13 +30,14 @@ def job(conditions=(), active=0, failed=0, succeeded=0, suspend=False):
     }
 
 
-def pod(exit_code=None, reason=None, message="", waiting=None):
+def pod(exit_code=None, reason=None, message="", waiting=None, job_name=None):
     state = {}
     if exit_code is not None:
         state = {"terminated": {"exitCode": exit_code, "reason": reason or "Error", "message": message}}
     elif waiting:
         state = {"waiting": {"reason": waiting}}
-    return {"metadata": {"creationTimestamp": NOW, "labels": {}}, "status": {"containerStatuses": [{"name": "stage", "state": state}]}}
+    labels = {"job-name": job_name} if job_name else {}
+    return {"metadata": {"creationTimestamp": NOW, "labels": labels}, "status": {"containerStatuses": [{"name": "stage", "state": state}]}}
 
 
 GATE = summary_line(Summary(state="Failed", reason=Reason.QUALITY_GATE_FAILED, message="gguf: +4.6% over distill"))
@@ -201,7 +202,7 @@ def test_cleanup_stops_running_stages_first_then_runs_its_job_then_lets_go():
 
     finished = {**cleanup_job, "status": job([("Complete", "", "")], succeeded=1)["status"]}
     ok = summary_line(Summary(state="Succeeded", reason="Succeeded", message="deleted 7 objects under s3://bucket/runs/ns/demo"))
-    pods = [{**pod(0, "Completed", ok), "metadata": {"creationTimestamp": NOW, "labels": {"job-name": cleanup_job["metadata"]["name"]}}}]
+    pods = [pod(0, "Completed", ok, job_name=cleanup_job["metadata"]["name"])]
     out, rec4 = cleanup_run(body, jobs=[done, finished], pods=pods)
     assert out.state == "Done" and out.events == [("Normal", "ArtifactsDeleted", "deleted 7 objects under s3://bucket/runs/ns/demo")]
     assert not rec4.created and not rec4.deleted
@@ -212,7 +213,7 @@ def test_failed_cleanup_lets_the_pipeline_go_and_says_the_artifacts_stay():
     _, rec = cleanup_run(body)
     failed = {**rec.created[0], "status": job([("Failed", "PodFailurePolicy", "")], failed=1)["status"]}
     denied = summary_line(Summary(state="Failed", reason=Reason.STORAGE_ACCESS_DENIED, message="s3://bucket/runs: AccessDenied"))
-    pods = [{**pod(15, message=denied), "metadata": {"creationTimestamp": NOW, "labels": {"job-name": failed["metadata"]["name"]}}}]
+    pods = [pod(15, message=denied, job_name=failed["metadata"]["name"])]
     out, _ = cleanup_run(body, jobs=[failed], pods=pods)
     assert out.state == "Failed" and out.message.startswith("artifacts kept") and "AccessDenied" in out.message
     assert out.events[0][:2] == ("Warning", Reason.STORAGE_ACCESS_DENIED)
