@@ -128,21 +128,6 @@ def test_superseded_running_job_is_deleted_after_a_spec_edit():
     assert out.status.observed_generation == 2
 
 
-def test_failed_stage_is_not_rerun_when_its_job_is_garbage_collected():
-    body = demo_body()
-    out, rec = run(body)
-    distill_job = next(o for o in rec.created if o["kind"] == "Job" and "-distill-" in o["metadata"]["name"])
-    failed = {**distill_job, "status": job([("Failed", "BackoffLimitExceeded", "")], failed=3)["status"]}
-    out2, _ = run({**body, "status": out.status.dump()}, jobs=[failed])
-    assert out2.status.stages[0].state == "Failed"
-    out3, rec3 = run({**body, "status": out2.status.dump()}, jobs=[])  # ttlSecondsAfterFinished removed the Job
-    assert out3.status.stages[0].state == "Failed" and not out3.changed
-    assert not any("-distill-" in o["metadata"]["name"] for o in rec3.created), "only a spec edit re-runs it"
-    body["spec"]["stages"][0]["distill"]["temperature"] = 4.0  # the edit
-    _, rec4 = run({**body, "status": out3.status.dump()}, jobs=[])
-    assert any("-distill-" in o["metadata"]["name"] for o in rec4.created)
-
-
 def test_job_the_api_server_refuses_for_now_leaves_the_stage_pending_with_a_retry():
     from kondense.errors import ApiRejected
 
@@ -155,15 +140,25 @@ def test_job_the_api_server_refuses_for_now_leaves_the_stage_pending_with_a_retr
     assert out.retry_after == 60.0 and ("Warning", Reason.FORBIDDEN, "stage distill: jobs.batch is forbidden (hint: grant it)") in out.events
 
 
-def test_succeeded_stage_survives_job_garbage_collection():
+@pytest.mark.parametrize(
+    "finished, state",
+    [
+        (job([("Complete", "", "")], succeeded=1), "Succeeded"),
+        (job([("Failed", "BackoffLimitExceeded", "")], failed=3), "Failed"),
+    ],
+)
+def test_finished_stage_survives_job_garbage_collection_until_its_spec_changes(finished, state):
     body = demo_body()
     out, rec = run(body)
     distill_job = next(o for o in rec.created if o["kind"] == "Job" and "-distill-" in o["metadata"]["name"])
-    done = {**distill_job, "status": job([("Complete", "", "")], succeeded=1)["status"]}
-    out2, _ = run({**body, "status": out.status.dump()}, jobs=[done])
+    out2, _ = run({**body, "status": out.status.dump()}, jobs=[{**distill_job, "status": finished["status"]}])
+    assert out2.status.stages[0].state == state
     out3, rec3 = run({**body, "status": out2.status.dump()}, jobs=[])  # ttlSecondsAfterFinished removed the Job
-    assert out3.status.stages[0].state == "Succeeded"
-    assert not any("-distill-" in o["metadata"]["name"] for o in rec3.created)
+    assert out3.status.stages[0].state == state and not out3.changed
+    assert not any("-distill-" in o["metadata"]["name"] for o in rec3.created), "the status is the record"
+    body["spec"]["stages"][0]["distill"]["temperature"] = 4.0  # an edit: a new content address
+    _, rec4 = run({**body, "status": out3.status.dump()}, jobs=[])
+    assert any("-distill-" in o["metadata"]["name"] for o in rec4.created)
 
 
 def test_invalid_spec_reports_failed_with_field_path_and_creates_nothing():
