@@ -143,8 +143,31 @@ class Resources(Model):
     )
     priority_class_name: str | None = Field(None, description="PriorityClass of the stage pods.")
     queue_name: str | None = Field(None, description="Kueue LocalQueue: sets the kueue.x-k8s.io/queue-name label.")
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Pods of a distill stage. More than 1 makes an Indexed Job (one pod per node, a headless "
+        "Service for their names) whose workers rendezvous through torchrun's c10d at index 0.",
+    )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Training processes per pod (torchrun --nproc-per-node) for distill stages. Default: gpus, "
+        "or 1 on CPU; with GPUs it must equal gpus. Set it with gpus 0 to run CPU workers (gloo).",
+    )
     active_deadline_seconds: int = Field(86400, ge=60, description="A stage running longer than this fails (DeadlineExceeded).")
     backoff_limit: int = Field(2, ge=0, le=10, description="Retries of a stage after retryable failures.")
+
+    @property
+    def workers_per_node(self) -> int:
+        """Training processes in each pod: `workers`, else one per GPU, else 1."""
+        return self.workers or self.gpus or 1
+
+    @property
+    def world_size(self) -> int:
+        return self.workers_per_node * self.nodes
 
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -157,9 +180,32 @@ class DistillSpec(Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel("!has(self.maxSteps) || self.maxSteps > 0", "maxSteps must be positive"),
+                cel(
+                    "!has(self.globalBatchSize) || self.globalBatchSize % self.batchSize == 0",
+                    "globalBatchSize must be a multiple of batchSize",
+                    ".globalBatchSize",
+                ),
+                cel(
+                    "!has(self.teacherLoad) || self.teacherLoad != 'sharded' || self.method == 'logits'",
+                    "teacherLoad sharded is only for method logits",
+                    ".teacherLoad",
+                ),
+                cel(
+                    "!has(self.strategy) || self.strategy != 'fsdp' || self.method != 'gkd'",
+                    "strategy fsdp is not for method gkd (its on-policy generation would gather the student for every token)",
+                    ".strategy",
+                ),
             ]
         }
     )
+
+    # Fields that say how a stage runs, not what it makes: left out of its content address at
+    # these values, as resources are (a stage re-run on more GPUs reuses its artifact).
+    NOT_IN_DIGEST: ClassVar[dict[str, tuple]] = {
+        "strategy": ("auto", "ddp", "fsdp"),
+        "teacherLoad": ("auto", "replicated", "sharded"),
+        "globalBatchSize": (None,),
+    }
 
     method: Literal["logits", "synthetic", "gkd"] = Field(
         "logits",
@@ -174,8 +220,30 @@ class DistillSpec(Model):
     max_steps: int | None = Field(None, description="Optimizer steps; overrides epochs.")
     learning_rate: float = Field(2e-5, gt=0, le=1, description="Peak learning rate (linear decay).")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
-    batch_size: int = Field(4, ge=1, le=1024, description="Per-device batch size.")
-    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Batches per optimizer step.")
+    batch_size: int = Field(4, ge=1, le=1024, description="Sequences per worker per forward pass (the micro-batch).")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=1024, description="Micro-batches per optimizer step (derived from globalBatchSize when that is set)."
+    )
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=1048576,
+        description="Sequences per optimizer step over all workers. When set, gradientAccumulationSteps is "
+        "globalBatchSize / (batchSize x workers x nodes), which must be a whole number: the same global batch, "
+        "and so the same training, on any worker count.",
+    )
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="How the student is spread over the workers. ddp: a full replica per worker (fastest when it "
+        "fits). fsdp: weights, gradients and optimizer state sharded over all workers (FSDP2 through "
+        "transformers/accelerate). auto: ddp when the plan says it fits, else fsdp.",
+    )
+    teacher_load: Literal["auto", "replicated", "sharded", "int8", "nf4"] = Field(
+        "auto",
+        description="How each worker holds the teacher (logits, gkd). replicated: a full copy in the training "
+        "precision. sharded: split over all workers with FSDP2, gathered layer by layer for the forward pass "
+        "(logits only). int8 / nf4: a bitsandbytes-quantized copy. auto: replicated when it fits, else sharded.",
+    )
     max_seq_length: int = Field(512, ge=8, le=131072, description="Tokens per training sequence.")
     precision: Precision = Field("auto", description="auto: bf16 on GPUs that support it, fp32 on CPU.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
@@ -186,6 +254,29 @@ class DistillSpec(Model):
     max_new_tokens: int = Field(128, ge=1, le=8192, description="synthetic and gkd: tokens generated per prompt.")
     generation_temperature: float = Field(0.7, ge=0, le=5, description="synthetic and gkd: sampling temperature (0 = greedy).")
     top_p: float = Field(0.95, gt=0, le=1, description="synthetic: nucleus sampling threshold.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillSpec:  # mirrors the CEL rules above for `kondense validate`
+        if self.global_batch_size is not None and self.global_batch_size % self.batch_size:
+            raise ValueError(
+                f"globalBatchSize {self.global_batch_size} must be a multiple of batchSize {self.batch_size}"
+            )
+        if self.teacher_load == "sharded" and self.method != "logits":
+            raise ValueError("teacherLoad sharded is only for method logits")
+        if self.strategy == "fsdp" and self.method == "gkd":
+            raise ValueError(
+                "strategy fsdp is not for method gkd (its on-policy generation would gather the student for every token)"
+            )
+        return self
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on `world_size` workers."""
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps
+        return max(1, self.global_batch_size // (self.batch_size * world_size))
+
+    def global_batch(self, world_size: int) -> int:
+        return self.global_batch_size or self.batch_size * self.gradient_accumulation_steps * world_size
 
 
 class QuantizeSpec(Model):

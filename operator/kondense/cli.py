@@ -1,4 +1,4 @@
-"""The `kondense` command: run, demo, validate, report, crd."""
+"""The `kondense` command: run, demo, validate, plan, report, crd."""
 
 from __future__ import annotations
 
@@ -75,6 +75,37 @@ def cmd_validate(args) -> int:
     return 1 if bad else 0
 
 
+def cmd_plan(args) -> int:
+    from kondense import fit, memory
+    from kondense.errors import BY_REASON, Reason
+    from kondense.plan import resolve
+    from kondense.validation import load_file
+
+    p = load_file(Path(args.pipeline))
+    overrides: dict[str, Path] = {}
+    for item in args.config or []:
+        role, sep, path = item.partition("=")
+        if not sep or role not in ("teacher", "student"):
+            raise InvalidSpec(f"--config {item!r}: expected teacher=PATH or student=PATH")
+        overrides[role] = Path(path)
+    gpu_memory = memory.parse_quantity(args.gpu_memory) / memory.GIB if args.gpu_memory else None
+    plans = resolve(p.spec, p.metadata.namespace, p.metadata.name)
+    sources, origins = {}, {}
+    for role in ("teacher", "student"):
+        if role in overrides:
+            cfg, origins[role] = fit.load_config_file(overrides[role]), str(overrides[role])
+        else:
+            cfg, origins[role] = fit.read_config(getattr(p.spec, role), p.spec.storage)
+        sources[role] = memory.Shape.from_config(cfg, role)
+    fits = fit.plan_stages(p.spec, plans, sources, gpu_memory)
+    print(f"Plan of {p.metadata.name}" + (f" with {args.gpu_memory} per GPU" if args.gpu_memory else ""))
+    print(fit.format_plan(fits, origins))
+    if all(f.fits for f in fits):
+        return 0
+    print(f"\n{Reason.INSUFFICIENT_RESOURCES}: {', '.join(f.name for f in fits if not f.fits)} would not fit.", file=sys.stderr)
+    return BY_REASON[Reason.INSUFFICIENT_RESOURCES].exit_code
+
+
 def cmd_report(args) -> int:
     from kondense.api import Report
     from kondense.local import format_table
@@ -134,6 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate", help="check pipelines as the API server and the planner would")
     p.add_argument("pipelines", nargs="+")
     p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("plan", help="per-GPU memory of every stage from config.json alone: fits or what would (exit 14 if not)")
+    p.add_argument("pipeline", help="CompressionPipeline YAML")
+    p.add_argument("--gpu-memory", help="memory of one GPU for every stage, e.g. 80Gi (default: resources.gpuMemoryGiB)")
+    p.add_argument(
+        "--config", action="append", metavar="ROLE=PATH",
+        help="read the teacher's or student's config.json from PATH (repeatable)",
+    )
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("report", help="print a finished pipeline's comparison table")
     p.add_argument("target", help="pipeline YAML, or the URI of an evaluate stage's artifact")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from pydantic.alias_generators import to_camel
+
 from kondense.api import SOURCES, InputRef, ModelRef, PipelineSpec, Resources, Stage, StageRun
 from kondense.errors import InvalidSpec
 from kondense.store import artifact_uri, dumps_canonical
@@ -64,6 +66,7 @@ def semantic_errors(spec: PipelineSpec) -> list[str]:
             errors.append(f"{_path(i, where)}: {ref!r} is a {kinds[ref][1]} stage; {what}")
 
     for i, stage in enumerate(spec.stages):
+        errors += parallel_errors(spec, i)
         if stage.kind == "evaluate":
             ev = stage.evaluate
             assert ev is not None
@@ -83,6 +86,56 @@ def semantic_errors(spec: PipelineSpec) -> list[str]:
             if stage.kind == "quantize":
                 what = "quantize takes a full-precision model (teacher, student or a distill stage)"
             check_ref(i, "from", stage.from_, MODEL_PRODUCERS, what)
+    return errors
+
+
+def _resource_path(spec: PipelineSpec, i: int, name: str) -> str:
+    """Where an effective resource field comes from: the stage's own resources, else spec.resources."""
+    own = spec.stages[i].resources
+    if own is not None and name in own.model_fields_set:
+        return _path(i, "resources", to_camel(name))
+    return f"spec.resources.{to_camel(name)}"
+
+
+def parallel_errors(spec: PipelineSpec, i: int) -> list[str]:
+    """Workers, nodes and the global batch, checked on the stage's effective resources."""
+    stage, r = spec.stages[i], effective_resources(spec, spec.stages[i])
+    errors: list[str] = []
+    if stage.kind != "distill":
+        for name, value in (("nodes", r.nodes), ("workers", r.workers or 1)):
+            if value > 1:
+                errors.append(
+                    f"{_resource_path(spec, i, name)}: {value}, but only distill stages run several workers; "
+                    f"a {stage.kind} stage uses its pod's GPUs from one process. Set {to_camel(name)} on the distill "
+                    "stage's own resources instead"
+                )
+        return errors
+    d = stage.distill
+    assert d is not None
+    if r.workers is not None and r.gpus and r.workers != r.gpus:
+        errors.append(
+            f"{_resource_path(spec, i, 'workers')}: {r.workers} workers on {r.gpus} GPUs; a worker drives one GPU, "
+            "so leave workers unset (one per GPU) or make it equal gpus"
+        )
+    if r.nodes > 1 and not r.gpus and r.workers is None:
+        errors.append(
+            f"{_resource_path(spec, i, 'nodes')}: {r.nodes} nodes with gpus 0 would train on CPUs across nodes; set "
+            "resources.gpus, or set resources.workers to run CPU workers on purpose"
+        )
+    world = r.world_size
+    if d.global_batch_size is not None and d.global_batch_size % (d.batch_size * world):
+        errors.append(
+            f"{_path(i, 'distill.globalBatchSize')}: {d.global_batch_size} does not divide into batchSize "
+            f"{d.batch_size} x {world} workers ({r.workers_per_node} per node x {r.nodes} nodes); use a multiple "
+            f"of {d.batch_size * world}, or change batchSize"
+        )
+    if world == 1:
+        for name, value in (("strategy", d.strategy), ("teacherLoad", d.teacher_load)):
+            if value in ("fsdp", "sharded"):
+                errors.append(
+                    f"{_path(i, 'distill', name)}: {value} shards over the workers, and this stage has one; raise "
+                    "resources.gpus (or workers, or nodes), or use " + ("ddp" if name == "strategy" else "replicated")
+                )
     return errors
 
 
@@ -113,12 +166,28 @@ def stage_inputs(spec: PipelineSpec, index: int) -> dict[str, str]:
     return {name: name for name in stage.evaluate.of}
 
 
+def _identity(stage: Stage, resources: Resources) -> dict:
+    """The stage's fields that shape its output.
+
+    Fields that only say how the stage runs are left out at their neutral values (see
+    NOT_IN_DIGEST), so adding such a field never moves an existing artifact. Without a
+    globalBatchSize the global batch grows with the workers, so then their count is in.
+    """
+    doc = stage.config.model_dump(mode="json", by_alias=True)
+    for key, neutral in getattr(stage.config, "NOT_IN_DIGEST", {}).items():
+        if doc.get(key) in neutral:
+            doc.pop(key)
+    if stage.kind == "distill" and stage.config.global_batch_size is None and resources.world_size > 1:
+        doc["worldSize"] = resources.world_size
+    return doc
+
+
 def input_digest(stage: Stage, inputs: dict[str, str], digests: dict[str, object], spec: PipelineSpec) -> str:
     """Content address: the stage's own spec, its inputs' identities and the dataset."""
     doc = {
         "v": DIGEST_VERSION,
         "kind": stage.kind,
-        "config": stage.config.model_dump(mode="json", by_alias=True),
+        "config": _identity(stage, effective_resources(spec, stage)),
         "inputs": {role: digests[src] for role, src in inputs.items()},
         "dataset": spec.dataset.model_dump(mode="json", by_alias=True),
     }
