@@ -66,17 +66,19 @@ class Kube:
 
     # -- the write path --------------------------------------------------------------------
     def create(self, obj: dict) -> bool:
-        """Create a Job; False when it already existed (deterministic names)."""
-        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
-        if obj["kind"] != "Job":
-            raise ValueError(f"the operator does not create {obj['kind']}")
+        """Create a child: a Job, or the headless Service of a multi-node stage. False when it
+        already existed (children have deterministic names)."""
+        kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
+        creators = {"Job": self.batch.create_namespaced_job, "Service": self.core.create_namespaced_service}
+        if kind not in creators:
+            raise ValueError(f"the operator does not create {kind}")
         try:
-            self._call(f"create Job {ns}/{name}", lambda: self.batch.create_namespaced_job(ns, obj, _preload_content=False))
+            self._call(f"create {kind} {ns}/{name}", lambda: creators[kind](ns, obj, _preload_content=False))
         except ApiException as e:
             if e.status == 409:
                 return False
-            raise self.rejected(e, f"creating Job {ns}/{name}") from None
-        log.info("Created Job %s/%s", ns, name)
+            raise self.rejected(e, f"creating {kind} {ns}/{name}") from None
+        log.info("Created %s %s/%s", kind, ns, name)
         return True
 
     def delete_job(self, namespace: str, name: str, propagation: str = "Background") -> None:

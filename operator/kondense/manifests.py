@@ -1,8 +1,14 @@
-"""Pure builder: a planned stage -> its batch/v1 Job. No I/O; handlers adopt it and create it.
+"""Pure builders: a planned stage -> its batch/v1 Job (and, for several nodes, a headless Service).
+
+No I/O; reconcile adopts what these return and creates it.
 
 The StageRun document travels inside the Job, as a pod annotation that the downward API
 projects into /etc/kondense/stage.json: one object per stage to create, nothing to clean up,
 and the document is immutable with the Job.
+
+A distill stage on several nodes (`resources.nodes` > 1) is an Indexed Job: one pod per node,
+each named `<job>-<index>` by the Job controller in the subdomain of a headless Service, so
+that every pod reaches the c10d rendezvous of torch's launcher at `<job>-0.<service>`.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from urllib.parse import urlparse
 
 from kondense import api
 from kondense.errors import PERMANENT_EXIT_CODES
+from kondense.launch import RDZV_PORT, rendezvous_endpoint, stage_command
 from kondense.plan import StagePlan, stage_run
 from kondense.settings import PREFIX, Settings
 from kondense.store import join, short
@@ -32,18 +39,41 @@ LABEL_DIGEST = f"{PREFIX}/digest"
 ANNOTATION_DIGEST = f"{PREFIX}/input-digest"
 ANNOTATION_RUN = f"{PREFIX}/stage-run"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Set by the Job controller on the pods of every Job, and on an Indexed Job's pods their index
+# (as a label since Kubernetes 1.28, as an annotation always).
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+RDZV_PORT_NAME = "rdzv"
 GPU = "nvidia.com/gpu"
 CLEANUP = "cleanup"
 
 
-def child_name(pipeline: str, stage: str, digest: str) -> str:
-    """`<pipeline>-<stage>-<digest8>`, shortened with a hash to stay within 63 characters."""
+def child_name(pipeline: str, stage: str, digest: str, max_len: int = MAX_NAME) -> str:
+    """`<pipeline>-<stage>-<digest8>`, shortened with a hash to stay within `max_len` characters."""
     tail = f"-{short(digest)[:8]}"
     base = f"{pipeline}-{stage}"
-    if len(base) + len(tail) > MAX_NAME:
+    if len(base) + len(tail) > max_len:
         h = hashlib.sha256(base.encode()).hexdigest()[:6]
-        base = f"{base[: MAX_NAME - len(tail) - 7].rstrip('-')}-{h}"
+        base = f"{base[: max_len - len(tail) - 7].rstrip('-')}-{h}"
     return base + tail
+
+
+def job_name(pipeline: str, plan: StagePlan) -> str:
+    """The Job of a planned stage: `child_name`, leaving room for the index on several nodes.
+
+    The pods of an Indexed Job get the host names `<job>-<index>`, DNS labels of at most 63
+    characters: the API server refuses an Indexed Job whose last host name would be longer.
+    """
+    if plan.resources.nodes == 1:
+        return child_name(pipeline, plan.name, plan.input_digest)
+    room = len(f"-{plan.resources.nodes - 1}")
+    return child_name(pipeline, plan.name, plan.input_digest, MAX_NAME - room)
+
+
+def service_name(job: str) -> str:
+    """The headless Service of a multi-node Job: the Job's own name, which `kubectl get svc` shows
+    next to it. A Service name must begin with a letter (RFC 1035), a Job name need not."""
+    return job if job[:1].isalpha() else f"s-{job}"  # a multi-node Job's name leaves the room
 
 
 def labels(pipeline: str, plan: StagePlan, settings: Settings) -> dict[str, str]:
@@ -177,8 +207,28 @@ def _job(name: str, namespace: str, job_labels: dict[str, str], annotations: dic
     }
 
 
+def _stage_argv(kind: str, r: api.Resources, job: str) -> list[str]:
+    """`python -m kondense_jobs <kind> ...`, under torch's launcher when the stage has several workers;
+    on several nodes the workers meet at the c10d store of the pod of index 0, run id = the Job."""
+    rendezvous = (rendezvous_endpoint(job, service_name(job)), job) if r.nodes > 1 else None
+    stage_args = ["--spec", f"{SPEC_DIR}/{SPEC_FILE}", "--work-dir", SCRATCH]
+    return stage_command(kind, stage_args, r, rendezvous=rendezvous)
+
+
+def _indexed(job: dict, nodes: int, service: str) -> dict:
+    """One pod per node. The Job controller names each pod's host `<job>-<index>`; the subdomain
+    puts those names in the headless Service's DNS zone, where the other pods look them up."""
+    spec = job["spec"]
+    spec.update(completionMode="Indexed", completions=nodes, parallelism=nodes)
+    pod = spec["template"]["spec"]
+    pod["subdomain"] = service
+    pod["containers"][0]["ports"] = [{"name": RDZV_PORT_NAME, "containerPort": RDZV_PORT, "protocol": "TCP"}]
+    return job
+
+
 def build_job(run: api.StageRun, plan: StagePlan, name: str, image: str, settings: Settings) -> dict:
-    """The stage's Job: one pod, non-root, the StageRun mounted, credentials by reference only."""
+    """The stage's Job: non-root, the StageRun mounted, credentials by reference only. One pod, or
+    for a multi-node stage an Indexed Job of one pod per node (see `build_service`)."""
     r = plan.resources
     volumes = [
         {
@@ -200,9 +250,9 @@ def build_job(run: api.StageRun, plan: StagePlan, name: str, image: str, setting
     for claim in _pvc_claims(run):
         volumes.append({"name": f"pvc-{claim}"[:63], "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": f"pvc-{claim}"[:63], "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True})
+    argv = _stage_argv(run.stage_kind, r, name)
     container = _container(
-        image, settings, ["python", "-m", "kondense_jobs"],
-        [run.stage_kind, "--spec", f"{SPEC_DIR}/{SPEC_FILE}", "--work-dir", SCRATCH],
+        image, settings, argv[:3], argv[3:],  # `python -m <module>` | its arguments
         _env(run.storage), _resources(r), mounts,
     )
     pod_spec = _pod_spec(settings, container, volumes)
@@ -217,17 +267,52 @@ def build_job(run: api.StageRun, plan: StagePlan, name: str, image: str, setting
         {ANNOTATION_RUN: json.dumps(run.dump(), sort_keys=True, separators=(",", ":"))},
         pod_spec, r.backoff_limit, r.active_deadline_seconds, settings,
     )
+    if r.nodes > 1:
+        _indexed(job, r.nodes, service_name(name))
     if r.queue_name:
         job["spec"]["suspend"] = True  # Kueue admits (unsuspends) the Job when its quota allows
     return job
+
+
+def build_service(job: dict) -> dict:
+    """The headless Service of a multi-node Job: it gives the Job's pods their DNS names.
+
+    `<job>-<index>.<service>` resolves to that pod's IP from the moment it has one
+    (publishNotReadyAddresses: the rendezvous happens before any readiness could be known).
+    No cluster IP, nothing load-balanced: torch's c10d rendezvous listens on index 0 and tells
+    every worker the addresses it needs. Labelled like the Job, Kueue's queue label aside.
+    """
+    meta = job["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": job["spec"]["template"]["spec"]["subdomain"],
+            "namespace": meta["namespace"],
+            "labels": {k: v for k, v in meta["labels"].items() if k != QUEUE_LABEL},
+        },
+        "spec": {
+            "clusterIP": "None",
+            "selector": {JOB_NAME_LABEL: meta["name"]},
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": RDZV_PORT_NAME, "port": RDZV_PORT, "targetPort": RDZV_PORT_NAME, "protocol": "TCP"}],
+        },
+    }
 
 
 def stage_job(spec: api.PipelineSpec, plans: list[StagePlan], plan: StagePlan, namespace: str, pipeline: str,
               settings: Settings) -> dict:
     """The Job of one planned stage, named and built exactly as the operator creates it."""
     run = stage_run(spec, plans, plan.name, namespace, pipeline)
-    name = child_name(pipeline, plan.name, plan.input_digest)
-    return build_job(run, plan, name, spec.image or settings.jobs_image, settings)
+    return build_job(run, plan, job_name(pipeline, plan), spec.image or settings.jobs_image, settings)
+
+
+def stage_objects(spec: api.PipelineSpec, plans: list[StagePlan], plan: StagePlan, namespace: str, pipeline: str,
+                  settings: Settings) -> list[dict]:
+    """What the operator creates for one planned stage, in order: a multi-node stage's Service
+    first (its pods find each other through it), then the Job."""
+    job = stage_job(spec, plans, plan, namespace, pipeline, settings)
+    return [build_service(job), job] if plan.resources.nodes > 1 else [job]
 
 
 def pipeline_prefix(storage: api.Storage, namespace: str, pipeline: str) -> str:

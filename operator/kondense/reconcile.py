@@ -13,7 +13,16 @@ from typing import Callable, Mapping
 
 from kondense import api, events
 from kondense.errors import HINTS, ApiRejected, InvalidSpec, Reason, outcome_for_exit
-from kondense.manifests import ANNOTATION_DIGEST, CONTAINER, build_cleanup_job, child_name, is_cleanup, stage_job
+from kondense.manifests import (
+    ANNOTATION_DIGEST,
+    COMPLETION_INDEX,
+    CONTAINER,
+    JOB_NAME_LABEL,
+    build_cleanup_job,
+    is_cleanup,
+    job_name,
+    stage_objects,
+)
 from kondense.plan import StagePlan, decide, resolve
 from kondense.settings import Settings
 from kondense.status import FAILED, PROGRESSING, READY, SUCCEEDED, set_condition, summarize
@@ -57,14 +66,64 @@ def _waiting_reason(pod: dict) -> str | None:
     return None
 
 
+def completion_index(pod: dict) -> int | None:
+    """A pod's index in an Indexed Job (a label since Kubernetes 1.28, an annotation always);
+    None for the pod of a plain Job."""
+    meta = pod["metadata"]
+    raw = (meta.get("labels") or {}).get(COMPLETION_INDEX) or (meta.get("annotations") or {}).get(COMPLETION_INDEX)
+    return int(raw) if raw is not None and raw.isdigit() else None
+
+
+def _latest_terminations(pods: list[dict]) -> list[tuple[dict, dict]]:
+    """(pod, terminated state) of the newest terminated pod of each completion index, by index.
+
+    Older pods of an index were retried by the Job controller and speak no more. A plain Job's
+    pods share the index None: what is left is its newest terminated pod.
+    """
+    latest: dict[int | None, tuple[dict, dict]] = {}
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or ""):
+        if term := _terminated(pod):
+            latest[completion_index(pod)] = (pod, term)
+    return [latest[i] for i in sorted(latest, key=lambda i: -1 if i is None else i)]
+
+
+def _cause_first(entry: tuple[dict, dict]) -> tuple[bool, str, int]:
+    pod, term = entry
+    stopped = bool(pod["metadata"].get("deletionTimestamp"))
+    return stopped, term.get("finishedAt") or "", completion_index(pod) or 0
+
+
+def deciding_termination(pods: list[dict], complete: bool) -> dict | None:
+    """The container termination whose message speaks for a Job: its summary, exit code, reason.
+
+    A plain Job: its newest terminated pod. An Indexed Job (a stage on several nodes):
+    - complete: the pod whose summary names the published artifact, index 0 first. Only the
+      worker of global rank 0 publishes, and which pod holds it is the rendezvous' choice;
+    - otherwise, the pod that failed first among those that failed on their own: when one node's
+      worker dies, the others fail after it for want of their peer, or are stopped (deleted) by
+      the Job controller as the Job fails, and neither says why.
+    """
+    latest = _latest_terminations(pods)
+    if not latest:
+        return None
+    if complete:
+        for _, term in latest:
+            summary = events.parse_summary(term.get("message") or "")
+            if summary is not None and summary.artifact is not None:
+                return term
+        return latest[0][1]
+    failed = [entry for entry in latest if int(entry[1].get("exitCode") or 0) != 0]
+    return min(failed, key=_cause_first)[1] if failed else latest[0][1]
+
+
 def observe_job(job: dict, pods: list[dict]) -> Observed:
-    """Pure: a Job (and its pods, newest last) -> the stage's state, reason and summary."""
+    """Pure: a Job and its pods -> the stage's state, reason and summary."""
     status = job.get("status") or {}
     attempts = int(status.get("succeeded") or 0) + int(status.get("failed") or 0) + int(status.get("active") or 0)
     started = status.get("startTime")
     pods = sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "")
-    last_term = next((t for t in map(_terminated, reversed(pods)) if t), None)
-    summary = events.parse_summary(last_term.get("message") or "") if last_term else None
+    term = deciding_termination(pods, complete=_condition(job, "Complete") is not None)
+    summary = events.parse_summary(term.get("message") or "") if term else None
 
     if _condition(job, "Complete"):
         return Observed("Succeeded", Reason.SUCCEEDED, "", attempts, started, status.get("completionTime"), summary)
@@ -73,13 +132,13 @@ def observe_job(job: dict, pods: list[dict]) -> Observed:
         reason = failed.get("reason") or Reason.ERROR
         if reason == "DeadlineExceeded":
             reason = Reason.DEADLINE_EXCEEDED
-        elif last_term is not None:
-            if last_term.get("reason") == "OOMKilled":
+        elif term is not None:
+            if term.get("reason") == "OOMKilled":
                 reason = Reason.OOM_KILLED
             elif summary is not None:
                 reason = summary.reason
             else:
-                reason = outcome_for_exit(int(last_term.get("exitCode") or 1)).reason
+                reason = outcome_for_exit(int(term.get("exitCode") or 1)).reason
         elif reason in ("BackoffLimitExceeded", "PodFailurePolicy"):
             reason = Reason.BACKOFF_LIMIT_EXCEEDED
         detail = summary.message if summary and summary.message else failed.get("message") or ""
@@ -131,8 +190,8 @@ def _pods_by_job(pods: list[dict]) -> dict[str, list[dict]]:
     by_job: dict[str, list[dict]] = {}
     for pod in pods:
         labels = pod["metadata"].get("labels") or {}
-        if job_name := labels.get("job-name") or labels.get("batch.kubernetes.io/job-name"):
-            by_job.setdefault(job_name, []).append(pod)
+        if owner := labels.get("job-name") or labels.get(JOB_NAME_LABEL):
+            by_job.setdefault(owner, []).append(pod)
     return by_job
 
 
@@ -171,7 +230,7 @@ def reconcile(
     old = {s.name: s for s in previous.stages} if previous else {}
 
     # Observe: the Job of each stage's CURRENT digest, and superseded ones.
-    current = {child_name(name, p.name, p.input_digest): p for p in plans}
+    current = {job_name(name, p): p for p in plans}
     by_job = _pods_by_job(pods)
     observed: dict[str, Observed] = {}
     deleted = []
@@ -208,9 +267,12 @@ def reconcile(
     created, refused, retry_after = [], set(), None
     for stage_name in decision.start:
         plan = next(p for p in plans if p.name == stage_name)
-        job = stage_job(spec, plans, plan, namespace, name, settings)
-        adopt(job)
+        *companions, job = stage_objects(spec, plans, plan, namespace, name, settings)
         try:
+            for obj in companions:  # a multi-node stage's Service, before the Job that needs it
+                adopt(obj)
+                create(obj)
+            adopt(job)
             if create(job):
                 created.append(plan.name)
         except ApiRejected as e:  # the stage says why it has no Job; the others go on
@@ -232,14 +294,14 @@ def reconcile(
             p, observed.get(p.name), old.get(p.name), p.name in committed | failed, p.name in decision.blocked
         )
         if p.name in observed and p.name not in refused:
-            st.job = child_name(name, p.name, p.input_digest)
+            st.job = job_name(name, p)
         if st.state == "Running" and progress:
             st.progress = progress.get(p.name)
         stages.append(st)
         before = old.get(p.name)
         moved = before is None or before.state != st.state or before.input_digest != st.input_digest
         if p.name in created:
-            evs.append(("Normal", "StageStarted", f"stage {p.name}: created Job {child_name(name, p.name, p.input_digest)}"))
+            evs.append(("Normal", "StageStarted", f"stage {p.name}: created Job {job_name(name, p)}"))
         elif p.name in refused:
             if before is None or (before.state, before.reason) != (st.state, st.reason):
                 evs.append(("Warning", st.reason or Reason.ERROR, f"stage {p.name}: {st.message}"[:1000]))

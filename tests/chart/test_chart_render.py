@@ -226,6 +226,7 @@ APPLICATION = (
     | {("batch", "jobs", v) for v in ("create", "get", "list", "watch", "delete", "patch")}
     | {("", "pods", v) for v in ("get", "list", "watch")}
     | {("", "pods/log", "get")}
+    | {("", "services", v) for v in ("create", "get", "list", "watch")}  # multi-node stages' rendezvous names
 )
 DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")} | {
     ("", "namespaces", v) for v in ("list", "watch")
@@ -254,6 +255,14 @@ def test_namespaced_rbac_gives_a_role_per_namespace_and_only_discovery_cluster_w
         }
         assert roles == bindings == {"kondense-framework", "kondense-application"}
     assert {o["metadata"]["name"] for o in by_kind(objs, "ClusterRoleBinding")} == {"kondense-framework"}
+
+
+@pytest.mark.parametrize("values", [None, VALUE_SETS["watch-namespaces"]], ids=["cluster-wide", "namespaced"])
+def test_operator_may_create_services_and_nothing_more_with_them(render, values):
+    """A multi-node stage's headless Service: created, read, never changed or deleted by the
+    operator (its owner reference to the pipeline lets the garbage collector remove it)."""
+    service_verbs = {v for _, res, v in granted(render(values), ("ClusterRole", "Role")) if res == "services"}
+    assert service_verbs == {"create", "get", "list", "watch"}
 
 
 def test_peering_rules_only_with_peering(render):

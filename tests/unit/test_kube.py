@@ -93,3 +93,24 @@ async def test_unreachable_api_server_gives_api_unavailable():
     with pytest.raises(ApiRejected) as e:
         await asyncio.to_thread(kube.create, job())
     assert e.value.reason == Reason.API_UNAVAILABLE and "Connection refused" in str(e.value)
+
+
+async def test_a_multi_node_stage_service_is_created_once_and_nothing_else_is_created(k8s):
+    from kmocking import JOBS_IMAGE
+
+    from kondense.manifests import stage_objects
+    from kondense.plan import resolve
+    from kondense.settings import Settings
+    from kondense.validation import parse
+
+    doc = pipeline_doc("p1")
+    doc["spec"]["stages"][0]["resources"] = {"gpus": 1, "nodes": 2}
+    p = parse(doc)
+    plans = resolve(p.spec, NAMESPACE, "p1")
+    service, _ = stage_objects(p.spec, plans, plans[0], NAMESPACE, "p1", Settings(jobs_image=JOBS_IMAGE))
+    kube = kube_for(k8s)
+    assert await asyncio.to_thread(kube.create, service) is True
+    assert await asyncio.to_thread(kube.create, service) is False  # 409 AlreadyExists: it is there
+    assert names_of(k8s, "services") == [service["metadata"]["name"]]
+    with pytest.raises(ValueError, match="does not create ConfigMap"):
+        await asyncio.to_thread(kube.create, {"kind": "ConfigMap", "metadata": {"namespace": NAMESPACE, "name": "x"}})

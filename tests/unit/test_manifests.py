@@ -1,8 +1,9 @@
-"""The Job builder: security, scheduling, failure policy; valid for Kubernetes (strict)."""
+"""The Job builder: security, scheduling, failure policy, multi-node shape; valid for Kubernetes (strict)."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,14 @@ from kondense.manifests import (
     child_name,
     cleanup_name,
     is_cleanup,
+    job_name,
     pipeline_prefix,
+    service_name,
+    stage_objects,
 )
 from kondense.plan import resolve, stage_run
 from kondense.settings import Settings
-from kondense.validation import load_file
+from kondense.validation import load_file, parse
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS = Settings(jobs_image="registry.example/kondense-jobs:0.1.0")
@@ -47,8 +51,8 @@ def test_gpu_job_requests_gpus_tolerates_them_and_selects_nodes():
     _, _, _, job, _ = built("llama-70b-to-8b.yaml", "distill")
     pod = job["spec"]["template"]["spec"]
     c = pod["containers"][0]
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"  # the stage's own override
-    assert c["resources"]["limits"]["memory"] == "600Gi"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"  # the stage's own override
+    assert c["resources"]["limits"]["memory"] == "1200Gi"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert pod["priorityClassName"] == "ml-batch"
@@ -119,8 +123,6 @@ def test_child_names_are_deterministic_dns_labels_within_63(pipeline):
 def test_pvc_sources_are_mounted_read_only():
     doc = yaml.safe_load((ROOT / "crds/examples/demo.yaml").read_text())
     doc["spec"]["teacher"]["uri"] = "pvc://models/llama/70b"
-    from kondense.validation import parse
-
     p = parse(doc)
     plans = resolve(p.spec, "default", "demo")
     run = stage_run(p.spec, plans, "distill", "default", "demo")
@@ -148,3 +150,99 @@ def test_cleanup_job_is_valid_unprivileged_and_gets_credentials_by_reference():
         secret_refs = [e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e]
         assert secret_refs and set(secret_refs) == {p.spec.storage.credentials_secret}
     assert not [e for e in container["env"] if e["name"].startswith("AWS_") and "value" in e]
+
+
+# -- workers and nodes ---------------------------------------------------------------------------
+
+STAGE_ARGS = ["--spec", "/etc/kondense/stage.json", "--work-dir", "/scratch"]
+
+
+def minimal_objects(name: str = "minimal", queue: str | None = None, stage: str = "distill", **resources) -> list[dict]:
+    """What the operator creates for crds/examples/minimal.yaml's distill stage with these resources."""
+    doc = yaml.safe_load((ROOT / "crds/examples/minimal.yaml").read_text())
+    doc["metadata"]["name"] = name
+    doc["spec"]["stages"][0]["name"] = stage
+    doc["spec"]["resources"] = {"queueName": queue} if queue else {}
+    doc["spec"]["stages"][0]["resources"] = resources
+    p = parse(doc)
+    plans = resolve(p.spec, p.metadata.namespace, p.metadata.name)
+    return stage_objects(p.spec, plans, plans[0], p.metadata.namespace, p.metadata.name, SETTINGS)
+
+
+def test_one_worker_runs_the_stage_itself_and_several_run_under_the_launcher():
+    (single,) = minimal_objects(gpus=1)
+    c = single["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["python", "-m", "kondense_jobs"] and c["args"] == ["distill", *STAGE_ARGS]
+    _, _, _, job, _ = built("llama-70b-to-8b.yaml", "distill")  # 8 GPUs in one pod
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["python", "-m", "kondense_jobs.launch"]
+    assert c["args"] == ["--nnodes", "1", "--nproc-per-node", "8", "--standalone", "--", "distill", *STAGE_ARGS]
+    assert "completionMode" not in job["spec"] and "subdomain" not in job["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("nodes", [1, 2], ids=["one-node", "two-nodes"])
+@pytest.mark.parametrize("queue", [None, "ml-team"], ids=["no-queue", "kueue"])
+def test_multi_node_stage_is_an_indexed_job_with_a_headless_service(nodes, queue):
+    objects = minimal_objects(queue=queue, gpus=1, nodes=nodes)
+    job = objects[-1]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    name = job["metadata"]["name"]
+    # Kueue and the failure policy apply whatever the shape; /dev/shm is memory-backed for NCCL/gloo.
+    assert ("suspend" in spec) is bool(queue) and spec.get("suspend", True) is True
+    assert (job["metadata"]["labels"].get("kueue.x-k8s.io/queue-name")) == queue
+    assert [r["action"] for r in spec["podFailurePolicy"]["rules"]] == ["FailJob", "Ignore"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    if nodes == 1:
+        assert [o["kind"] for o in objects] == ["Job"]
+        assert not {"completionMode", "completions", "parallelism"} & set(spec) and "subdomain" not in pod
+        assert c["args"] == ["distill", *STAGE_ARGS]
+        return
+    service = objects[0]
+    assert [o["kind"] for o in objects] == ["Service", "Job"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    assert pod["subdomain"] == service["metadata"]["name"] == service_name(name)
+    assert c["command"] == ["python", "-m", "kondense_jobs.launch"]
+    assert c["args"] == [
+        "--nnodes", "2", "--nproc-per-node", "1",
+        "--rdzv-endpoint", f"{name}-0.{service['metadata']['name']}:29400", "--rdzv-id", name,
+        "--", "distill", *STAGE_ARGS,
+    ]
+    assert c["ports"] == [{"name": "rdzv", "containerPort": 29400, "protocol": "TCP"}]
+    assert service["metadata"]["namespace"] == job["metadata"]["namespace"]
+    assert service["spec"] == {
+        "clusterIP": "None",
+        "selector": {"batch.kubernetes.io/job-name": name},
+        "publishNotReadyAddresses": True,
+        "ports": [{"name": "rdzv", "port": 29400, "targetPort": "rdzv", "protocol": "TCP"}],
+    }
+    labels = {k: v for k, v in job["metadata"]["labels"].items() if k != "kueue.x-k8s.io/queue-name"}
+    assert service["metadata"]["labels"] == labels  # Kueue queues the Job, not its Service
+
+
+@pytest.mark.parametrize("queue", [None, "ml-team"], ids=["no-queue", "kueue"])
+def test_multi_node_objects_pass_kubernetes_validate_strict(queue):
+    kv = pytest.importorskip("kubernetes_validate")
+    for obj in minimal_objects(queue=queue, gpus=4, nodes=3):
+        kv.validate(json.loads(json.dumps(obj)), "1.33", strict=True)
+
+
+@pytest.mark.parametrize(
+    "pipeline, stage, nodes",
+    [("minimal", "distill", 2), ("x" * 40, "y" * 24, 2), ("x" * 40, "y" * 24, 64), ("7up", "distill", 2)],
+    ids=["short", "longest", "longest-64-nodes", "leading-digit"],
+)
+def test_multi_node_names_leave_room_for_the_pod_host_names(pipeline, stage, nodes):
+    """Pod hosts `<job>-<index>` and the Service name must be DNS labels (the Service's RFC 1035)."""
+    service, job = minimal_objects(name=pipeline, stage=stage, gpus=1, nodes=nodes)
+    name = job["metadata"]["name"]
+    label = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+    assert label.fullmatch(f"{name}-{nodes - 1}") and len(f"{name}-{nodes - 1}") <= 63
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", service["metadata"]["name"]) and len(service["metadata"]["name"]) <= 63
+
+
+def test_one_node_job_names_are_unchanged():
+    doc = yaml.safe_load((ROOT / "crds/examples/minimal.yaml").read_text())
+    p = parse(doc)
+    plan = resolve(p.spec, "ml-team", "minimal")[0]
+    assert job_name("minimal", plan) == child_name("minimal", "distill", plan.input_digest)

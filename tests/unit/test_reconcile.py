@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kondense.api import Summary
+from kondense.api import Artifact, Summary
 from kondense.errors import Reason
 from kondense.events import summary_line
 from kondense.manifests import ANNOTATION_DIGEST, is_cleanup
-from kondense.reconcile import cleanup, invalid, observe_job, reconcile
+from kondense.reconcile import cleanup, completion_index, deciding_termination, invalid, observe_job, reconcile
 from kondense.errors import InvalidSpec
 from kondense.settings import Settings
 
@@ -30,14 +30,22 @@ def job(conditions=(), active=0, failed=0, succeeded=0, suspend=False):
     }
 
 
-def pod(exit_code=None, reason=None, message="", waiting=None, job_name=None):
+def pod(exit_code=None, reason=None, message="", waiting=None, job_name=None, index=None, created=NOW, finished=NOW,
+        deleting=False):
+    """A stage pod; `index` makes it a pod of an Indexed Job, `deleting` one the Job controller stops."""
     state = {}
     if exit_code is not None:
-        state = {"terminated": {"exitCode": exit_code, "reason": reason or "Error", "message": message}}
+        state = {"terminated": {"exitCode": exit_code, "reason": reason or "Error", "message": message, "finishedAt": finished}}
     elif waiting:
         state = {"waiting": {"reason": waiting}}
     labels = {"job-name": job_name} if job_name else {}
-    return {"metadata": {"creationTimestamp": NOW, "labels": labels}, "status": {"containerStatuses": [{"name": "stage", "state": state}]}}
+    meta = {"creationTimestamp": created, "labels": labels}
+    if index is not None:
+        labels["batch.kubernetes.io/job-completion-index"] = str(index)
+        meta["annotations"] = {"batch.kubernetes.io/job-completion-index": str(index)}
+    if deleting:
+        meta["deletionTimestamp"] = finished
+    return {"metadata": meta, "status": {"containerStatuses": [{"name": "stage", "state": state}]}}
 
 
 GATE = summary_line(Summary(state="Failed", reason=Reason.QUALITY_GATE_FAILED, message="gguf: +4.6% over distill"))
@@ -63,6 +71,89 @@ def test_observe_job(j, pods, state, reason, in_message):
     o = observe_job(j, pods)
     assert (o.state, o.reason) == (state, reason)
     assert in_message in o.message
+
+
+# -- Indexed Jobs (a distill stage on several nodes) -----------------------------------------
+
+PUBLISHED = summary_line(Summary(state="Succeeded", reason="Succeeded", metrics={"loss": 0.5},
+                                 artifact=Artifact(uri="s3://b/p/distill-ab", digest="sha256:ab", size_bytes=1)))
+WORKER_DONE = summary_line(Summary(state="Succeeded", reason="Succeeded"))
+CUDA_OOM = summary_line(Summary(state="Failed", reason=Reason.CUDA_OUT_OF_MEMORY, message="CUDA out of memory on rank 3"))
+PEER_LOST = summary_line(Summary(state="Failed", reason=Reason.ERROR, message="rank 0: connection closed by peer"))
+T0, T1, T2 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z", "2026-01-01T00:02:00Z"
+
+
+@pytest.mark.parametrize(
+    "pod_, index",
+    [
+        (pod(0), None),
+        (pod(0, index=0), 0),
+        (pod(0, index=12), 12),
+        ({"metadata": {"annotations": {"batch.kubernetes.io/job-completion-index": "3"}}}, 3),  # before 1.28: no label
+        ({"metadata": {"labels": {"batch.kubernetes.io/job-completion-index": "x"}}}, None),
+    ],
+    ids=["plain-job", "index-0", "index-12", "annotation-only", "garbage"],
+)
+def test_completion_index(pod_, index):
+    assert completion_index(pod_) == index
+
+
+@pytest.mark.parametrize(
+    "pods, complete, expected",
+    [
+        # A plain Job: its newest terminated pod, whatever it says.
+        ([pod(1, message="first", created=T0), pod(21, message="retry", created=T1)], False, "retry"),
+        ([pod(1, message="first", created=T0), pod(0, message=OK, created=T1)], True, OK),
+        ([pod(1, message="first", created=T0), pod(created=T1)], False, "first"),  # the retry still runs
+        # Complete: index 0 speaks when it published ...
+        ([pod(0, message=WORKER_DONE, index=1), pod(0, message=PUBLISHED, index=0)], True, PUBLISHED),
+        # ... and whichever pod published when the rendezvous gave rank 0 to another index.
+        ([pod(0, message=WORKER_DONE, index=0), pod(0, message=PUBLISHED, index=1)], True, PUBLISHED),
+        ([pod(0, message=WORKER_DONE, index=1), pod(0, message="", index=0)], True, ""),  # nothing published: index 0
+        # Failed: the first failure among the pods that failed on their own.
+        ([pod(0, message=WORKER_DONE, index=0), pod(21, message=CUDA_OOM, index=1)], False, CUDA_OOM),
+        ([pod(1, message=PEER_LOST, index=0, finished=T2), pod(21, message=CUDA_OOM, index=1, finished=T1)], False, CUDA_OOM),
+        ([pod(143, message="", index=0, finished=T0, deleting=True), pod(21, message=CUDA_OOM, index=1, finished=T1)],
+         False, CUDA_OOM),
+        ([pod(21, message=CUDA_OOM, index=1, finished=T1), pod(1, message=PEER_LOST, index=0, finished=T1)], False, PEER_LOST),
+        # An index retried by the Job controller speaks through its newest pod only.
+        ([pod(21, message=CUDA_OOM, index=1, created=T0, finished=T0), pod(1, message=PEER_LOST, index=0, finished=T2),
+          pod(137, "OOMKilled", index=1, created=T1, finished=T1)], False, ""),
+        ([pod(21, message=CUDA_OOM, index=1, created=T0, finished=T0), pod(0, message=PUBLISHED, index=0, created=T0),
+          pod(0, message=WORKER_DONE, index=1, created=T1)], True, PUBLISHED),
+        ([], True, None),
+    ],
+    ids=[
+        "plain-failed-newest", "plain-complete", "plain-newest-running", "complete-index-0", "complete-rank-0-elsewhere",
+        "complete-nothing-published", "failed-one-index", "failed-first-to-fail", "failed-not-the-stopped-pod",
+        "failed-tie-lowest-index", "failed-retried-index", "complete-after-retry", "no-pods",
+    ],
+)
+def test_deciding_termination(pods, complete, expected):
+    term = deciding_termination(pods, complete)
+    assert (term if term is None else term["message"]) == expected
+
+
+@pytest.mark.parametrize(
+    "j, pods, state, reason, in_message",
+    [
+        (job([("Complete", "", "")], succeeded=2), [pod(0, message=WORKER_DONE, index=1), pod(0, message=PUBLISHED, index=0)],
+         "Succeeded", Reason.SUCCEEDED, ""),
+        (job([("Failed", "PodFailurePolicy", "")], failed=2),
+         [pod(1, message=PEER_LOST, index=0, finished=T2), pod(21, message=CUDA_OOM, index=1, finished=T1)],
+         "Failed", Reason.CUDA_OUT_OF_MEMORY, "on rank 3"),
+        (job([("Failed", "BackoffLimitExceeded", "")], failed=1),
+         [pod(137, "OOMKilled", index=1, finished=T1), pod(137, "Error", index=0, finished=T2, deleting=True)],
+         "Failed", Reason.OOM_KILLED, "raise resources.memory"),
+        (job(active=2), [pod(0, message=WORKER_DONE, index=1), pod(index=0)], "Running", Reason.RUNNING, ""),
+    ],
+    ids=["complete", "cuda-oom-on-one-node", "oom-killed-one-node", "one-node-done-one-running"],
+)
+def test_observe_indexed_job(j, pods, state, reason, in_message):
+    o = observe_job(j, pods)
+    assert (o.state, o.reason) == (state, reason) and in_message in o.message
+    if state == "Succeeded":
+        assert o.summary is not None and o.summary.artifact.uri == "s3://b/p/distill-ab" and o.summary.metrics == {"loss": 0.5}
 
 
 def demo_body(**spec_changes):
@@ -212,3 +303,46 @@ def test_failed_cleanup_lets_the_pipeline_go_and_says_the_artifacts_stay():
     out, _ = cleanup_run(body, jobs=[failed], pods=pods)
     assert out.state == "Failed" and out.message.startswith("artifacts kept") and "AccessDenied" in out.message
     assert out.events[0][:2] == ("Warning", Reason.STORAGE_ACCESS_DENIED)
+
+
+def test_multi_node_stage_creates_its_service_then_its_job_both_adopted():
+    body = demo_body()
+    body["spec"]["stages"][0]["resources"] = {"gpus": 0, "workers": 1, "nodes": 2}
+    rec, adopted = Recorder(), []
+    out = reconcile(body, [], [], Settings(), NOW, rec.create, rec.delete, adopted.append)
+    kinds = [(o["kind"], o["metadata"]["labels"]["kondense.io/stage"]) for o in rec.created]
+    assert kinds == [("Service", "distill"), ("Job", "distill"), ("Job", "ce-only")]
+    service, indexed = rec.created[:2]
+    assert adopted == rec.created  # owned by the pipeline: garbage-collected with it
+    assert indexed["spec"]["completionMode"] == "Indexed" and service["spec"]["selector"] == {
+        "batch.kubernetes.io/job-name": indexed["metadata"]["name"]}
+    assert out.status.stages[0].job == indexed["metadata"]["name"]
+    assert [e for e in out.events if e[1] == "StageStarted"][0][2] == f"stage distill: created Job {indexed['metadata']['name']}"
+
+    # The Indexed Job completes: the pod that published speaks for the stage.
+    done = {**indexed, "status": job([("Complete", "", "")], succeeded=2)["status"]}
+    name = indexed["metadata"]["name"]
+    pods = [pod(0, message=WORKER_DONE, job_name=name, index=1), pod(0, message=PUBLISHED, job_name=name, index=0)]
+    out2, rec2 = run({**body, "status": out.status.dump()}, jobs=[done], pods=pods)
+    distill = out2.status.stages[0]
+    assert distill.state == "Succeeded" and distill.artifact.uri == "s3://b/p/distill-ab"
+    assert "Service" not in {o["kind"] for o in rec2.created}, "a finished stage needs no Service"
+
+
+def test_refused_service_leaves_the_stage_pending_without_its_job():
+    from kondense.errors import ApiRejected
+
+    body = demo_body()
+    body["spec"]["stages"][0]["resources"] = {"gpus": 0, "workers": 1, "nodes": 2}
+    created = []
+
+    def create(obj):
+        if obj["kind"] == "Service":
+            raise ApiRejected(Reason.FORBIDDEN, "services is forbidden (hint: grant it)", 30.0)
+        created.append(obj)
+        return True
+
+    out = reconcile(body, [], [], Settings(), NOW, create, lambda name: None, lambda child: None)
+    assert [(o["kind"], o["metadata"]["labels"]["kondense.io/stage"]) for o in created] == [("Job", "ce-only")]
+    distill = out.status.stages[0]
+    assert (distill.state, distill.reason, distill.job) == ("Pending", Reason.FORBIDDEN, None) and out.retry_after == 30.0

@@ -95,4 +95,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [pods/log]
   verbs: [get]
+# The headless Service of a distill stage on several nodes: its pods' DNS names, through which
+# they reach torch's rendezvous. Created once, never changed; owner references remove it.
+- apiGroups: [""]
+  resources: [services]
+  verbs: [create, get, list, watch]
 {{- end }}
