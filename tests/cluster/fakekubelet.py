@@ -14,6 +14,10 @@ each new unscheduled one in its namespaces:
    process (``python``/``python3`` become ``sys.executable``) in a temporary working
    directory, with mount paths and the termination-message path rewritten to their local
    copies wherever an argument or env value starts with one (also after ``=``, ``:`` or ``,``);
+   A pod in a headless Service's subdomain (``spec.subdomain``, as the pods of an Indexed
+   Job have) finds its peers by DNS names, ``<host>.<subdomain>[.<namespace>.svc...]``; DNS
+   is emulated by rewriting such names in arguments and env values to ``127.0.0.1``, where
+   every pod of this node listens (see :func:`_subdomain_resolver`);
 4. when the process exits, reports the container terminated (exit code, reason
    Completed/Error, the termination message as the kubelet computes it) and the pod
    Succeeded or Failed, which is what the Job controller acts on.
@@ -24,7 +28,8 @@ its final status is reported and its deletion completed, as the kubelet does. Th
 hook lets a test decide how a container ends without running it (e.g. an OOM kill).
 
 Not emulated: init containers, probes, resource limits, pod ``activeDeadlineSeconds``, images
-(the command must exist locally), ``kubectl logs`` (read :meth:`PodRun.output` instead).
+(the command must exist locally), ``kubectl logs`` (read :meth:`PodRun.output` instead), DNS
+(beyond the rewriting above) and network namespaces: all pods share this machine's ports.
 """
 
 from __future__ import annotations
@@ -540,7 +545,10 @@ class FakeKubelet:
         container_termination_path = container.get("terminationMessagePath", DEFAULT_TERMINATION_MESSAGE_PATH)
         termination_log = run.dir / "termination-log"
         paths[container_termination_path] = str(termination_log)
-        rewrite = _path_rewriter(paths)
+        paths_to_local, peers_to_local = _path_rewriter(paths), _subdomain_resolver(pod)
+
+        def rewrite(value: str) -> str:
+            return peers_to_local(paths_to_local(value))
 
         env = self._container_env(pod, container)
         # Without a command the image's entrypoint would run, which we cannot know: argv stays
@@ -551,7 +559,8 @@ class FakeKubelet:
             if _PYTHON.search(argv[0]):
                 argv[0] = sys.executable
         env = {name: rewrite(value) for name, value in env.items()}
-        env.setdefault("HOSTNAME", pod["metadata"]["name"])
+        # The pod's host name: spec.hostname when set (an Indexed Job's `<job>-<index>`).
+        env.setdefault("HOSTNAME", spec.get("hostname") or pod["metadata"]["name"])
         env[TERMINATION_LOG_ENV] = str(termination_log)
         env.update(self.extra_env)
 
@@ -815,6 +824,26 @@ def _path_rewriter(paths: Mapping[str, str]) -> Callable[[str], str]:
     alternatives = "|".join(re.escape(p) for p in sorted(paths, key=len, reverse=True))
     pattern = re.compile(rf"(^|[=:,])({alternatives})(?=[/:,]|$)")
     return lambda value: pattern.sub(lambda m: m.group(1) + paths[m.group(2)], value)
+
+
+def _subdomain_resolver(pod: dict[str, Any]) -> Callable[[str], str]:
+    """Emulated DNS for a pod in a headless Service's subdomain: its peers' names -> 127.0.0.1.
+
+    In a cluster, ``<host>.<subdomain>`` (also ``.<namespace>``, ``.<namespace>.svc`` and
+    ``.<namespace>.svc.cluster.local``) resolves to the IP of the pod with that host name
+    in that Service, e.g. ``<job>-0.<service>`` to an Indexed Job's pod of index 0. On the fake
+    node every pod runs on this machine, so every such name is ``127.0.0.1``: the names are
+    rewritten wherever they appear in an argument or env value. A name the program builds at
+    run time is not rewritten, and two pods listening on one port collide here, where in a
+    cluster each has its own IP.
+    """
+    subdomain = pod["spec"].get("subdomain")
+    if not subdomain:
+        return lambda value: value
+    namespace = re.escape(pod["metadata"]["namespace"])
+    name = rf"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?\.{re.escape(subdomain)}(?:\.{namespace}(?:\.svc(?:\.cluster\.local)?)?)?"
+    pattern = re.compile(rf"(?<![\w.-]){name}(?![\w.-])")
+    return lambda value: pattern.sub("127.0.0.1", value)
 
 
 def _field_value(pod: dict[str, Any], path: str) -> str | None:

@@ -299,6 +299,61 @@ def test_fake_kubelet_builds_the_container_like_a_kubelet(
     assert status.state.terminated.message == "envtest|hello world|blue|from-the-test"
 
 
+def test_indexed_job_pods_get_their_index_and_reach_each_other_by_name(
+    api_client: client.ApiClient, namespace: str, fake_kubelet: FakeKubelet
+) -> None:
+    """The Job controller gives each pod JOB_COMPLETION_INDEX (a fieldRef the fake kubelet
+    resolves) and the host name `<job>-<index>`; index 1 reaches index 0 at `<job>-0.<subdomain>`,
+    which the fake kubelet's emulated DNS points at 127.0.0.1."""
+    core, batch = client.CoreV1Api(api_client), client.BatchV1Api(api_client)
+    import socket
+
+    with socket.socket() as s:  # a free port for index 0 to listen on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = (
+        "import os, socket, sys, time\n"
+        "host, port = sys.argv[1].rsplit(':', 1)\n"
+        "me, index = os.environ['HOSTNAME'], os.environ['JOB_COMPLETION_INDEX']\n"
+        "if index == '0':\n"
+        "    with socket.create_server((host, int(port))) as server:\n"
+        "        server.settimeout(30)\n"
+        "        peer = server.accept()[0].recv(100).decode()\n"
+        "    said = f'{me} heard {peer}'\n"
+        "else:\n"
+        "    deadline = time.monotonic() + 30\n"
+        "    while True:\n"
+        "        try:\n"
+        "            conn = socket.create_connection((host, int(port)), timeout=1)\n"
+        "            break\n"
+        "        except OSError:\n"
+        "            if time.monotonic() > deadline:\n"
+        "                raise\n"
+        "            time.sleep(0.1)\n"
+        "    with conn:\n"
+        "        conn.sendall(me.encode())\n"
+        "    said = f'{me} said hello'\n"
+        "open(os.environ['KONDENSE_TERMINATION_LOG'], 'w').write(said)\n"
+    )
+    job = _job("peers", ["python", "-c", script, f"peers-0.rdzv:{port}"])
+    job["spec"].update(completionMode="Indexed", completions=2, parallelism=2)
+    job["spec"]["template"]["spec"]["subdomain"] = "rdzv"
+    batch.create_namespaced_job(namespace, job)
+
+    wait_for(
+        lambda: _has_condition(batch.read_namespaced_job_status("peers", namespace), "Complete"),
+        timeout=60,
+        what="Indexed Job peers to complete",
+    )
+    pods = core.list_namespaced_pod(namespace, label_selector="batch.kubernetes.io/job-name=peers").items
+    by_index = {p.metadata.annotations["batch.kubernetes.io/job-completion-index"]: p for p in pods}
+    assert sorted(by_index) == ["0", "1"] and all(p.spec.subdomain == "rdzv" for p in pods)
+    messages = {i: p.status.container_statuses[0].state.terminated.message for i, p in by_index.items()}
+    assert messages == {"0": "peers-0 heard peers-1", "1": "peers-1 said hello"}
+    run = fake_kubelet.run_for(namespace, by_index["1"].metadata.name)
+    assert run.argv[-1] == f"127.0.0.1:{port}" and run.env["JOB_COMPLETION_INDEX"] == "1"
+
+
 def test_deleting_a_running_pod_kills_its_process(
     api_client: client.ApiClient, namespace: str, fake_kubelet: FakeKubelet
 ) -> None:
