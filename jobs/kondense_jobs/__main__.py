@@ -8,19 +8,22 @@ with a code from kondense.errors that tells retryable failures from permanent on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import traceback
 from pathlib import Path
+from typing import Iterator
 
 from pydantic import ValidationError
 
 from kondense.api import StageRun, Summary
 from kondense.errors import BY_REASON, InvalidSpec, KondenseError, QualityGateFailed, Reason, outcome_for_exit
-from kondense.events import summary_line
+from kondense.events import Progress, summary_line
 
 log = logging.getLogger("kondense_jobs")
 
@@ -94,7 +97,15 @@ def classify(exc: BaseException) -> tuple[str, str]:
 
 
 def write_termination(summary: Summary, path: str | None) -> None:
+    """The summary as the last stdout line and the termination message.
+
+    A worker under kondense_jobs.launch writes only its own summary file; the launcher then
+    writes the pod's one termination message and line (see kondense_jobs.launch).
+    """
     line = summary_line(summary)
+    if ranks := os.environ.get("KONDENSE_SUMMARY_DIR"):
+        (Path(ranks) / f"rank-{os.environ.get('RANK', '0')}.json").write_text(line)
+        return
     print(line, flush=True)
     target = path or os.environ.get("KONDENSE_TERMINATION_LOG") or DEFAULT_TERMINATION_LOG
     try:
@@ -103,6 +114,27 @@ def write_termination(summary: Summary, path: str | None) -> None:
     except OSError:
         if path:  # asked for explicitly: say so; the default may simply not exist outside a pod
             log.warning("cannot write the termination message to %s", target)
+
+
+@contextlib.contextmanager
+def work_dir(base: Path | None, stage: str) -> Iterator[Path]:
+    """Scratch space: private to the process, or shared by a node's workers under the launcher.
+
+    The workers of one node share it because the Trainer's checkpoint folder is written by all of
+    them (one shard file each under FSDP); the node's first worker removes it at the end.
+    """
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        with tempfile.TemporaryDirectory(prefix=f"kondense-{stage}-", dir=base) as work:
+            yield Path(work)
+        return
+    shared = Path(base or tempfile.gettempdir()) / f"kondense-{stage}-{run_id}"
+    shared.mkdir(parents=True, exist_ok=True)
+    try:
+        yield shared
+    finally:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            shutil.rmtree(shared, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, help="input cache (default $KONDENSE_CACHE or ~/.cache/kondense)")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(
-        level=os.environ.get("KONDENSE_LOG_LEVEL", "INFO"),
+    worker = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(  # workers other than rank 0 log warnings and errors only: one voice per stage
+        level=os.environ.get("KONDENSE_LOG_LEVEL", "INFO") if worker == 0 else "WARNING",
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -130,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.cache_dir or Path(os.environ.get("KONDENSE_CACHE", Path.home() / ".cache" / "kondense"))
         summary = already_published(run)
         if summary is None:
-            with tempfile.TemporaryDirectory(prefix=f"kondense-{run.stage}-", dir=args.work_dir) as work:
+            with work_dir(args.work_dir, run.stage) as work:
                 log.info("Stage %s (%s) -> %s", run.stage, run.stage_kind, run.output)
-                summary = stage_fn(Context(run, Path(work), cache))
+                quiet = None if worker == 0 else Progress(run.stage, out=open(os.devnull, "w"))  # noqa: SIM115
+                summary = stage_fn(Context(run, work, cache, progress=quiet))
     except KeyboardInterrupt:
         summary = Summary(state="Failed", reason=Reason.INTERRUPTED, message="interrupted")
         write_termination(summary, args.termination_log)

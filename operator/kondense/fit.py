@@ -157,16 +157,8 @@ def format_plan(fits: list[StageFit], origins: dict[str, str]) -> str:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("GiB per worker (one GPU, or a CPU worker's share of memory); totals include +10% fragmentation.")
     for f in fits:
-        if f.fits:
-            continue
-        lines.append("")
-        lines.append(f"{f.name} needs {f.estimate.table()}.")
-        if f.fixes:
-            lines.append("Changes that would make it fit, cheapest first:")
-            for fix in f.fixes:
-                lines.append(f"  - {fix.field}  ->  {fix.estimate.total / GIB:.1f} GiB per worker")
-        else:
-            lines.append("Nothing up to 8 GPUs x 8 nodes (with fsdp, a sharded or quantized teacher, a smaller batch) makes it fit.")
+        if not f.fits:
+            lines += ["", *memory.shortfall(f.name, f.estimate, f.fixes)]
     return "\n".join(lines)
 
 

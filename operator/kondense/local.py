@@ -20,7 +20,8 @@ from typing import TextIO
 
 from kondense import events
 from kondense.api import CompressionPipeline, PipelineStatus, Report, StageStatus, Summary
-from kondense.errors import HINTS, Reason, outcome_for_exit
+from kondense.errors import HINTS, InvalidSpec, Reason, outcome_for_exit
+from kondense.launch import stage_command
 from kondense.plan import StagePlan, decide, resolve, stage_run
 from kondense.status import now_rfc3339, summarize
 from kondense.store import Store, open_store
@@ -102,6 +103,12 @@ class LocalRunner:
         self.cache_dir = cache_dir
         self.env = env or {}
         self.plans = resolve(self.spec, self.namespace, self.name)
+        for p in self.plans:
+            if p.resources.nodes > 1:
+                raise InvalidSpec(
+                    f"spec.stages[{p.index}].resources.nodes: {p.resources.nodes} nodes need a cluster (an Indexed Job); "
+                    "on one machine use nodes 1 and set workers (or gpus) to run several workers"
+                )
         self.by_name = {p.name: p for p in self.plans}
         self.stages = {p.name: StageStatus(name=p.name, input_digest=p.input_digest) for p in self.plans}
         self.status: PipelineStatus | None = None
@@ -150,9 +157,10 @@ class LocalRunner:
         termination = self.state_dir / f"{plan.name}.termination"
         termination.unlink(missing_ok=True)
         log = open(self.state_dir / "logs" / f"{plan.name}.log", "a")
-        cmd = [sys.executable, "-m", "kondense_jobs", plan.kind, "--spec", str(spec_path), "--termination-log", str(termination)]
+        stage_args = ["--spec", str(spec_path), "--termination-log", str(termination)]
         if self.cache_dir:
-            cmd += ["--cache-dir", str(self.cache_dir)]
+            stage_args += ["--cache-dir", str(self.cache_dir)]
+        cmd = stage_command(plan.kind, stage_args, plan.resources, python=sys.executable)
         popen = subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,

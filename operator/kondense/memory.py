@@ -39,6 +39,7 @@ FRAGMENTATION = 1.10
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "nf4": 0.5625}
 DDP_BUCKET_BYTES = 4.0  # DDP's fp32 gradient buckets
 GATHERED_LAYERS = 2  # fsdp: the layer computing and the one prefetched
+PLAIN_MLP = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi"}  # two MLP matrices, not three
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class Shape:
     heads: int
     kv_heads: int
     tied: bool
+    gated: bool = True  # a SwiGLU MLP (gate, up, down: Llama, Qwen, Mistral) or a plain one (GPT-2's up, down)
     max_positions: int | None = None
     parameters: int | None = None  # exact count when known (safetensors headers); else from the formula
     name: str = "model"
@@ -74,6 +76,7 @@ class Shape:
             heads=int(heads),
             kv_heads=int(cfg.get("num_key_value_heads") or heads),
             tied=bool(cfg.get("tie_word_embeddings", True)),
+            gated="intermediate_size" in cfg and cfg.get("model_type") not in PLAIN_MLP,
             max_positions=cfg.get("max_position_embeddings") or cfg.get("n_positions"),
             parameters=parameters,
             name=name,
@@ -86,8 +89,8 @@ class Shape:
     @property
     def layer_parameters(self) -> int:
         kv = self.hidden // self.heads * self.kv_heads
-        gated = 3 if self.intermediate != 4 * self.hidden else 2  # SwiGLU (Llama, Qwen) or a plain MLP (GPT-2)
-        return 2 * self.hidden * self.hidden + 2 * self.hidden * kv + gated * self.hidden * self.intermediate + 2 * self.hidden
+        mlp = (3 if self.gated else 2) * self.hidden * self.intermediate
+        return 2 * self.hidden * self.hidden + 2 * self.hidden * kv + mlp + 2 * self.hidden
 
     @property
     def total_parameters(self) -> int:
@@ -244,10 +247,11 @@ def choices(spec: DistillSpec, resources: Resources, has_teacher: bool) -> list[
     """Every way the stage may run under its spec, the preferred (fastest) first.
 
     auto tries ddp before fsdp and a replicated teacher before a sharded one; a value set in
-    the spec is the only one tried.
+    the spec is the only one tried. On one worker fsdp and sharded mean one full copy.
     """
     world = resources.world_size
-    strategies = [spec.strategy] if spec.strategy != "auto" else (["ddp", "fsdp"] if world > 1 else ["ddp"])
+    fsdp = ["fsdp"] if world > 1 and resources.gpus else []  # accelerate runs FSDP on GPUs only
+    strategies = [spec.strategy] if spec.strategy != "auto" else ["ddp", *fsdp]
     if not has_teacher:
         loads = ["none"]
     elif spec.teacher_load != "auto":
@@ -256,6 +260,9 @@ def choices(spec: DistillSpec, resources: Resources, has_teacher: bool) -> list[
         loads = ["replicated", "sharded"]
     else:
         loads = ["replicated"]
+    if world == 1:  # nothing to shard over: one worker holds everything
+        strategies = ["ddp" if s == "fsdp" else s for s in strategies]
+        loads = ["replicated" if t == "sharded" else t for t in loads]
     return [Choice(s, t, spec.batch_size, spec.gradient_checkpointing) for t in loads for s in strategies]
 
 
@@ -329,10 +336,12 @@ def fixes(
                     choice = Choice(strategy, load, b, ckpt)
                     edits = []
                     cost = 0
-                    if strategy != base.strategy:
+                    # an edit is named only where the spec says otherwise; auto finds ddp/fsdp, replicated/sharded itself
+                    if spec.strategy not in (strategy, "auto"):
                         edits.append(("distill.strategy", strategy))
                     if load != base.teacher_load:
-                        edits.append(("distill.teacherLoad", load))
+                        if spec.teacher_load != load and not (spec.teacher_load == "auto" and load in ("replicated", "sharded")):
+                            edits.append(("distill.teacherLoad", load))
                         cost = max(cost, 2 if load in ("int8", "nf4") else 0)
                     if ckpt != base.checkpointing:
                         edits.append(("distill.gradientCheckpointing", "true"))
@@ -341,6 +350,8 @@ def fixes(
                         edits.append(("distill.batchSize", str(b)))
                         cost = max(cost, 1)
                     needs_world = strategy == "fsdp" or load == "sharded"
+                    if strategy == "fsdp" and not resources.gpus:
+                        continue
                     if choice != base and (not needs_world or world > 1):
                         candidates.append((edits, choice, resources, cost + len(edits) * 0.1))
                     for f, v, r in hardware:
@@ -380,3 +391,14 @@ def quantize_plan(spec: QuantizeSpec, resources: Resources, shape: Shape, host_b
 
 def evaluate_plan(spec: EvaluateSpec, resources: Resources, largest: Shape, host_bytes: float | None = None) -> Estimate:
     return inference(largest, "bf16" if resources.gpus else "fp32", spec.seq_length, resources, host_bytes)
+
+
+def shortfall(stage: str, estimate: Estimate, fixes: list[Fix]) -> list[str]:
+    """The words for a stage that does not fit: `kondense plan` prints them, preflight refuses with them."""
+    lines = [f"{stage} needs {estimate.table()}."]
+    if fixes:
+        lines.append("Changes that would make it fit, cheapest first:")
+        lines += [f"  - {fix.field}  ->  {fix.estimate.total / GIB:.1f} GiB per worker" for fix in fixes]
+    else:
+        lines.append("Nothing up to 8 GPUs x 8 nodes (with fsdp, a sharded or quantized teacher, a smaller batch) makes it fit.")
+    return lines

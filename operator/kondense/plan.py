@@ -122,6 +122,11 @@ def parallel_errors(spec: PipelineSpec, i: int) -> list[str]:
             f"{_resource_path(spec, i, 'nodes')}: {r.nodes} nodes with gpus 0 would train on CPUs across nodes; set "
             "resources.gpus, or set resources.workers to run CPU workers on purpose"
         )
+    if d.strategy == "fsdp" and not r.gpus:
+        errors.append(
+            f"{_path(i, 'distill.strategy')}: fsdp shards the student over GPUs (accelerate runs FSDP on CUDA "
+            "devices only); CPU workers train with ddp: use strategy ddp or auto, or set resources.gpus"
+        )
     world = r.world_size
     if d.global_batch_size is not None and d.global_batch_size % (d.batch_size * world):
         errors.append(
@@ -129,13 +134,6 @@ def parallel_errors(spec: PipelineSpec, i: int) -> list[str]:
             f"{d.batch_size} x {world} workers ({r.workers_per_node} per node x {r.nodes} nodes); use a multiple "
             f"of {d.batch_size * world}, or change batchSize"
         )
-    if world == 1:
-        for name, value in (("strategy", d.strategy), ("teacherLoad", d.teacher_load)):
-            if value in ("fsdp", "sharded"):
-                errors.append(
-                    f"{_path(i, 'distill', name)}: {value} shards over the workers, and this stage has one; raise "
-                    "resources.gpus (or workers, or nodes), or use " + ("ddp" if name == "strategy" else "replicated")
-                )
     return errors
 
 
@@ -170,15 +168,21 @@ def _identity(stage: Stage, resources: Resources) -> dict:
     """The stage's fields that shape its output.
 
     Fields that only say how the stage runs are left out at their neutral values (see
-    NOT_IN_DIGEST), so adding such a field never moves an existing artifact. Without a
-    globalBatchSize the global batch grows with the workers, so then their count is in.
+    NOT_IN_DIGEST), so adding such a field never moves an existing artifact. With a
+    globalBatchSize, batchSize and gradientAccumulationSteps only split it (a stage resumes its
+    checkpoints on another worker count or micro-batch); without one the global batch grows with
+    the workers, so then their count is in.
     """
     doc = stage.config.model_dump(mode="json", by_alias=True)
     for key, neutral in getattr(stage.config, "NOT_IN_DIGEST", {}).items():
         if doc.get(key) in neutral:
             doc.pop(key)
-    if stage.kind == "distill" and stage.config.global_batch_size is None and resources.world_size > 1:
-        doc["worldSize"] = resources.world_size
+    if stage.kind == "distill":
+        if stage.config.global_batch_size is not None:  # the micro-batch only splits the same global batch
+            doc.pop("batchSize")
+            doc.pop("gradientAccumulationSteps")
+        elif resources.world_size > 1:
+            doc["worldSize"] = resources.world_size
     return doc
 
 

@@ -141,8 +141,33 @@ class Store:
         extra: dict[str, Any] | None = None,
     ) -> Manifest:
         """Upload a folder, then write manifest.json last: the commit point."""
+        files = self.upload_folder(folder, uri)
+        return self.commit(
+            uri, files, stage=stage, stage_kind=stage_kind, input_digest=input_digest, format=format,
+            metrics=metrics, spec=spec, versions=versions, extra=extra,
+        )
+
+    def upload_folder(self, folder: Path, uri: str) -> dict[str, FileEntry]:
+        """Upload a folder's files (no manifest); their entries for `commit`."""
         files = hash_folder(folder)
         self.upload([(folder / rel, join(uri, rel)) for rel in files])
+        return files
+
+    def commit(
+        self,
+        uri: str,
+        files: dict[str, FileEntry],
+        *,
+        stage: str,
+        stage_kind: str,
+        input_digest: str,
+        format: str = "hf",
+        metrics: dict[str, float] | None = None,
+        spec: dict[str, Any] | None = None,
+        versions: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> Manifest:
+        """Write manifest.json for files already uploaded under uri (by one or several workers)."""
         manifest = Manifest(
             stage=stage,
             stage_kind=stage_kind,

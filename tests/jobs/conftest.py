@@ -15,6 +15,7 @@ import pytest
 
 from kondense.api import DatasetRef, InputRef, Resources, StageRun, Storage, Summary
 from kondense.events import parse_summary
+from kondense.launch import stage_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,11 +114,12 @@ def _make_run(
 
 
 def _run_stage(kind: str, spec: Path, tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 600) -> tuple[int, Summary | None, str]:
-    """Run `python -m kondense_jobs` as the operator and the local runner do; return (exit, summary, output)."""
+    """Run the stage's command as the operator and the local runner do; return (exit, summary, output)."""
     term = tmp_path / f"termination-{spec.stem}.log"
+    resources = StageRun.model_validate_json(spec.read_text()).resources
+    stage_args = ["--spec", str(spec), "--termination-log", str(term), "--cache-dir", str(tmp_path / "cache")]
     proc = subprocess.run(
-        [sys.executable, "-m", "kondense_jobs", kind, "--spec", str(spec), "--termination-log", str(term),
-         "--cache-dir", str(tmp_path / "cache")],
+        stage_command(kind, stage_args, resources, python=sys.executable),  # the launcher when workers > 1
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -128,13 +130,13 @@ def _run_stage(kind: str, spec: Path, tmp_path: Path, env: dict[str, str] | None
     return proc.returncode, summary, proc.stdout + proc.stderr
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_run():
     """make_run(tmp_path, kind, config, models, dataset=None, **overrides) -> (StageRun, spec_path)."""
     return _make_run
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_stage():
     """run_stage(kind, spec_path, tmp_path, env=None) -> (exit_code, Summary | None, output)."""
     return _run_stage

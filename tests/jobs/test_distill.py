@@ -307,7 +307,7 @@ def test_preflight_refuses_what_cannot_fit(tmp_path, make_run, run_stage, tiny_t
     code, summary, output = run_stage("distill", path, tmp_path)
     assert code == 14, output[-2000:]
     assert summary.reason == "InsufficientResources"
-    assert "needs about" in summary.message and "GiB" in summary.message and "1Mi" in summary.message
+    assert "distill needs" in summary.message and "GiB per worker" in summary.message and "1Mi" in summary.message
     assert not (FileStore.path(run.output) / "manifest.json").exists()
 
 

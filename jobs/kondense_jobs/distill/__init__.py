@@ -1,0 +1,136 @@
+"""The distill stage: teach the student to imitate the teacher.
+
+`run(ctx)` reads as three steps: fetch inputs (teacher, student, dataset; the tokenizers are
+compared and the memory planned before any weight is loaded) -> train -> publish the student.
+
+One module per method, each `build(ctx, job) -> Built` on a library trainer, so that gradient
+accumulation, the schedule, mixed precision, activation checkpointing, data parallelism, FSDP2
+and checkpoint/resume come from the library, not from here:
+
+- logits.py: transformers.Trainer with the KD loss (kd_loss), teacher online;
+- synthetic.py: teacher completions, then trl.SFTTrainer;
+- gkd.py: trl.experimental.gkd.GKDTrainer (on-policy);
+- setup.py: what they share (inputs, memory plan, model loading, the training config);
+- checkpoints.py: resumable checkpoints staged in the store.
+
+Several workers (`resources.gpus`, `workers`, `nodes`): the stage runs under
+`python -m kondense_jobs.launch` (torch.distributed.run); every worker runs this same code.
+The memory plan (kondense.memory, the very estimate `kondense plan` prints) decides ddp or fsdp
+for the student and how the teacher is held; with `globalBatchSize` the gradient accumulation
+follows the worker count so that any count trains the same steps on the same batches. The
+node's first worker fetches inputs while the others wait; rank 0 alone writes progress, the
+checkpoints' manifests and the published student, in the training precision (bf16 by default on
+GPUs) as safetensors shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kondense.api import DistillSpec, Summary
+from kondense.errors import InvalidSpec
+
+from kondense_jobs import data
+from kondense_jobs.distill import gkd, logits, synthetic
+from kondense_jobs.distill.checkpoints import Checkpoints
+from kondense_jobs.distill.gkd import gkd_records
+from kondense_jobs.distill.logits import Windows, kd_loss
+from kondense_jobs.distill.setup import (
+    FSDP_NEEDS_GPUS,
+    Inputs,
+    callback,
+    check_strategy,
+    check_vocabularies,
+    log_published,
+    plan_memory,
+    resolve_precision,
+    save_student,
+    sequence_length,
+    training_metrics,
+)
+from kondense_jobs.parallel import World
+from kondense_jobs.runtime import Context, require
+
+__all__ = ["Checkpoints", "METHODS", "Windows", "check_vocabularies", "gkd_records", "kd_loss", "run"]
+
+log = logging.getLogger("kondense_jobs.distill")
+
+METHODS = {"logits": logits.build, "synthetic": synthetic.build, "gkd": gkd.build}
+
+
+def fetch_inputs(ctx: Context, world: World) -> Inputs:
+    """Models and data, with the tokenizers compared and the memory planned before any weight is loaded.
+
+    Logits with alpha 0 (the CE-only baseline) never uses the teacher, so it is not even fetched.
+    The node's first worker fetches into the shared cache; the others wait, then find it there.
+    """
+    spec: DistillSpec = ctx.config
+    with world.local_main_first():
+        student_dir = ctx.model_dir("student")
+        teacher_dir = None if spec.method == "logits" and spec.alpha == 0 else ctx.model_dir("teacher")
+        dataset = ctx.dataset_path()
+    tokenizer = check_vocabularies(teacher_dir, student_dir, spec.method)
+    precision = resolve_precision(spec.precision)
+    seq = sequence_length(spec, *[d for d in (teacher_dir, student_dir) if d is not None])
+    plan = plan_memory(ctx, spec, teacher_dir, student_dir)
+    check_strategy(teacher_dir or student_dir, plan, spec)
+    split = data.load(dataset, ctx.run.dataset)
+    return Inputs(spec, student_dir, teacher_dir, tokenizer, split, seq, precision, plan, world, ctx.work_dir / "trainer")
+
+
+def run(ctx: Context) -> Summary:
+    spec: DistillSpec = ctx.config
+    transformers = require("transformers", "distillation")
+    transformers.utils.logging.disable_progress_bar()  # no tqdm bars per weight load/save: progress lines say it
+    if spec.method != "logits":
+        require("datasets", f"{spec.method} distillation").disable_progress_bars()
+    world = World.from_env()
+    world.init()
+
+    # 1. Fetch inputs.
+    job = fetch_inputs(ctx, world)
+    log.info(
+        "Fetched teacher %s and student %s (shared vocabulary of %d tokens), %d training records; precision %s; "
+        "%d worker(s) on %d node(s), student %s, teacher %s",
+        job.teacher_dir.name if job.teacher_dir else "(unused: alpha 0)", job.student_dir.name,
+        len(job.tokenizer), len(job.split.train), job.precision, world.size, world.nodes,
+        job.plan.strategy if world.distributed else "on one worker", job.plan.teacher_load,
+    )
+
+    # 2. Transform: train the student, resuming from the newest staged checkpoint.
+    checkpoints = Checkpoints(ctx, world)
+    resume = checkpoints.latest(ctx.work_dir / "resume")
+    transformers.set_seed(spec.seed)
+    built = METHODS[spec.method](ctx, job)
+    trainer = built.trainer
+    if job.plan.strategy == "fsdp" and world.distributed and not trainer.is_fsdp_enabled:
+        raise InvalidSpec(FSDP_NEEDS_GPUS)  # a DDP fallback would break the memory plan
+    trainer.remove_callback(transformers.PrinterCallback)  # it prints a dict per log; we print progress lines
+    progress = callback(ctx, checkpoints, world)
+    trainer.add_callback(progress)
+    log.info(
+        "Distilling with %s: %s steps of %d sequences x %d tokens%s",
+        built.what, spec.max_steps or f"{spec.epochs:g} epochs of", spec.global_batch(world.size),
+        job.seq, f", resuming from step {resume.step} ({resume.uri})" if resume else "",
+    )
+    started = time.monotonic()
+    trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
+    train_seconds = time.monotonic() - started
+    log.info("Trained %s as %s", type(trainer.model).__name__, type(trainer.model_wrapped).__name__)
+    checkpoints.wait()
+
+    # 3. Publish the student (rank 0); the staged checkpoints are no longer needed.
+    metrics = training_metrics(trainer.state, progress, built, train_seconds)
+    if resume:
+        metrics["resumedFromStep"] = float(resume.step)
+    out = ctx.output_dir() if world.is_main else ctx.work_dir / "unused"
+    save_student(trainer, job.tokenizer, out, job.precision, world)
+    if not world.is_main:
+        world.barrier()  # rank 0 publishes; the workers end together
+        return Summary(state="Succeeded", reason="Succeeded", message=f"worker {world.rank} done", metrics=metrics)
+    log_published(metrics)
+    summary = ctx.publish(metrics=metrics)
+    checkpoints.clear()
+    world.barrier()
+    return summary

@@ -1,0 +1,406 @@
+"""What the three methods share: inputs checked before any weight loads, the memory plan, the
+models loaded the way the plan chose, the library's training config, progress and metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kondense import memory
+from kondense.api import DistillSpec
+from kondense.errors import InvalidInput, InvalidSpec
+
+from kondense_jobs import data, preflight
+from kondense_jobs.parallel import World
+from kondense_jobs.runtime import Context, require
+
+log = logging.getLogger("kondense_jobs.distill")
+
+LOGGING_RATIO = 0.02  # log the loss every 2% of the steps (Trainer reads a float < 1 as a ratio)
+MAX_SHARD_SIZE = "5GB"
+FSDP_NEEDS_GPUS = (
+    "distill.strategy: fsdp needs CUDA devices (accelerate runs FSDP on GPUs only; on CPU it would silently "
+    "train with DDP); CPU workers train with ddp: use strategy ddp or auto"
+)  # the published student's safetensors shards, as the hub's models have them
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What step 1 fetched and checked."""
+
+    spec: DistillSpec
+    student_dir: Path
+    teacher_dir: Path | None  # None: logits with alpha 0, the teacher is unused
+    tokenizer: Any
+    split: data.Split
+    seq: int
+    precision: str
+    plan: memory.Choice  # strategy and teacher load the memory plan chose
+    world: World
+    trainer_dir: Path  # the Trainer's scratch output_dir (its checkpoint-<N> folders)
+
+
+@dataclass(frozen=True)
+class Built:
+    trainer: Any
+    what: str  # for the log line
+    tokens_per_step: int | None  # None: the Trainer counts non-padding tokens
+    info: dict[str, float]
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 1: vocabularies, precision, the memory plan
+# ---------------------------------------------------------------------------------------------
+
+
+def _config(model_dir: Path) -> dict:
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except FileNotFoundError:
+        raise InvalidInput(f"{model_dir}/config.json is missing: not a Hugging Face model folder") from None
+    return cfg.get("text_config", cfg)
+
+
+def _tokenizer(model_dir: Path):
+    transformers = require("transformers", "distillation")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        return None
+
+
+def check_vocabularies(teacher_dir: Path | None, student_dir: Path, method: str):
+    """The student's tokenizer (pad token set) when it is the teacher's; else InvalidInput naming both sizes.
+
+    Reads tokenizer files and config.json only, never weights. Without a teacher (alpha 0) it
+    only loads the student's tokenizer.
+    """
+    if teacher_dir is None:
+        teacher_dir = student_dir
+    t_tok, s_tok = _tokenizer(teacher_dir), _tokenizer(student_dir)
+    t_cfg, s_cfg = _config(teacher_dir), _config(student_dir)
+    fix = "Teacher and student must share a tokenizer: pick a student of the teacher's family or retokenize."
+    if t_tok is not None and s_tok is not None:
+        t_vocab, s_vocab = t_tok.get_vocab(), s_tok.get_vocab()
+        if len(t_vocab) != len(s_vocab):
+            raise InvalidInput(
+                f"vocabulary mismatch: the teacher's tokenizer has {len(t_vocab)} tokens, the student's {len(s_vocab)}. {fix}"
+            )
+        if t_vocab != s_vocab:
+            token = next(k for k in sorted(t_vocab) if s_vocab.get(k) != t_vocab[k])
+            raise InvalidInput(
+                f"vocabulary mismatch: both tokenizers have {len(t_vocab)} tokens but differ (token {token!r} is id "
+                f"{t_vocab[token]} in the teacher, {s_vocab.get(token)} in the student). {fix}"
+            )
+    tokenizer = s_tok or t_tok
+    t_size, s_size = t_cfg.get("vocab_size"), s_cfg.get("vocab_size")
+    if t_size != s_size:
+        if tokenizer is None:
+            raise InvalidInput(f"vocabulary mismatch: the teacher's vocab_size is {t_size}, the student's {s_size}. {fix}")
+        if method == "gkd" or min(t_size, s_size) < len(tokenizer):
+            raise InvalidInput(
+                f"vocabulary mismatch: the teacher's vocab_size is {t_size}, the student's {s_size} "
+                f"(tokenizer: {len(tokenizer)} tokens). {fix}"
+                + (" gkd (TRL GKDTrainer) also needs equal vocab_size in config.json; use method logits." if method == "gkd" else "")
+            )
+    if tokenizer is None:
+        raise InvalidInput(f"{student_dir} and {teacher_dir} hold no tokenizer files: save the tokenizer with the model.")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_precision(requested: str) -> str:
+    """auto: bf16 where the GPU supports it, else fp32. On CPU: bf16 when asked for (CPU autocast), else fp32."""
+    torch = require("torch", "distillation")
+    if not torch.cuda.is_available():
+        if requested == "fp16":
+            log.warning("precision fp16 asked for but no CUDA device: training in fp32 on CPU")
+        return "bf16" if requested == "bf16" else "fp32"
+    if requested == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return requested
+
+
+def sequence_length(spec: DistillSpec, *model_dirs: Path) -> int:
+    """maxSeqLength, capped at the smallest max_position_embeddings of the models."""
+    limits = [c.get("max_position_embeddings") or c.get("n_positions") for c in map(_config, model_dirs)]
+    return min([spec.max_seq_length, *[n for n in limits if n]])
+
+
+def plan_memory(ctx: Context, spec: DistillSpec, teacher_dir: Path | None, student_dir: Path) -> memory.Choice:
+    """The per-worker estimate of `kondense plan`, from the same function: the way to run that fits,
+    or InsufficientResources in the words the plan prints."""
+    student = preflight.shape_of(student_dir, "student")
+    teacher = preflight.shape_of(teacher_dir, "teacher") if teacher_dir else None
+    estimate, fixes = memory.distill_plan(spec, ctx.run.resources, student, teacher, preflight.host_bytes())
+    preflight.check(ctx.run.stage, estimate, fixes)
+    ctx.metrics["preflightGiB"] = round(estimate.total / memory.GIB, 3)
+    assert estimate.choice is not None
+    return estimate.choice
+
+
+def check_strategy(model_dir: Path, plan: memory.Choice, spec: DistillSpec, stage_path: str = "distill") -> None:
+    """A way of running that the model's architecture cannot use: exit 10 naming the field."""
+    torch = require("torch", "distillation")
+    if plan.strategy == "fsdp" and not torch.cuda.is_available():
+        raise InvalidSpec(FSDP_NEEDS_GPUS)
+    cfg = _config(model_dir)
+    if plan.teacher_load in ("int8", "nf4") and cfg.get("model_type") == "gpt2":
+        raise InvalidSpec(
+            f"{stage_path}.teacherLoad: {plan.teacher_load} quantizes nn.Linear layers with bitsandbytes, and "
+            f"{cfg.get('model_type')} models use Conv1D; use teacherLoad replicated or sharded"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+def _dtype(precision: str):
+    torch = require("torch", "distillation")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def decoder_layer_classes(model) -> set[type]:
+    """The classes of the model's repeated blocks (what FSDP shards and gathers one at a time)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not classes:
+        raise InvalidSpec(
+            f"distill.strategy: {type(model).__name__} names no decoder layer class (_no_split_modules), so FSDP "
+            "cannot shard it layer by layer; use strategy ddp"
+        )
+    return classes
+
+
+def load_teacher(model_dir: Path, precision: str, load: str, world: World):
+    """The frozen teacher, held as the plan chose: replicated, sharded over the workers, int8 or nf4."""
+    torch = require("torch", "distillation")
+    transformers = require("transformers", "distillation")
+    kwargs: dict[str, Any] = {"dtype": _dtype(precision)}
+    if load in ("int8", "nf4"):
+        require("bitsandbytes", f"teacherLoad {load}")
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_8bit=load == "int8",
+            load_in_4bit=load == "nf4",
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        )
+        kwargs["device_map"] = {"": world.device()}
+    elif load == "replicated" and torch.cuda.is_available():
+        kwargs["device_map"] = {"": world.local_rank} if world.distributed else "auto"
+    if load != "sharded":
+        teacher = transformers.AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        return teacher.eval().requires_grad_(False)
+    return _sharded_teacher(model_dir, kwargs["dtype"], world)
+
+
+def _sharded_teacher(model_dir: Path, dtype, world: World):
+    """FSDP2 over all workers: each keeps 1/world of every layer and gathers one layer at a time.
+
+    The local workers load the full teacher into host memory one after the other and keep only
+    their shard, so a node needs one teacher's worth of host memory at a time, not one per worker.
+    """
+    torch = require("torch", "distillation")
+    transformers = require("transformers", "distillation")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(world.device().type, (world.size,))
+    teacher = None
+    for turn in range(world.local_size):
+        if turn == world.local_rank:
+            teacher = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+            teacher.eval().requires_grad_(False)
+            layers = decoder_layer_classes(teacher)
+            for module in teacher.modules():
+                if type(module) in layers:
+                    fully_shard(module, mesh=mesh, reshard_after_forward=True)
+            fully_shard(teacher, mesh=mesh, reshard_after_forward=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        world.barrier()
+    log.info("Teacher sharded over %d workers (FSDP2)", world.size)
+    return teacher
+
+
+def load_student(model_dir: Path, spec: DistillSpec):
+    torch = require("torch", "distillation")
+    transformers = require("transformers", "distillation")
+    # fp32 master weights; bf16/fp16 are autocast by the Trainer (or FSDP2's mixed precision)
+    student = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if spec.gradient_checkpointing:
+        student.config.use_cache = False
+    return student
+
+
+# ---------------------------------------------------------------------------------------------
+# The library's training config
+# ---------------------------------------------------------------------------------------------
+
+
+def fsdp_options(job: Inputs, student_dir: Path) -> dict[str, Any]:
+    """TrainingArguments fields for FSDP2 through accelerate (none for ddp)."""
+    if job.plan.strategy != "fsdp":
+        return {}
+    cfg = json.loads((student_dir / "config.json").read_text())
+    arch = (cfg.get("architectures") or [None])[0]
+    transformers = require("transformers", "distillation")
+    model_class = getattr(transformers, arch, None) if arch else None
+    layers = getattr(model_class, "_no_split_modules", None) if model_class else None
+    if not layers:
+        raise InvalidSpec(
+            f"distill.strategy: fsdp needs the student's decoder layer class; {arch or 'its architecture'} "
+            "names none (_no_split_modules). Use strategy ddp"
+        )
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": list(layers),
+            "reshard_after_forward": True,
+            "activation_checkpointing": job.spec.gradient_checkpointing,
+            "state_dict_type": "SHARDED_STATE_DICT",  # checkpoints per worker; reloadable on any worker count
+            "cpu_ram_efficient_loading": False,
+        },
+    }
+
+
+def training_args(config_class, job: Inputs, **extra):
+    """The library config (TrainingArguments, SFTConfig or GKDConfig) with the spec's shared knobs.
+
+    The global batch is batchSize x gradient accumulation x workers; with globalBatchSize set,
+    the accumulation follows the worker count, so the same run on 1 or 8 workers takes the same
+    optimizer steps. average_tokens_across_devices makes the loss a mean over the global
+    batch's tokens, exactly as one worker would compute it.
+    """
+    torch = require("torch", "distillation")
+    spec = job.spec
+    fsdp = fsdp_options(job, job.student_dir)
+    return config_class(
+        output_dir=str(job.trainer_dir),
+        num_train_epochs=spec.epochs,
+        max_steps=spec.max_steps or -1,
+        learning_rate=spec.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=spec.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        per_device_train_batch_size=spec.batch_size,
+        gradient_accumulation_steps=spec.accumulation(job.world.size),
+        average_tokens_across_devices=True,
+        bf16=job.precision == "bf16",
+        fp16=job.precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=spec.gradient_checkpointing and not fsdp,  # FSDP checkpoints its own layers
+        seed=spec.seed,
+        data_seed=spec.seed,
+        save_strategy="steps",
+        save_steps=spec.checkpoint_every,
+        save_total_limit=2,
+        logging_strategy="steps",
+        logging_steps=LOGGING_RATIO,
+        logging_first_step=True,
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
+        **fsdp,
+        **extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress, checkpoints staged, metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def callback(ctx: Context, checkpoints, world: World):
+    transformers = require("transformers", "distillation")
+
+    class StageCallback(transformers.TrainerCallback):
+        """Progress lines with the loss (rank 0), and each saved checkpoint staged to the store."""
+
+        def __init__(self):
+            self.loss: float | None = None
+            self.start_step = 0
+            self.start_tokens = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start_step, self.start_tokens = state.global_step, state.num_input_tokens_seen or 0
+            ctx.progress.reset_clock(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                first = self.loss is None
+                self.loss = float(logs["loss"])
+                if first:
+                    ctx.progress.update(state.global_step, state.max_steps, phase="steps", force=True, loss=self.loss)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_save = False  # the final model is published anyway
+            elif self.loss is not None:  # the first line comes from on_log, with the first loss
+                ctx.progress.update(state.global_step, state.max_steps, phase="steps", loss=self.loss)
+
+        def on_save(self, args, state, control, **kwargs):
+            checkpoints.stage(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            ctx.progress.update(state.global_step, state.max_steps, phase="steps", force=True, loss=self.loss)
+
+    return StageCallback()
+
+
+def training_metrics(state, callback, built: Built, train_seconds: float) -> dict[str, float]:
+    """Losses over the whole run (the history survives a resume); throughput of this attempt."""
+    losses = [float(h["loss"]) for h in state.log_history if "loss" in h]
+    norms = [float(h["grad_norm"]) for h in state.log_history if "grad_norm" in h]
+    if built.tokens_per_step:
+        tokens = (state.global_step - callback.start_step) * built.tokens_per_step
+    else:
+        tokens = state.num_input_tokens_seen - callback.start_tokens
+    metrics = {
+        "steps": float(state.global_step),
+        "tokensPerSecond": round(tokens / train_seconds, 2) if train_seconds > 0 else 0.0,
+        "trainSeconds": round(train_seconds, 3),
+        **built.info,
+    }
+    if losses:
+        metrics |= {"initialLoss": losses[0], "trainLoss": sum(losses) / len(losses), "finalLoss": losses[-1]}
+    if norms:  # before clipping: what the optimizer was given
+        metrics |= {"initialGradNorm": norms[0], "finalGradNorm": norms[-1]}
+    return metrics
+
+
+def save_student(trainer, tokenizer, out: Path, precision: str, world: World) -> None:
+    """The student in the training precision as ordinary safetensors shards, by rank 0.
+
+    Every worker takes part in gathering the full weights (FSDP); rank 0 casts and writes them.
+    """
+    torch = require("torch", "distillation")
+    dtype = _dtype(precision)
+    state = trainer.accelerator.get_state_dict(trainer.model)  # a collective under FSDP: every worker calls it
+    if not world.is_main:
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    state = {k: v.detach().to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.save_pretrained(out, state_dict=state, max_shard_size=MAX_SHARD_SIZE)
+    # save_pretrained records the dtype of the (fp32 master) parameters; the files hold `dtype`
+    model.config.dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
+    model.config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def log_published(metrics: dict[str, float]) -> None:
+    log.info(
+        "Publishing the student: %d steps, loss %.4f -> %.4f, %.0f tokens/s", metrics["steps"],
+        metrics.get("initialLoss", math.nan), metrics.get("finalLoss", math.nan), metrics["tokensPerSecond"],
+    )
