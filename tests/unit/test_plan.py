@@ -69,8 +69,12 @@ def test_changing_the_teacher_uri_changes_distill_digest():
     assert digests(spec())["distill"] != digests(spec(teacher={"uri": "s3://m/other"}))["distill"]
 
 
-def test_resources_do_not_change_digests():
-    assert digests(spec()) == digests(spec(resources={"gpus": 4}))
+def test_resources_do_not_change_digests_unless_they_change_the_global_batch():
+    assert digests(spec()) == digests(spec(resources={"gpus": 1, "memory": "64Gi", "queueName": "q"}))
+    # Without globalBatchSize, 4 workers train on 4 times the batch: another student.
+    assert digests(spec())["distill"] != digests(spec(resources={"gpus": 4}))["distill"]
+    fixed = {"method": "logits", "batchSize": 1, "globalBatchSize": 8}
+    assert digests(spec(stages__0__distill=fixed)) == digests(spec(stages__0__distill=fixed, resources={"gpus": 4}))
 
 
 @pytest.mark.parametrize(
