@@ -8,6 +8,7 @@ S3 server. Jobs, pods, garbage collection and the Job controller are Kubernetes'
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ from operator_harness import (
     wait_for_rbac,
 )
 
-from kondense import api
+from kondense import api, events
 from kondense.settings import Settings
 from kondense.store import S3Store, join
 
@@ -61,7 +62,7 @@ def operator(control_plane, api_client):
     apply(api_client, rbac)
     account = operator_service_account(rbac)
     wait_for_rbac(api_client, f"system:serviceaccount:{RELEASE_NAMESPACE}:{account}", "default", [
-        ("batch", "jobs", "create"), ("kondense.io", "compressionpipelines/finalizers", "update"),
+        ("batch", "jobs", "create"), ("", "services", "create"), ("kondense.io", "compressionpipelines/finalizers", "update"),
         ("kondense.io", "compressionpipelines/status", "patch"), ("", "events", "create")])
     token = control_plane.service_account_token(RELEASE_NAMESPACE, account)
     settings = Settings(jobs_image="kondense-jobs:test", ttl_seconds_after_finished=3600)
@@ -267,3 +268,91 @@ def test_failed_stage_reports_reason_and_hint(operator, api_client, workspace, s
     assert stage["state"] == "Failed" and stage["reason"] == "OOMKilled" and "raise resources.memory" in stage["message"]
     assert [s["state"] for s in obj["status"]["stages"][1:]] == ["Skipped"] * 3
     assert condition(obj, "Ready")["reason"] == "OOMKilled"
+
+
+# One optimizer step sees 4 sequences either way: 2 workers x batchSize 2, or 1 worker x batchSize 2
+# x 2 accumulated micro-batches. Resources are not in a stage's content address; globalBatchSize is.
+DATA_PARALLEL = {"method": "logits", "maxSteps": 4, "batchSize": 2, "globalBatchSize": 4, "maxSeqLength": 32,
+                 "learningRate": 1e-3}
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
+def tensors_in(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    assert tensors, f"no safetensors under {folder}"
+    return tensors
+
+
+def largest_difference(a: dict, b: dict) -> tuple[float, str]:
+    return max(((a[k].float() - b[k].float()).abs().max().item(), k) for k in a.keys() & b.keys())
+
+
+def test_distill_on_two_nodes_is_an_indexed_job_that_trains_what_one_worker_trains(
+    operator, api_client, workspace, s3_bucket, s3_endpoint, fake_kubelet, tiny_inputs, tmp_path
+):
+    """Two pods of one Indexed Job rendezvous (torchrun's c10d at index 0, found through the
+    headless Service's name, which the fake kubelet resolves to this machine) and publish the
+    student that one worker with the same global batch publishes."""
+    ns, core = workspace, client.CoreV1Api(api_client)
+    fake_kubelet.extra_env["LOGLEVEL"] = "INFO"  # torchrun's agents then log their rendezvous' result
+    shapes = {"two-nodes": 2, "one-node": 1}
+    for name, nodes in shapes.items():
+        stage = {"name": "distill", "distill": DATA_PARALLEL, "resources": {"gpus": 0, "workers": 1, "nodes": nodes}}
+        custom(api_client).create_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, pipeline_doc(name, s3_bucket, s3_endpoint, [stage]))
+
+    # The Indexed Job: one pod per node, host names in the subdomain of its headless Service.
+    def indexed_job():
+        return next((j for j in jobs(api_client, ns) if j.metadata.labels["kondense.io/pipeline"] == "two-nodes"), None)
+
+    job = wait_for(indexed_job, timeout=60, what="the two-node stage's Job")
+    jname, spec = job.metadata.name, job.spec
+    assert (spec.completion_mode, spec.completions, spec.parallelism) == ("Indexed", 2, 2)
+    subdomain = spec.template.spec.subdomain
+    args = spec.template.spec.containers[0].args
+    assert args[args.index("--rdzv-endpoint") + 1] == f"{jname}-0.{subdomain}:29400" and args[args.index("--rdzv-id") + 1] == jname
+    service = core.read_namespaced_service(subdomain, ns)
+    assert service.spec.cluster_ip == "None" and service.spec.publish_not_ready_addresses
+    assert service.spec.selector == {"batch.kubernetes.io/job-name": jname}
+    assert [(o.kind, o.name) for o in service.metadata.owner_references] == [(api.KIND, "two-nodes")]
+
+    done = {name: wait_condition(api_client, ns, name, "Ready", timeout=600) for name in shapes}
+    for obj in done.values():
+        (stage,) = obj["status"]["stages"]
+        assert stage["state"] == "Succeeded" and stage["artifact"]["uri"]
+    assert done["two-nodes"]["status"]["stages"][0]["job"] == jname
+
+    # Both pods ran here, each with its index, and met: torchrun's agents saw a world of two.
+    # The pod of global rank 0 published (the rendezvous, not the index, decides which it is).
+    pods = core.list_namespaced_pod(ns, label_selector=f"batch.kubernetes.io/job-name={jname}").items
+    assert sorted(p.metadata.labels[COMPLETION_INDEX] for p in pods) == ["0", "1"]
+    summaries = [events.parse_summary(p.status.container_statuses[0].state.terminated.message or "") for p in pods]
+    published = [s.artifact.uri for s in summaries if s is not None and s.artifact is not None]
+    assert published == [done["two-nodes"]["status"]["stages"][0]["artifact"]["uri"]]
+    ranks = set()
+    for pod in pods:
+        run = fake_kubelet.run_for(ns, pod.metadata.name)
+        assert run is not None and run.exit_code == 0, run and run.output()[-3000:]
+        assert run.env["JOB_COMPLETION_INDEX"] == pod.metadata.labels[COMPLETION_INDEX]
+        assert run.argv[run.argv.index("--rdzv-endpoint") + 1] == "127.0.0.1:29400"  # emulated DNS
+        log = run.output()
+        assert "group_world_size=2" in log and "global_world_sizes=[2]" in log, log[-3000:]
+        ranks |= set(re.findall(r"group_rank=(\d+)", log))
+    assert ranks == {"0", "1"}
+
+    # The same student, to float32 rounding of a different summation order.
+    store = S3Store(endpoint=s3_endpoint)
+    uris = {name: obj["status"]["stages"][0]["artifact"]["uri"] for name, obj in done.items()}
+    assert uris["two-nodes"] != uris["one-node"]
+    for name in uris:
+        store.fetch(uris[name], tmp_path / name)
+    two, one = tensors_in(tmp_path / "two-nodes"), tensors_in(tmp_path / "one-node")
+    assert two.keys() == one.keys()
+    difference, where = largest_difference(two, one)
+    assert difference <= 1e-5, f"largest difference {difference:.3g} in {where}"
+    moved, _ = largest_difference(two, tensors_in(tiny_inputs / "student"))
+    assert moved > 1e-4, "training moved the student's weights: the equality above says something"
