@@ -1,6 +1,12 @@
 """The GPU paths in one short run, for a machine with an NVIDIA GPU (prints figures, exits 1 on failure).
 
 Uses the real stages in-process on models built on the spot (no hub):
+  0. real-size distillation: a bf16 logit-KD stage with a ~1B student and a ~3B teacher (built
+     from config, random weights); tokens/s, MFU against the GPU's dense bf16 peak, and the
+     memory plan's per-GPU estimate (kondense.memory, what `kondense plan` prints) against
+     torch.cuda.max_memory_allocated. Exits 1 below MIN_MFU or outside ESTIMATE_ERROR. One GPU
+     runs one worker: the multi-worker paths (DDP, FSDP2, the sharded teacher) are tested on
+     CPU workers in tests/jobs/test_parallel.py, FSDP2 of the student needs two or more GPUs.
   1. bf16 logit-KD throughput: the distill stage (precision auto -> bf16 on CUDA) vs the same
      steps in fp32; tokens/s of each and the ratio
   2. bitsandbytes NF4 and int8 on CUDA: quantize, reload with device_map="auto", generate
@@ -24,6 +30,12 @@ from kondense.events import Progress
 from kondense.store import FileStore
 from kondense_jobs import distill, evaluate, quantize, tiny
 from kondense_jobs.runtime import Context
+
+
+# Targets, provisional until measured on the H200: see the README's GPU section.
+MIN_MFU = 0.25
+ESTIMATE_ERROR = 0.25
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
 
 
 def stage(root: Path, kind: str, config, models: dict[str, Path | InputRef], dataset: Path, name: str) -> dict:
@@ -55,6 +67,33 @@ def main() -> int:
     student = tiny.build_model(root / "student", tok, "llama", args.layers // 2, args.hidden // 2, 8, seed=2)
     dataset = tiny.write_jsonl(root / "data.jsonl", [{"text": t} for t in texts])
     figures: dict[str, float] = {}
+    failures: list[str] = []
+
+    # 0. Real size: ~1B student, ~3B teacher, bf16, activation checkpointing.
+    big_tok = tiny.train_tokenizer(texts, vocab_size=32000)
+    t3 = tiny.build_model(root / "teacher-3b", big_tok, "llama", 28, 3072, 24, seed=1)
+    s1 = tiny.build_model(root / "student-1b", big_tok, "llama", 16, 2048, 16, seed=2)
+    from kondense_jobs.preflight import count_parameters
+
+    p_t, p_s = count_parameters(t3), count_parameters(s1)
+    seq, batch, steps = 2048, 4, 12
+    cfg = DistillSpec(method="logits", max_steps=steps, batch_size=batch, max_seq_length=seq, precision="bf16",
+                      gradient_checkpointing=True, learning_rate=1e-5, checkpoint_every=10_000)
+    torch.cuda.reset_peak_memory_stats()
+    m = stage(root, "distill", cfg, {"teacher": t3, "student": s1}, dataset, "kd-1b-3b")["metrics"]
+    tokens_s = m["tokensPerSecond"]
+    # training the student: 6 FLOPs per parameter and token (+2 for the recomputed forward); the teacher's forward: 2
+    flops = tokens_s * ((6 + 2) * p_s + 2 * p_t)
+    name = torch.cuda.get_device_name(0)
+    mfu = flops / next((peak for gpu, peak in PEAK_BF16.items() if gpu in name), PEAK_BF16["H100"])
+    error = m["preflightGiB"] / m["peakGpuMemoryGiB"] - 1
+    figures |= {"student_parameters_B": p_s / 1e9, "teacher_parameters_B": p_t / 1e9, "kd_1b_3b_tokens_per_second": tokens_s,
+                "kd_1b_3b_mfu": mfu, "plan_estimate_GiB": m["preflightGiB"], "measured_peak_GiB": m["peakGpuMemoryGiB"],
+                "estimate_error": error}
+    if mfu < MIN_MFU:
+        failures.append(f"MFU {mfu:.2f} < {MIN_MFU}")
+    if abs(error) > ESTIMATE_ERROR:
+        failures.append(f"estimate {m['preflightGiB']:.1f} GiB vs measured {m['peakGpuMemoryGiB']:.1f} GiB: {error:+.0%}")
 
     for precision in ("fp32", "bf16"):
         cfg = DistillSpec(method="logits", max_steps=args.steps, batch_size=16, max_seq_length=512, precision=precision,
@@ -81,7 +120,9 @@ def main() -> int:
         figures[f"{row.variant}_perplexity"] = row.perplexity
         figures[f"{row.variant}_tokens_per_second"] = row.tokens_per_second
     print(json.dumps({k: round(v, 3) for k, v in figures.items()}, indent=2))
-    return 0
+    for f in failures:
+        print(f"BELOW TARGET: {f}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

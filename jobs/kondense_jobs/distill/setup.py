@@ -377,6 +377,9 @@ def training_metrics(state, callback, built: Built, train_seconds: float) -> dic
         metrics |= {"initialLoss": losses[0], "trainLoss": sum(losses) / len(losses), "finalLoss": losses[-1]}
     if norms:  # before clipping: what the optimizer was given
         metrics |= {"initialGradNorm": norms[0], "finalGradNorm": norms[-1]}
+    torch = require("torch", "distillation")
+    if torch.cuda.is_available():  # this worker's peak, to hold against the plan's estimate (preflightGiB)
+        metrics["peakGpuMemoryGiB"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
     return metrics
 
 
