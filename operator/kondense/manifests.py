@@ -295,7 +295,9 @@ def build_service(job: dict) -> dict:
             "clusterIP": "None",
             "selector": {JOB_NAME_LABEL: meta["name"]},
             "publishNotReadyAddresses": True,
-            "ports": [{"name": RDZV_PORT_NAME, "port": RDZV_PORT, "targetPort": RDZV_PORT_NAME, "protocol": "TCP"}],
+            "ports": [
+                {"name": RDZV_PORT_NAME, "port": RDZV_PORT, "targetPort": RDZV_PORT_NAME, "protocol": "TCP"}
+            ],
         },
     }
 
@@ -307,8 +309,8 @@ def stage_job(spec: api.PipelineSpec, plans: list[StagePlan], plan: StagePlan, n
     return build_job(run, plan, job_name(pipeline, plan), spec.image or settings.jobs_image, settings)
 
 
-def stage_objects(spec: api.PipelineSpec, plans: list[StagePlan], plan: StagePlan, namespace: str, pipeline: str,
-                  settings: Settings) -> list[dict]:
+def stage_objects(spec: api.PipelineSpec, plans: list[StagePlan], plan: StagePlan, namespace: str,
+                  pipeline: str, settings: Settings) -> list[dict]:
     """What the operator creates for one planned stage, in order: a multi-node stage's Service
     first (its pods find each other through it), then the Job."""
     job = stage_job(spec, plans, plan, namespace, pipeline, settings)

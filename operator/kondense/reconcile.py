@@ -70,7 +70,8 @@ def completion_index(pod: dict) -> int | None:
     """A pod's index in an Indexed Job (a label since Kubernetes 1.28, an annotation always);
     None for the pod of a plain Job."""
     meta = pod["metadata"]
-    raw = (meta.get("labels") or {}).get(COMPLETION_INDEX) or (meta.get("annotations") or {}).get(COMPLETION_INDEX)
+    labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+    raw = labels.get(COMPLETION_INDEX) or annotations.get(COMPLETION_INDEX)
     return int(raw) if raw is not None and raw.isdigit() else None
 
 

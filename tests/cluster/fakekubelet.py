@@ -840,9 +840,9 @@ def _subdomain_resolver(pod: dict[str, Any]) -> Callable[[str], str]:
     subdomain = pod["spec"].get("subdomain")
     if not subdomain:
         return lambda value: value
-    namespace = re.escape(pod["metadata"]["namespace"])
-    name = rf"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?\.{re.escape(subdomain)}(?:\.{namespace}(?:\.svc(?:\.cluster\.local)?)?)?"
-    pattern = re.compile(rf"(?<![\w.-]){name}(?![\w.-])")
+    host = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
+    zone = rf"(?:\.{re.escape(pod['metadata']['namespace'])}(?:\.svc(?:\.cluster\.local)?)?)?"
+    pattern = re.compile(rf"(?<![\w.-]){host}\.{re.escape(subdomain)}{zone}(?![\w.-])")
     return lambda value: pattern.sub("127.0.0.1", value)
 
 

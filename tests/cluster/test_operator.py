@@ -62,7 +62,8 @@ def operator(control_plane, api_client):
     apply(api_client, rbac)
     account = operator_service_account(rbac)
     wait_for_rbac(api_client, f"system:serviceaccount:{RELEASE_NAMESPACE}:{account}", "default", [
-        ("batch", "jobs", "create"), ("", "services", "create"), ("kondense.io", "compressionpipelines/finalizers", "update"),
+        ("batch", "jobs", "create"), ("", "services", "create"),
+        ("kondense.io", "compressionpipelines/finalizers", "update"),
         ("kondense.io", "compressionpipelines/status", "patch"), ("", "events", "create")])
     token = control_plane.service_account_token(RELEASE_NAMESPACE, account)
     settings = Settings(jobs_image="kondense-jobs:test", ttl_seconds_after_finished=3600)
@@ -314,7 +315,8 @@ def test_distill_on_two_nodes_is_an_indexed_job_that_trains_what_one_worker_trai
     assert (spec.completion_mode, spec.completions, spec.parallelism) == ("Indexed", 2, 2)
     subdomain = spec.template.spec.subdomain
     args = spec.template.spec.containers[0].args
-    assert args[args.index("--rdzv-endpoint") + 1] == f"{jname}-0.{subdomain}:29400" and args[args.index("--rdzv-id") + 1] == jname
+    assert args[args.index("--rdzv-endpoint") + 1] == f"{jname}-0.{subdomain}:29400"
+    assert args[args.index("--rdzv-id") + 1] == jname
     service = core.read_namespaced_service(subdomain, ns)
     assert service.spec.cluster_ip == "None" and service.spec.publish_not_ready_addresses
     assert service.spec.selector == {"batch.kubernetes.io/job-name": jname}
