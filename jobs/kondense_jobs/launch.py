@@ -31,7 +31,7 @@ from kondense.api import Summary
 from kondense.errors import outcome_for_exit
 from kondense.events import parse_summary
 
-from kondense_jobs.__main__ import DEFAULT_TERMINATION_LOG, write_termination
+from kondense_jobs.__main__ import write_termination
 
 log = logging.getLogger("kondense_jobs.launch")
 

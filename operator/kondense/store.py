@@ -126,26 +126,9 @@ class Store:
             return None
         return Manifest.model_validate_json(raw)
 
-    def publish(
-        self,
-        folder: Path,
-        uri: str,
-        *,
-        stage: str,
-        stage_kind: str,
-        input_digest: str,
-        format: str = "hf",
-        metrics: dict[str, float] | None = None,
-        spec: dict[str, Any] | None = None,
-        versions: dict[str, str] | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> Manifest:
-        """Upload a folder, then write manifest.json last: the commit point."""
-        files = self.upload_folder(folder, uri)
-        return self.commit(
-            uri, files, stage=stage, stage_kind=stage_kind, input_digest=input_digest, format=format,
-            metrics=metrics, spec=spec, versions=versions, extra=extra,
-        )
+    def publish(self, folder: Path, uri: str, **manifest: Any) -> Manifest:
+        """Upload a folder, then write manifest.json last: the commit point. `manifest`: commit's fields."""
+        return self.commit(uri, self.upload_folder(folder, uri), **manifest)
 
     def upload_folder(self, folder: Path, uri: str) -> dict[str, FileEntry]:
         """Upload a folder's files (no manifest); their entries for `commit`."""

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,42 @@ def make_run():
 def run_stage():
     """run_stage(kind, spec_path, tmp_path, env=None) -> (exit_code, Summary | None, output)."""
     return _run_stage
+
+
+def _kill_at_first_checkpoint(run: StageRun, spec: Path, tmp_path: Path, work_dir: Path | None = None) -> list[int]:
+    """Start the stage's command, SIGKILL it and every process it started (as a lost node would) once
+    a checkpoint is committed; return the committed steps. The stage must not have published."""
+    import psutil
+
+    from kondense.store import FileStore
+
+    checkpoints = FileStore.path(run.output + ".checkpoints")
+    stage_args = ["--spec", str(spec), "--termination-log", str(tmp_path / "t1"), "--cache-dir", str(tmp_path / "cache")]
+    if work_dir is not None:
+        stage_args += ["--work-dir", str(work_dir)]
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            stage_command(run.stage_kind, stage_args, run.resources, python=sys.executable),
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while not list(checkpoints.glob("step-*/manifest.json")):
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint committed in 300 s"
+                time.sleep(0.02)
+        finally:  # torchrun starts its workers in sessions of their own: kill the tree, not a process group
+            root = psutil.Process(proc.pid)
+            for p in [*root.children(recursive=True), root]:
+                p.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (FileStore.path(run.output) / "manifest.json").exists(), "the first run finished before the kill"
+    return sorted(int(p.parent.name[5:]) for p in checkpoints.glob("step-*/manifest.json"))
+
+
+@pytest.fixture(scope="session")
+def kill_at_first_checkpoint():
+    """kill_at_first_checkpoint(run, spec_path, tmp_path, work_dir=None) -> committed steps."""
+    return _kill_at_first_checkpoint

@@ -7,11 +7,6 @@ models of conftest.py with a few steps of 4 x 64 tokens.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -312,34 +307,17 @@ def test_preflight_refuses_what_cannot_fit(tmp_path, make_run, run_stage, tiny_t
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_from_its_newest_checkpoint(tmp_path, make_run, run_stage, tiny_teacher, tiny_student, tiny_dataset):
+def test_killed_run_resumes_from_its_newest_checkpoint(
+    tmp_path, make_run, run_stage, kill_at_first_checkpoint, tiny_teacher, tiny_student, tiny_dataset
+):
     steps, every = 24, 3
     spec = DistillSpec(method="logits", max_steps=steps, **{**FAST, "checkpoint_every": every})
     run, path = make_run(tmp_path, "distill", spec, {"teacher": tiny_teacher, "student": tiny_student}, tiny_dataset)
     checkpoints = FileStore.path(run.output + ".checkpoints")
-    log = tmp_path / "first.log"
     work = tmp_path / "work"
     work.mkdir()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "kondense_jobs", "distill", "--spec", str(path), "--termination-log", str(tmp_path / "t1"),
-             "--cache-dir", str(tmp_path / "cache"), "--work-dir", str(work)],  # a killed run leaves its scratch
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
-        )
-        try:
-            deadline = time.monotonic() + 300
-            while not list(checkpoints.glob("step-*/manifest.json")):
-                assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, "no checkpoint committed in 300 s"
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    committed = sorted(int(p.parent.name[5:]) for p in checkpoints.glob("step-*/manifest.json"))
+    committed = kill_at_first_checkpoint(run, path, tmp_path, work)  # a killed run leaves its scratch
     assert committed and committed[-1] < steps
-    assert not (FileStore.path(run.output) / "manifest.json").exists()
 
     code, summary, output = run_stage("distill", path, tmp_path)
     assert code == 0, output[-3000:]

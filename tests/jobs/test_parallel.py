@@ -8,20 +8,12 @@ Each run is the real command (`python -m kondense_jobs.launch ... -- distill`, a
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from kondense.api import DistillSpec, Resources
-from kondense.launch import stage_command
 from kondense.store import FileStore
 
 pytestmark = pytest.mark.slow
@@ -111,30 +103,12 @@ def test_bf16_student_is_published_in_bf16(tmp_path, make_run, run_stage, models
     assert summary.metrics["finalLoss"] < summary.metrics["initialLoss"]
 
 
-def test_killed_two_worker_run_resumes_on_one_worker(tmp_path, make_run, run_stage, models, one_worker):
+def test_killed_two_worker_run_resumes_on_one_worker(tmp_path, make_run, run_stage, kill_at_first_checkpoint, models):
     """A preempted stage restarts on fewer workers: same global batch, same digest, same result."""
     config = DistillSpec(**{**SPEC, "max_steps": RESUME_STEPS, "checkpoint_every": 2})
     run, path = make_run(tmp_path, "distill", config, models[0], models[1], resources=Resources(gpus=0, workers=2))
-    checkpoints = FileStore.path(run.output + ".checkpoints")
-    cmd = stage_command("distill", ["--spec", str(path), "--termination-log", str(tmp_path / "t1"),
-                                    "--cache-dir", str(tmp_path / "cache")], run.resources, python=sys.executable)
-    log = tmp_path / "first.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        try:
-            deadline = time.monotonic() + 300
-            while not list(checkpoints.glob("step-*/manifest.json")):
-                assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, "no checkpoint committed in 300 s"
-                time.sleep(0.02)
-        finally:  # the launcher and its workers (torchrun starts them in sessions of their own), as a node loss would
-            for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-                p.send_signal(signal.SIGKILL)
-            proc.wait()
-    committed = sorted(int(p.parent.name[5:]) for p in checkpoints.glob("step-*/manifest.json"))
+    committed = kill_at_first_checkpoint(run, path, tmp_path)
     assert committed and committed[-1] < RESUME_STEPS
-    assert not (FileStore.path(run.output) / "manifest.json").exists(), "the first run finished before the kill"
 
     one = run.model_copy(update={"resources": Resources(gpus=0, workers=1)})
     path.write_text(one.model_dump_json(by_alias=True, exclude_none=True))

@@ -1,8 +1,7 @@
-"""The memory model, `kondense plan`, the parallel checks of the planner and the launcher command. Pure, fast."""
+"""The memory model, `kondense plan` and the launcher command. Pure, fast."""
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import yaml
 from kondense import fit, memory
 from kondense.api import DistillSpec, PipelineSpec, Resources
 from kondense.launch import stage_command
-from kondense.plan import resolve, semantic_errors
+from kondense.plan import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 FLAGSHIP = ROOT / "crds/examples/llama-70b-to-8b.yaml"
@@ -159,81 +158,6 @@ def test_plan_reads_config_json_given_on_the_command_line(tmp_path):
     assert "16.0" in r.stdout
     bad = plan_cli(str(path), cwd=tmp_path)
     assert bad.returncode == 2 and "--config ROLE=path/to/config.json" in bad.stderr
-
-
-# ---------------------------------------------------------------------------------------------
-# Parallel fields, checked before anything starts
-# ---------------------------------------------------------------------------------------------
-
-BASE = {
-    "teacher": {"uri": "s3://m/teacher"},
-    "student": {"uri": "s3://m/student"},
-    "dataset": {"uri": "s3://d/data.jsonl"},
-    "storage": {"uri": "s3://bucket/prefix"},
-    "stages": [
-        {"name": "distill", "distill": {"batchSize": 2, "globalBatchSize": 16}, "resources": {"gpus": 4}},
-        {"name": "gguf", "quantize": {"method": "gguf"}},
-    ],
-}
-
-
-def with_changes(distill=None, resources=None, pipeline_resources=None, gguf_resources=None) -> PipelineSpec:
-    doc = copy.deepcopy(BASE)
-    doc["stages"][0]["distill"].update(distill or {})
-    doc["stages"][0]["resources"].update(resources or {})
-    if pipeline_resources:
-        doc["resources"] = pipeline_resources
-    if gguf_resources:
-        doc["stages"][1]["resources"] = gguf_resources
-    return PipelineSpec.model_validate(doc)
-
-
-@pytest.mark.parametrize(
-    "changes, expected",
-    [
-        ({}, None),
-        ({"resources": {"gpus": 3}}, "spec.stages[0].distill.globalBatchSize: 16 does not divide into batchSize 2 x 3 workers"),
-        ({"resources": {"nodes": 3}}, "does not divide into batchSize 2 x 12 workers (4 per node x 3 nodes)"),
-        ({"resources": {"workers": 2}}, "spec.stages[0].resources.workers: 2 workers on 4 GPUs"),
-        ({"resources": {"gpus": 0, "nodes": 2}}, "spec.stages[0].resources.nodes: 2 nodes with gpus 0"),
-        ({"resources": {"gpus": 0, "workers": 2}, "distill": {"strategy": "fsdp"}}, "spec.stages[0].distill.strategy: fsdp shards"),
-        ({"gguf_resources": {"nodes": 2}}, "spec.stages[1].resources.nodes: 2, but only distill stages run several workers"),
-        ({"pipeline_resources": {"workers": 2, "gpus": 0}, "resources": {"gpus": 0, "globalBatchSize": None}},
-         "spec.resources.workers: 2, but only distill stages"),
-    ],
-    ids=["ok", "global-batch-gpus", "global-batch-nodes", "workers-vs-gpus", "cpu-nodes", "fsdp-on-cpu", "quantize-nodes", "inherited-workers"],
-)
-def test_parallel_fields_are_checked_with_their_path(changes, expected):
-    changes = dict(changes)
-    resources = changes.pop("resources", {})
-    resources.pop("globalBatchSize", None)
-    spec = with_changes(resources=resources, **changes)
-    errors = semantic_errors(spec)
-    if expected is None:
-        assert errors == []
-    else:
-        assert any(expected in e for e in errors), errors
-
-
-@pytest.mark.parametrize(
-    "field, value, message",
-    [
-        ("globalBatchSize", 5, "globalBatchSize 5 must be a multiple of batchSize 2"),
-        ("teacherLoad", "sharded", "teacherLoad sharded is only for method logits"),
-        ("strategy", "fsdp", "strategy fsdp is not for method gkd"),
-    ],
-)
-def test_fields_alone_are_refused_by_the_model(field, value, message):
-    with pytest.raises(ValueError, match=message):
-        DistillSpec.model_validate({"method": "gkd" if field != "globalBatchSize" else "logits", "batchSize": 2, field: value})
-
-
-def test_worker_count_and_micro_batch_do_not_move_the_artifact_with_a_global_batch():
-    a = resolve(with_changes(), "ns", "p")[0]
-    b = resolve(with_changes(distill={"batchSize": 1, "strategy": "fsdp"}, resources={"gpus": 8}), "ns", "p")[0]
-    assert a.input_digest == b.input_digest
-    c = resolve(with_changes(distill={"globalBatchSize": 32}), "ns", "p")[0]
-    assert c.input_digest != a.input_digest
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from kondense.api import PipelineSpec
+from kondense.api import DistillSpec, PipelineSpec
 from kondense.errors import InvalidSpec
 from kondense.plan import decide, resolve, semantic_errors, stage_run
 
@@ -73,8 +73,7 @@ def test_resources_do_not_change_digests_unless_they_change_the_global_batch():
     assert digests(spec()) == digests(spec(resources={"gpus": 1, "memory": "64Gi", "queueName": "q"}))
     # Without globalBatchSize, 4 workers train on 4 times the batch: another student.
     assert digests(spec())["distill"] != digests(spec(resources={"gpus": 4}))["distill"]
-    fixed = {"method": "logits", "batchSize": 1, "globalBatchSize": 8}
-    assert digests(spec(stages__0__distill=fixed)) == digests(spec(stages__0__distill=fixed, resources={"gpus": 4}))
+    # With a globalBatchSize they do not: test_worker_count_and_micro_batch_do_not_move_the_artifact_...
 
 
 @pytest.mark.parametrize(
@@ -138,3 +137,57 @@ def test_stage_run_points_at_upstream_artifacts_with_expected_digest():
     assert run.quantize.method == "bnb-nf4" and run.output == plans[1].output
     teacher = stage_run(s, plans, "distill", "ns", "p").models["teacher"]
     assert teacher.uri == "s3://m/teacher" and teacher.stage is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers, nodes and the global batch, checked on a stage's effective resources
+# ---------------------------------------------------------------------------------------------
+
+GLOBAL = {"method": "logits", "batchSize": 2, "globalBatchSize": 16}
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"stages__0__resources": {"gpus": 4}}, None),
+        ({"stages__0__resources": {"gpus": 3}},
+         "spec.stages[0].distill.globalBatchSize: 16 does not divide into batchSize 2 x 3 workers"),
+        ({"stages__0__resources": {"gpus": 4, "nodes": 3}},
+         "does not divide into batchSize 2 x 12 workers (4 per node x 3 nodes)"),
+        ({"stages__0__resources": {"gpus": 4, "workers": 2}}, "spec.stages[0].resources.workers: 2 workers on 4 GPUs"),
+        ({"stages__0__resources": {"gpus": 0, "nodes": 2}}, "spec.stages[0].resources.nodes: 2 nodes with gpus 0"),
+        ({"stages__0__resources": {"gpus": 0, "workers": 2}, "stages__0__distill": {**GLOBAL, "strategy": "fsdp"}},
+         "spec.stages[0].distill.strategy: fsdp shards"),
+        ({"stages__2__resources": {"nodes": 2}}, "spec.stages[2].resources.nodes: 2, but only distill stages run several workers"),
+        ({"resources": {"workers": 2, "gpus": 0}}, "spec.resources.workers: 2, but only distill stages"),
+    ],
+    ids=["ok", "global-batch-gpus", "global-batch-nodes", "workers-vs-gpus", "cpu-nodes", "fsdp-on-cpu",
+         "quantize-nodes", "inherited-workers"],
+)
+def test_parallel_fields_are_checked_with_their_path(changes, expected):
+    errors = semantic_errors(spec(**{"stages__0__distill": GLOBAL, **changes}))
+    if expected is None:
+        assert errors == []
+    else:
+        assert any(expected in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("globalBatchSize", 5, "globalBatchSize 5 must be a multiple of batchSize 2"),
+        ("teacherLoad", "sharded", "teacherLoad sharded is only for method logits"),
+        ("strategy", "fsdp", "strategy fsdp is not for method gkd"),
+    ],
+)
+def test_fields_alone_are_refused_by_the_model(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        DistillSpec.model_validate({"method": "gkd" if field != "globalBatchSize" else "logits", "batchSize": 2, field: value})
+
+
+def test_worker_count_and_micro_batch_do_not_move_the_artifact_with_a_global_batch():
+    a = digests(spec(stages__0__distill=GLOBAL, stages__0__resources={"gpus": 4}))
+    b = digests(spec(stages__0__distill={**GLOBAL, "batchSize": 1, "strategy": "fsdp"}, stages__0__resources={"gpus": 8}))
+    assert a == b
+    c = digests(spec(stages__0__distill={**GLOBAL, "globalBatchSize": 32}, stages__0__resources={"gpus": 4}))
+    assert c["distill"] != a["distill"]

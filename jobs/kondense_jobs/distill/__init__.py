@@ -74,7 +74,7 @@ def fetch_inputs(ctx: Context, world: World) -> Inputs:
     precision = resolve_precision(spec.precision)
     seq = sequence_length(spec, *[d for d in (teacher_dir, student_dir) if d is not None])
     plan = plan_memory(ctx, spec, teacher_dir, student_dir)
-    check_strategy(teacher_dir or student_dir, plan, spec)
+    check_strategy(teacher_dir, plan)
     split = data.load(dataset, ctx.run.dataset)
     return Inputs(spec, student_dir, teacher_dir, tokenizer, split, seq, precision, plan, world, ctx.work_dir / "trainer")
 
@@ -124,8 +124,7 @@ def run(ctx: Context) -> Summary:
     metrics = training_metrics(trainer.state, progress, built, train_seconds)
     if resume:
         metrics["resumedFromStep"] = float(resume.step)
-    out = ctx.output_dir() if world.is_main else ctx.work_dir / "unused"
-    save_student(trainer, job.tokenizer, out, job.precision, world)
+    save_student(trainer, job.tokenizer, ctx.output_dir(), job.precision, world)
     if not world.is_main:
         world.barrier()  # rank 0 publishes; the workers end together
         return Summary(state="Succeeded", reason="Succeeded", message=f"worker {world.rank} done", metrics=metrics)

@@ -15,6 +15,7 @@ from kondense.api import DistillSpec
 from kondense.errors import InvalidInput, InvalidSpec
 
 from kondense_jobs import data, preflight
+from kondense_jobs.distill.checkpoints import CHECKPOINTS_KEPT
 from kondense_jobs.parallel import World
 from kondense_jobs.runtime import Context, require
 
@@ -144,15 +145,15 @@ def plan_memory(ctx: Context, spec: DistillSpec, teacher_dir: Path | None, stude
     return estimate.choice
 
 
-def check_strategy(model_dir: Path, plan: memory.Choice, spec: DistillSpec, stage_path: str = "distill") -> None:
-    """A way of running that the model's architecture cannot use: exit 10 naming the field."""
+def check_strategy(teacher_dir: Path | None, plan: memory.Choice) -> None:
+    """A way of running that this machine or the teacher's architecture cannot use: exit 10 naming the field."""
     torch = require("torch", "distillation")
     if plan.strategy == "fsdp" and not torch.cuda.is_available():
         raise InvalidSpec(FSDP_NEEDS_GPUS)
-    cfg = _config(model_dir)
+    cfg = _config(teacher_dir) if teacher_dir else {}
     if plan.teacher_load in ("int8", "nf4") and cfg.get("model_type") == "gpt2":
         raise InvalidSpec(
-            f"{stage_path}.teacherLoad: {plan.teacher_load} quantizes nn.Linear layers with bitsandbytes, and "
+            f"distill.teacherLoad: {plan.teacher_load} quantizes nn.Linear layers with bitsandbytes, and "
             f"{cfg.get('model_type')} models use Conv1D; use teacherLoad replicated or sharded"
         )
 
@@ -167,16 +168,15 @@ def _dtype(precision: str):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
-def decoder_layer_classes(model) -> set[type]:
-    """The classes of the model's repeated blocks (what FSDP shards and gathers one at a time)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
-    if not classes:
+def decoder_layers(model_class: type) -> list[str]:
+    """Class names of the model's repeated blocks: what FSDP shards and gathers one at a time."""
+    names = list(getattr(model_class, "_no_split_modules", None) or [])
+    if not names:
         raise InvalidSpec(
-            f"distill.strategy: {type(model).__name__} names no decoder layer class (_no_split_modules), so FSDP "
-            "cannot shard it layer by layer; use strategy ddp"
+            f"distill.strategy: {model_class.__name__} names no decoder layer class (_no_split_modules), so FSDP "
+            "cannot shard it layer by layer; use strategy ddp (or teacherLoad replicated)"
         )
-    return classes
+    return names
 
 
 def load_teacher(model_dir: Path, precision: str, load: str, world: World):
@@ -219,9 +219,9 @@ def _sharded_teacher(model_dir: Path, dtype, world: World):
         if turn == world.local_rank:
             teacher = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
             teacher.eval().requires_grad_(False)
-            layers = decoder_layer_classes(teacher)
+            layers = set(decoder_layers(type(teacher)))
             for module in teacher.modules():
-                if type(module) in layers:
+                if type(module).__name__ in layers:
                     fully_shard(module, mesh=mesh, reshard_after_forward=True)
             fully_shard(teacher, mesh=mesh, reshard_after_forward=True)
             if torch.cuda.is_available():
@@ -250,16 +250,12 @@ def fsdp_options(job: Inputs, student_dir: Path) -> dict[str, Any]:
     """TrainingArguments fields for FSDP2 through accelerate (none for ddp)."""
     if job.plan.strategy != "fsdp":
         return {}
-    cfg = json.loads((student_dir / "config.json").read_text())
-    arch = (cfg.get("architectures") or [None])[0]
     transformers = require("transformers", "distillation")
-    model_class = getattr(transformers, arch, None) if arch else None
-    layers = getattr(model_class, "_no_split_modules", None) if model_class else None
-    if not layers:
-        raise InvalidSpec(
-            f"distill.strategy: fsdp needs the student's decoder layer class; {arch or 'its architecture'} "
-            "names none (_no_split_modules). Use strategy ddp"
-        )
+    arch = (_config(student_dir).get("architectures") or ["?"])[0]
+    model_class = getattr(transformers, arch, None)
+    if model_class is None:
+        raise InvalidSpec(f"distill.strategy: fsdp cannot find the student's class {arch} in transformers; use strategy ddp")
+    layers = decoder_layers(model_class)
     return {
         "fsdp": True,
         "fsdp_config": {
@@ -303,7 +299,7 @@ def training_args(config_class, job: Inputs, **extra):
         data_seed=spec.seed,
         save_strategy="steps",
         save_steps=spec.checkpoint_every,
-        save_total_limit=2,
+        save_total_limit=CHECKPOINTS_KEPT,
         logging_strategy="steps",
         logging_steps=LOGGING_RATIO,
         logging_first_step=True,

@@ -61,7 +61,9 @@ def records(ctx: Context, job: Inputs) -> list[dict]:
     folder = ctx.work_dir / SYNTHETIC
     manifest = ctx.store.read_manifest(uri)
     if manifest is not None and manifest.input_digest == run.input_digest:
-        ctx.store.fetch(uri, folder, expect_input_digest=run.input_digest)
+        with world.local_main_first():  # the node's workers share the work dir: one fetch
+            if world.is_local_main:
+                ctx.store.fetch(uri, folder, expect_input_digest=run.input_digest)
         found = data.load_records(folder / "records.jsonl")
         log.info("Reusing %d teacher completions staged at %s", len(found), uri)
         return found
