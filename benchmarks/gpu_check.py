@@ -86,14 +86,14 @@ def main() -> int:
     flops = tokens_s * ((6 + 2) * p_s + 2 * p_t)
     name = torch.cuda.get_device_name(0)
     mfu = flops / next((peak for gpu, peak in PEAK_BF16.items() if gpu in name), PEAK_BF16["H100"])
-    error = m["preflightGiB"] / m["peakGpuMemoryGiB"] - 1
+    error = m["preflightGiB"] / m["peakMemoryGiB"] - 1
     figures |= {"student_parameters_B": p_s / 1e9, "teacher_parameters_B": p_t / 1e9, "kd_1b_3b_tokens_per_second": tokens_s,
-                "kd_1b_3b_mfu": mfu, "plan_estimate_GiB": m["preflightGiB"], "measured_peak_GiB": m["peakGpuMemoryGiB"],
+                "kd_1b_3b_mfu": mfu, "plan_estimate_GiB": m["preflightGiB"], "measured_peak_GiB": m["peakMemoryGiB"],
                 "estimate_error": error}
     if mfu < MIN_MFU:
         failures.append(f"MFU {mfu:.2f} < {MIN_MFU}")
     if abs(error) > ESTIMATE_ERROR:
-        failures.append(f"estimate {m['preflightGiB']:.1f} GiB vs measured {m['peakGpuMemoryGiB']:.1f} GiB: {error:+.0%}")
+        failures.append(f"estimate {m['preflightGiB']:.1f} GiB vs measured {m['peakMemoryGiB']:.1f} GiB: {error:+.0%}")
 
     for precision in ("fp32", "bf16"):
         cfg = DistillSpec(method="logits", max_steps=args.steps, batch_size=16, max_seq_length=512, precision=precision,

@@ -37,6 +37,9 @@ log = logging.getLogger("kondense_jobs.launch")
 
 SUMMARY_DIR_ENV = "KONDENSE_SUMMARY_DIR"
 MAX_RESTARTS = 0  # a failed worker fails the pod; the Job's backoffLimit (or the local runner) retries
+# How long the pods of a multi-node stage wait for each other. torchrun's c10d default gives a pod
+# 60 s to reach the store at index 0, less than a slow image pull or a node scaled up for pod 0.
+RDZV_WAIT_SECONDS = 1800
 
 
 def summary_path(directory: str | os.PathLike, rank: int) -> Path:
@@ -77,7 +80,8 @@ def torchrun_args(args: argparse.Namespace, stage_argv: list[str]) -> list[str]:
     if args.standalone:
         out.append("--standalone")
     else:
-        out += ["--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id]
+        out += ["--rdzv-backend", "c10d", "--rdzv-endpoint", args.rdzv_endpoint, "--rdzv-id", args.rdzv_id,
+                "--rdzv-conf", f"read_timeout={RDZV_WAIT_SECONDS},join_timeout={RDZV_WAIT_SECONDS}"]
     return [*out, "--module", "kondense_jobs", *stage_argv]
 
 

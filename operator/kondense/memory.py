@@ -21,7 +21,8 @@ micro-batch, h hidden size, i MLP width, V vocabulary):
   (the upcast, its log-softmax and its gradient); the teacher's logits and two fp32 copies.
 - teacher: its weights by load mode (replicated, sharded over W plus two gathered layers,
   int8 1 byte per linear weight, nf4 about 0.56), embeddings kept in 16 bits.
-- runtime: a fixed 1 GiB per GPU worker (CUDA context, NCCL buffers) and 10% for allocator
+- runtime: a fixed 1 GiB per GPU worker (CUDA context, NCCL buffers), 0.25 GiB per CPU worker
+  (measured by benchmarks/memory_estimate.py: allocator arenas, thread pools), and 10% for allocator
   fragmentation.
 """
 
@@ -34,7 +35,7 @@ from typing import Any
 from kondense.api import DistillSpec, EvaluateSpec, QuantizeSpec, Resources
 
 GIB = 1024**3
-RUNTIME_GIB = 1.0  # per GPU worker: CUDA context, NCCL and cuBLAS workspaces
+RUNTIME_GIB = {"gpu": 1.0, "cpu": 0.25}  # per worker: CUDA context, NCCL and cuBLAS workspaces; malloc arenas, OpenMP
 FRAGMENTATION = 1.10
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "nf4": 0.5625}
 DDP_BUCKET_BYTES = 4.0  # DDP's fp32 gradient buckets
@@ -223,8 +224,7 @@ def training(
     parts["activations"] = activation_bytes(student, choice.batch_size, seq, dtype, choice.checkpointing)
     parts["logits"] = logits_bytes(student, teacher if choice.teacher_load != "none" else None, choice.batch_size, seq, dtype)
     parts["teacher"] = teacher_bytes(teacher, choice.teacher_load, dtype, world) if teacher else 0.0
-    if resources.gpus:
-        parts["runtime"] = RUNTIME_GIB * GIB
+    parts["runtime"] = RUNTIME_GIB["gpu" if resources.gpus else "cpu"] * GIB
     cap, what = capacity(resources, host_bytes)
     return Estimate(parts, cap, what, choice, resources.workers_per_node, resources.nodes)
 
@@ -237,8 +237,7 @@ def inference(shape: Shape, dtype: str, seq: int, resources: Resources, host_byt
         "activations": activation_bytes(shape, 1, seq, dtype, checkpointing=True),
         "logits": seq * shape.vocab * (DTYPE_BYTES[dtype] + 4),
     }
-    if resources.gpus:
-        parts["runtime"] = RUNTIME_GIB * GIB
+    parts["runtime"] = RUNTIME_GIB["gpu" if resources.gpus else "cpu"] * GIB
     cap, what = capacity(resources.model_copy(update={"workers": None}), host_bytes)
     return Estimate(parts, cap, what)
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 from kubernetes import client
 
 from controlplane import wait_for

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kondense.store import FileStore, S3Store, join, to_uri
+from kondense.store import FileStore, S3Store, to_uri
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

@@ -194,3 +194,16 @@ def test_launcher_keeps_the_exit_code_and_summary_of_the_worker_that_failed_firs
     assert (code, summary.reason, summary.message) == (14, "InsufficientResources", "worker 1: no room")
     summary, code = outcome(tmp_path, {2: -9}, 2)  # killed without a word: the OOM killer
     assert (code, summary.reason) == (137, "OOMKilled") and "SIGKILL" in summary.message
+
+
+def test_pods_of_a_multi_node_stage_wait_for_each_other_longer_than_torchruns_60_s():
+    import argparse
+
+    from kondense_jobs.launch import RDZV_WAIT_SECONDS, torchrun_args
+
+    args = argparse.Namespace(nnodes=2, nproc_per_node=8, standalone=False, rdzv_endpoint="job-0.svc:29400", rdzv_id="job")
+    argv = torchrun_args(args, ["distill", "--spec", "s.json"])
+    conf = argv[argv.index("--rdzv-conf") + 1]
+    assert conf == f"read_timeout={RDZV_WAIT_SECONDS},join_timeout={RDZV_WAIT_SECONDS}" and RDZV_WAIT_SECONDS >= 600
+    assert argv[argv.index("--max-restarts") + 1] == "0"
+    assert argv[-5:] == ["--module", "kondense_jobs", "distill", "--spec", "s.json"]

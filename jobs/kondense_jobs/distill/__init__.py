@@ -39,6 +39,7 @@ from kondense_jobs.distill.logits import Windows, kd_loss
 from kondense_jobs.distill.setup import (
     FSDP_NEEDS_GPUS,
     Inputs,
+    MemoryProbe,
     callback,
     check_strategy,
     check_vocabularies,
@@ -76,7 +77,9 @@ def fetch_inputs(ctx: Context, world: World) -> Inputs:
     plan = plan_memory(ctx, spec, teacher_dir, student_dir)
     check_strategy(teacher_dir, plan)
     split = data.load(dataset, ctx.run.dataset)
-    return Inputs(spec, student_dir, teacher_dir, tokenizer, split, seq, precision, plan, world, ctx.work_dir / "trainer")
+    return Inputs(
+        spec, student_dir, teacher_dir, tokenizer, split, seq, precision, plan, world, MemoryProbe(), ctx.work_dir / "trainer"
+    )
 
 
 def run(ctx: Context) -> Summary:
@@ -122,6 +125,7 @@ def run(ctx: Context) -> Summary:
 
     # 3. Publish the student (rank 0); the staged checkpoints are no longer needed.
     metrics = training_metrics(trainer.state, progress, built, train_seconds)
+    metrics["peakMemoryGiB"] = job.probe.peak_gib()
     if resume:
         metrics["resumedFromStep"] = float(resume.step)
     save_student(trainer, job.tokenizer, ctx.output_dir(), job.precision, world)

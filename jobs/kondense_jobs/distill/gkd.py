@@ -60,8 +60,8 @@ def build(ctx: Context, job: Inputs) -> Built:
         include_num_input_tokens_seen="non_padding",
     )
     trainer = gkd.GKDTrainer(
-        model=load_student(job.student_dir, spec),
-        teacher_model=load_teacher(job.teacher_dir, job.precision, job.plan.teacher_load, job.world),
+        model=load_student(job),
+        teacher_model=load_teacher(job),
         args=args, train_dataset=datasets.Dataset.from_list(found), processing_class=job.tokenizer,
     )
     if greedy:  # GKDConfig always samples; generationTemperature 0 means greedy on-policy completions

@@ -117,8 +117,8 @@ def build(ctx: Context, job: Inputs) -> Built:
             f"dataset: the training split holds fewer than maxSeqLength={job.seq} tokens; lower maxSeqLength"
         )
     args = training_args(transformers.TrainingArguments, job)
-    student = load_student(job.student_dir, spec)
-    teacher = load_teacher(job.teacher_dir, job.precision, job.plan.teacher_load, job.world) if job.teacher_dir else None
+    student = load_student(job)
+    teacher = load_teacher(job) if job.teacher_dir else None
     trainer = trainer_class()(
         model=student,
         args=args,

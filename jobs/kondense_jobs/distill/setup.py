@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ class Inputs:
     precision: str
     plan: memory.Choice  # strategy and teacher load the memory plan chose
     world: World
+    probe: MemoryProbe  # started by the first model load
     trainer_dir: Path  # the Trainer's scratch output_dir (its checkpoint-<N> folders)
 
 
@@ -179,8 +182,10 @@ def decoder_layers(model_class: type) -> list[str]:
     return names
 
 
-def load_teacher(model_dir: Path, precision: str, load: str, world: World):
+def load_teacher(job: Inputs):
     """The frozen teacher, held as the plan chose: replicated, sharded over the workers, int8 or nf4."""
+    model_dir, precision, load, world = job.teacher_dir, job.precision, job.plan.teacher_load, job.world
+    job.probe.start()
     torch = require("torch", "distillation")
     transformers = require("transformers", "distillation")
     kwargs: dict[str, Any] = {"dtype": _dtype(precision)}
@@ -231,7 +236,9 @@ def _sharded_teacher(model_dir: Path, dtype, world: World):
     return teacher
 
 
-def load_student(model_dir: Path, spec: DistillSpec):
+def load_student(job: Inputs):
+    model_dir, spec = job.student_dir, job.spec
+    job.probe.start()
     torch = require("torch", "distillation")
     transformers = require("transformers", "distillation")
     # fp32 master weights; bf16/fp16 are autocast by the Trainer (or FSDP2's mixed precision)
@@ -373,10 +380,29 @@ def training_metrics(state, callback, built: Built, train_seconds: float) -> dic
         metrics |= {"initialLoss": losses[0], "trainLoss": sum(losses) / len(losses), "finalLoss": losses[-1]}
     if norms:  # before clipping: what the optimizer was given
         metrics |= {"initialGradNorm": norms[0], "finalGradNorm": norms[-1]}
-    torch = require("torch", "distillation")
-    if torch.cuda.is_available():  # this worker's peak, to hold against the plan's estimate (preflightGiB)
-        metrics["peakGpuMemoryGiB"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
     return metrics
+
+
+class MemoryProbe:
+    """This worker's peak memory from the first weight it loads, to hold against the plan's estimate
+    (preflightGiB): CUDA's high-water mark on a GPU; on CPU the peak resident memory above what the
+    process held just before (the interpreter, the libraries, the tokenized data)."""
+
+    def __init__(self):
+        self.baseline: int | None = None
+
+    def start(self) -> None:
+        if self.baseline is None:
+            require("transformers", "distillation").Trainer  # noqa: B018 - its import is not the models' memory
+            with open("/proc/self/statm") as f:
+                self.baseline = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def peak_gib(self) -> float:
+        torch = require("torch", "distillation")
+        if torch.cuda.is_available():
+            return round(torch.cuda.max_memory_allocated() / memory.GIB, 3)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return round((peak - (self.baseline or 0)) / memory.GIB, 3)
 
 
 def save_student(trainer, tokenizer, out: Path, precision: str, world: World) -> None:

@@ -73,7 +73,7 @@ def records(ctx: Context, job: Inputs) -> list[dict]:
     # A trailing blank would merge with the completion's first token and blur the prompt/completion boundary.
     prompts = [p.rstrip() for p in data.prompts(sources, run.dataset, job.tokenizer)]
     log.info("Teacher generating up to %d tokens for each of %d prompts", spec.max_new_tokens, len(prompts))
-    teacher = load_teacher(job.teacher_dir, job.precision, job.plan.teacher_load, job.world)
+    teacher = load_teacher(job)
     require("transformers", "distillation").set_seed(spec.seed + world.rank)
     mine = generate(teacher, job.tokenizer, prompts[world.rank :: world.size], spec, job.seq, ctx.progress)
     del teacher
@@ -103,7 +103,7 @@ def build(ctx: Context, job: Inputs) -> Built:
         max_length=job.seq, completion_only_loss=True, packing=False, include_num_input_tokens_seen="non_padding",
     )
     trainer = trl.SFTTrainer(
-        model=load_student(job.student_dir, job.spec), args=args,
+        model=load_student(job), args=args,
         train_dataset=datasets.Dataset.from_list(found), processing_class=job.tokenizer,
     )
     return Built(
