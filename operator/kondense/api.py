@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kondense.io"
@@ -128,10 +128,165 @@ Quantity = Annotated[
 ]
 
 
-class Resources(Model):
-    """What each stage's pod asks for and where it may run."""
+# Variables kondense sets in every stage container itself (manifests._env): a pipeline's `env`
+# may not name them. Storage credentials come from spec.storage.credentialsSecret, so that the
+# stages and the cleanup Job read the same ones.
+RESERVED_ENV = ("HOME", "TMPDIR", "HF_HOME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+RESERVED_ENV_PREFIX = "KONDENSE_"
+RESERVED_ENV_MESSAGE = (
+    "HOME, TMPDIR, HF_HOME and KONDENSE_* are set by kondense; storage credentials come from "
+    "spec.storage.credentialsSecret"
+)
 
-    gpus: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per stage pod (0 runs on CPU).")
+
+def _one_of(model: BaseModel, *fields: str) -> None:
+    """Mirrors the CEL rule `exactly one of ... must be set` of a core/v1 union."""
+    if sum(getattr(model, f) is not None for f in fields) != 1:
+        raise ValueError(f"exactly one of {', '.join(to_camel(f) for f in fields)} must be set")
+
+
+def _one_of_rule(*fields: str) -> dict[str, str]:
+    camel = [to_camel(f) for f in fields]
+    return cel(
+        f"[{', '.join(f'has(self.{c})' for c in camel)}].filter(x, x).size() == 1",
+        f"exactly one of {', '.join(camel)} must be set",
+    )
+
+
+class KeySelector(Model):
+    """A core/v1 SecretKeySelector or ConfigMapKeySelector: one key of an object in the pipeline's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret or ConfigMap.")
+    key: str = Field(min_length=1, max_length=253, description="The key whose value the variable takes.")
+    optional: bool | None = Field(None, description="Start the pod even when the object or key is missing (default false).")
+
+
+class EnvVarSource(Model):
+    """Where a variable's value comes from: a key of a Secret or of a ConfigMap."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _one_of_rule("secret_key_ref", "config_map_key_ref")]})
+
+    secret_key_ref: KeySelector | None = Field(None, description="A key of a Secret in the pipeline's namespace.")
+    config_map_key_ref: KeySelector | None = Field(None, description="A key of a ConfigMap in the pipeline's namespace.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVarSource:
+        _one_of(self, "secret_key_ref", "config_map_key_ref")
+        return self
+
+
+class EnvVar(Model):
+    """A core/v1 EnvVar of the stage container: a value, or a Secret's or ConfigMap's key (`valueFrom`)."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        cel("!has(self.value) || !has(self.valueFrom)", "value and valueFrom are exclusive"),
+        cel(
+            f"!(self.name in [{', '.join(repr(n) for n in RESERVED_ENV)}]) "
+            f"&& !self.name.startsWith('{RESERVED_ENV_PREFIX}')",
+            RESERVED_ENV_MESSAGE,
+            ".name",
+        ),
+    ]})
+
+    name: str = Field(min_length=1, max_length=256, description="Variable name, e.g. HF_TOKEN.")
+    value: str | None = Field(None, description="The value; $(VAR) names a variable defined before it.")
+    value_from: EnvVarSource | None = Field(None, description="Take the value from a Secret's or a ConfigMap's key.")
+
+    @model_validator(mode="after")
+    def _valid(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError("value and valueFrom are exclusive")
+        if self.name in RESERVED_ENV or self.name.startswith(RESERVED_ENV_PREFIX):
+            raise ValueError(f"{self.name}: {RESERVED_ENV_MESSAGE}")
+        return self
+
+
+class ObjectRef(Model):
+    """A core/v1 SecretEnvSource or ConfigMapEnvSource."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret or ConfigMap.")
+    optional: bool | None = Field(None, description="Start the pod even when it is missing (default false).")
+
+
+class EnvFromSource(Model):
+    """A core/v1 EnvFromSource: every key of a Secret or ConfigMap as a variable."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        _one_of_rule("secret_ref", "config_map_ref")]})
+
+    prefix: str | None = Field(None, max_length=256, description="Prepended to every key.")
+    secret_ref: ObjectRef | None = Field(None, description="A Secret in the pipeline's namespace.")
+    config_map_ref: ObjectRef | None = Field(None, description="A ConfigMap in the pipeline's namespace.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvFromSource:
+        _one_of(self, "secret_ref", "config_map_ref")
+        return self
+
+
+def _as_written(schema: dict[str, Any]) -> None:
+    """An object kept as written (x-kubernetes-preserve-unknown-fields): the API server checks it
+    when it validates the Job."""
+    schema.pop("additionalProperties", None)
+    schema.update({"type": "object", "x-kubernetes-preserve-unknown-fields": True})
+
+
+AsWritten = Annotated[dict[str, Any], Field(json_schema_extra=_as_written)]
+
+
+class Affinity(Model):
+    """A core/v1 Affinity, put on the stage pods as written.
+
+    Only its three parts are named here; what is inside each is kept as written and checked by
+    the API server when the operator creates the Job (an invalid one fails the stage with
+    InvalidSpec and the API server's message). Copying Kubernetes' schema would make the CRD several
+    times larger for a field that grows with every Kubernetes release (matchLabelKeys came in
+    1.29), and a copy would refuse what a newer API server accepts. The stage pods carry the
+    labels kondense.io/pipeline, kondense.io/stage and batch.kubernetes.io/job-name to select them.
+    """
+
+    node_affinity: AsWritten | None = Field(None, description="A core/v1 NodeAffinity.")
+    pod_affinity: AsWritten | None = Field(None, description="A core/v1 PodAffinity, e.g. the pods of one Job in one rack.")
+    pod_anti_affinity: AsWritten | None = Field(None, description="A core/v1 PodAntiAffinity.")
+
+
+class LabelSelectorRequirement(Model):
+    """A metav1.LabelSelectorRequirement."""
+
+    key: str = Field(min_length=1, description="Label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(description="In, NotIn, Exists or DoesNotExist.")
+    values: list[str] | None = Field(None, description="Values for In and NotIn.")
+
+
+class LabelSelector(Model):
+    """A metav1.LabelSelector."""
+
+    match_labels: dict[str, str] | None = Field(None, description="Labels a pod must have.")
+    match_expressions: list[LabelSelectorRequirement] | None = Field(None, description="Requirements a pod must meet.")
+
+
+class TopologySpreadConstraint(Model):
+    """A core/v1 TopologySpreadConstraint over the stage pods."""
+
+    max_skew: int = Field(ge=1, description="Largest allowed difference in matching pods between two domains.")
+    topology_key: str = Field(min_length=1, description="Node label whose values are the domains, e.g. kubernetes.io/hostname.")
+    when_unsatisfiable: Literal["DoNotSchedule", "ScheduleAnyway"] = Field(description="DoNotSchedule or ScheduleAnyway.")
+    label_selector: LabelSelector | None = Field(
+        None, description="The pods counted, e.g. matchLabels {kondense.io/pipeline: <name>}."
+    )
+    min_domains: int | None = Field(None, ge=1, description="Fewest eligible domains (with DoNotSchedule).")
+    node_affinity_policy: Literal["Honor", "Ignore"] | None = Field(None, description="Honor or Ignore the pod's node affinity.")
+    node_taints_policy: Literal["Honor", "Ignore"] | None = Field(None, description="Honor or Ignore node taints.")
+    match_label_keys: list[str] | None = Field(
+        None, description="Pod label keys whose values narrow labelSelector, e.g. batch.kubernetes.io/job-name."
+    )
+
+
+class Resources(Model):
+    """What each stage's pod asks for, where it may run and what it is given."""
+
+    gpus: int = Field(1, ge=0, le=16, description="GPUs per stage pod, as gpuResource (0 runs on CPU).")
     gpu_memory_gib: float = Field(
         80, gt=0, alias="gpuMemoryGiB", description="Memory of one GPU, used by the preflight estimate (80 for an H100 80GB)."
     )
@@ -159,6 +314,60 @@ class Resources(Model):
     )
     active_deadline_seconds: int = Field(86400, ge=60, description="A stage running longer than this fails (DeadlineExceeded).")
     backoff_limit: int = Field(2, ge=0, le=10, description="Retries of a stage after retryable failures.")
+    pending_timeout_seconds: int = Field(
+        3600,
+        ge=0,
+        description="A stage whose pod cannot start (Unschedulable, ConfigError, ImagePullFailed, PodCreateFailed) "
+        "fails after this long, with that reason; 0 waits forever. A Job suspended for Kueue never fails for it: "
+        "past it the pipeline's Ready message asks whether Kueue and its LocalQueue exist.",
+    )
+    gpu_resource: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        description="Extended resource that `gpus` is requested as. Default: nvidia.com/gpu. A MIG slice, e.g. "
+        "nvidia.com/mig-3g.40gb (set gpuMemoryGiB to the slice's memory), or another vendor's, e.g. amd.com/gpu. "
+        "The pod tolerates the nvidia.com/gpu taint and one named like this resource.",
+    )
+    runtime_class_name: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        max_length=253,
+        description="RuntimeClass of the stage pods, e.g. nvidia where the NVIDIA container runtime is not "
+        "the nodes' default.",
+    )
+    affinity: Affinity | None = Field(None, description="Node affinity and pod (anti-)affinity of the stage pods.")
+    topology_spread_constraints: list[TopologySpreadConstraint] = Field(
+        default_factory=list, max_length=8, description="How the stage pods spread over zones, racks or nodes."
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Extra environment variables of the stage container, e.g. HF_TOKEN for gated hf:// models: "
+        "{name: HF_TOKEN, valueFrom: {secretKeyRef: {name: hf, key: token}}}.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    env_from: list[EnvFromSource] = Field(
+        default_factory=list, max_length=16, description="Secrets and ConfigMaps whose every key becomes a variable."
+    )
+    scratch_size: Quantity | None = Field(
+        None,
+        description="Local disk of a stage pod: the size limit of its emptyDir, which holds the downloaded inputs "
+        "(~/.cache) and the outputs (/scratch), and its ephemeral-storage request, so that the scheduler picks a "
+        "node with that much free disk. Default: the operator's jobs.scratchSizeLimit (200Gi).",
+    )
+    shm_size: Quantity | None = Field(
+        None,
+        description="Size limit of /dev/shm, a memory-backed emptyDir that NCCL and data loaders use; what it "
+        "holds counts against the pod's memory. Default: no limit of its own (the pod's memory limit).",
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _names_once(cls, env: list[EnvVar]) -> list[EnvVar]:
+        names = [v.name for v in env]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"names a variable twice: {', '.join(twice)}")
+        return env
 
     @property
     def workers_per_node(self) -> int:
@@ -380,7 +589,9 @@ class Stage(Model):
     quantize: QuantizeSpec | None = Field(None, description="Quantize the input model.")
     evaluate: EvaluateSpec | None = Field(None, description="Evaluate variants side by side.")
     resources: Resources | None = Field(
-        None, description="Fields set here override spec.resources for this stage (the others are inherited)."
+        None,
+        description="Fields set here override spec.resources for this stage (the others are inherited).",
+        json_schema_extra={"x-kondense-inherits": "spec.resources"},
     )
 
     @model_validator(mode="after")
@@ -473,6 +684,11 @@ class StageStatus(Model):
     name: str = Field(description="Stage name.")
     state: StageState = Field("Pending", description="Pending, Running, Succeeded, Failed or Skipped.")
     input_digest: str | None = Field(None, description="Content address of the stage's spec and inputs.")
+    run_digest: str | None = Field(
+        None,
+        description="Digest of what shaped the stage's pod (resources, image, storage access) and the "
+        "pipeline's kondense.io/retry annotation: when it changes, a failed stage runs again.",
+    )
     job: str | None = Field(None, description="Name of the stage's Job (cluster runs).")
     attempts: int = Field(0, description="Pods started for the current input digest.")
     started_at: str | None = Field(None, description="When the current attempt started.")

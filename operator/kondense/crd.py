@@ -14,6 +14,9 @@ import yaml
 from kondense import api
 
 DROP = {"title", "$defs", "discriminator"}
+# On a field whose value overrides another (a stage's `resources` over spec.resources): the
+# API server must store only what the user wrote, so no default of the model below it applies.
+INHERITS = "x-kondense-inherits"
 
 
 def inline_refs(node: Any, defs: dict[str, Any]) -> Any:
@@ -29,12 +32,42 @@ def inline_refs(node: Any, defs: dict[str, Any]) -> Any:
     return {k: inline_refs(v, defs) for k, v in node.items()}
 
 
+def _without_defaults(node: Any, source: str) -> Any:
+    """`node` with no `default` anywhere; each property says where its value comes from instead."""
+    if isinstance(node, list):
+        return [_without_defaults(x, source) for x in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _without_defaults(v, source) for k, v in node.items() if k != "default"}
+    for name, prop in (node.get("properties") or {}).items():
+        prop["description"] = f"{prop.get('description', '').rstrip()} Unset: {source}.{name}.".lstrip()
+    return node
+
+
+def _documented(node: dict) -> dict:
+    """A leaf's default and bounds in its description too: `kubectl explain` shows only that."""
+    notes = []
+    if "default" in node and node["default"] not in ({}, []) and "Default" not in node.get("description", ""):
+        notes.append(f"Default: {yaml.safe_dump(node['default'], default_flow_style=True).strip().removesuffix('...').strip()}.")
+    low, high = node.get("minimum"), node.get("maximum")
+    if low is not None or high is not None:
+        low_op = ">" if node.get("exclusiveMinimum") is True else ">="
+        high_op = "<" if node.get("exclusiveMaximum") is True else "<="
+        bounds = [f"{low_op} {low}" if low is not None else "", f"{high_op} {high}" if high is not None else ""]
+        notes.append("Allowed: " + " and ".join(b for b in bounds if b) + ".")
+    if notes:
+        node["description"] = " ".join([node.get("description", "").rstrip(), *notes]).strip()
+    return node
+
+
 def _structural(node: Any) -> Any:
     if isinstance(node, list):
         return [_structural(x) for x in node]
     if not isinstance(node, dict):
         return node
     node = {k: v for k, v in node.items() if k not in DROP}
+    if source := node.pop(INHERITS, None):
+        node = _without_defaults(node, source)
     if "anyOf" in node:  # Optional[X] -> X
         options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
         if len(options) == 1:
@@ -63,6 +96,8 @@ def _structural(node: Any) -> Any:
     if "properties" in node:
         node.pop("additionalProperties", None)  # extra="forbid": pruning and strict decoding reject unknowns
         node["type"] = "object"
+    if node.get("type") in ("integer", "number", "string", "boolean"):
+        node = _documented(node)
     return {k: _structural(v) for k, v in node.items()}
 
 

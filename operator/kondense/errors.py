@@ -42,12 +42,21 @@ class Reason:
     IMAGE_PULL_FAILED = "ImagePullFailed"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     INTERRUPTED = "Interrupted"
+    # A stage whose pod cannot start (Pending with a reason; Failed after resources.pendingTimeoutSeconds).
+    UNSCHEDULABLE = "Unschedulable"
+    CONFIG_ERROR = "ConfigError"
+    POD_CREATE_FAILED = "PodCreateFailed"
     # The API server refused a child the operator wanted to create.
     FORBIDDEN = "Forbidden"
     QUOTA_EXCEEDED = "QuotaExceeded"
     API_UNAVAILABLE = "APIUnavailable"
+    NAMESPACE_TERMINATING = "NamespaceTerminating"
     # Progress reasons
     PENDING = "Pending"
+    QUEUED = "Queued"
+    STARTING = "Starting"
+    REPLACING = "Replacing"
+    NO_FAILURE = "NoStageFailed"
     RUNNING = "Running"
     WAITING_FOR_INPUTS = "WaitingForInputs"
     UP_TO_DATE = "UpToDate"
@@ -83,6 +92,12 @@ PERMANENT_EXIT_CODES = sorted(o.exit_code for o in OUTCOMES if not o.retryable)
 HINTS = {o.reason: o.hint for o in OUTCOMES} | {
     Reason.DEADLINE_EXCEEDED: "raise resources.activeDeadlineSeconds or lower maxSteps",
     Reason.IMAGE_PULL_FAILED: "check spec.image and the registry's pull secret",
+    Reason.UNSCHEDULABLE: "no node can take the pod now: lower resources (gpus, memory), check nodeSelector and "
+    "tolerations, or wait for capacity; after resources.pendingTimeoutSeconds the stage fails",
+    Reason.CONFIG_ERROR: "a Secret or ConfigMap the pod needs is missing (spec.storage.credentialsSecret?); "
+    "create it and the pod starts",
+    Reason.POD_CREATE_FAILED: "the Job controller cannot create the pod: check the job ServiceAccount, the "
+    "PriorityClass (resources.priorityClassName) and the namespace's Pod Security level",
     Reason.BACKOFF_LIMIT_EXCEEDED: "the stage failed on every retry; see the last pod's log",
     Reason.FORBIDDEN: "grant the operator's ServiceAccount create on batch/jobs in this namespace (chart value rbac)",
     Reason.QUOTA_EXCEEDED: "a ResourceQuota in this namespace is used up; the stage starts when it frees",

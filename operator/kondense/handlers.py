@@ -16,9 +16,9 @@ import kopf
 from kubernetes import client, config
 
 from kondense import api, events, reconcile
-from kondense.errors import ApiRejected, InvalidSpec
+from kondense.errors import ApiRejected, InvalidSpec, Reason
 from kondense.kube import Kube
-from kondense.manifests import CONTAINER, LABEL_PIPELINE, LABEL_STAGE
+from kondense.manifests import ANNOTATION_RETRY, CONTAINER, LABEL_PIPELINE, LABEL_STAGE
 from kondense.settings import PREFIX, Settings
 from kondense.status import now_rfc3339
 
@@ -123,6 +123,14 @@ def pipelines(namespace: str, name: str, body: kopf.Body, **_) -> dict:
     return {(namespace, name): _slim(body, spec=None)}
 
 
+def own(child: dict, owner: kopf.Body | dict) -> None:
+    """The owner reference and namespace of kopf.adopt, not its copy of the owner's labels: a
+    pipeline's labels, Argo CD's tracking label app.kubernetes.io/instance among them, would make
+    its Jobs look like objects of the pipeline's Argo CD application (shown out of sync, or pruned)."""
+    kopf.append_owner_reference(child, owner=owner)
+    kopf.adjust_namespace(child, namespace=owner["metadata"]["namespace"])
+
+
 @dataclass(frozen=True)
 class Result:
     invalid: InvalidSpec | None = None  # reported on the pipeline as Failed/InvalidSpec
@@ -153,9 +161,10 @@ def _reconcile_locked(body: dict, jobs: kopf.Index, pods: kopf.Index) -> Result:
             SETTINGS,
             now,
             create=KUBE.create,
-            delete_job=lambda job: KUBE.delete_job(namespace, job),
-            adopt=lambda child: kopf.adopt(child, owner=body),
+            delete_job=lambda job, propagation: KUBE.delete_job(namespace, job, propagation),
+            adopt=lambda child: own(child, body),
             progress=_PROGRESS.get((namespace, name)),
+            pod_create_error=lambda job: KUBE.pod_create_error(namespace, job),
         )
     except InvalidSpec as e:
         _apply(body, reconcile.invalid(dict(body), e, now))
@@ -168,7 +177,7 @@ def _apply(body, outcome: reconcile.Outcome) -> None:
     assert KUBE is not None
     meta = body["metadata"]
     for type_, reason, message in outcome.events:
-        kopf.event(body, type=type_, reason=reason, message=message)
+        KUBE.event(body, type_, reason, message)
     if outcome.changed:
         doc = outcome.status.dump()
         # Fields that disappeared are nulled explicitly (a merge patch keeps absent keys).
@@ -245,6 +254,7 @@ def poll_progress(pipelines: kopf.Index, jobs: kopf.Index, pods: kopf.Index) -> 
 @kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
 @kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
 @kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
+@kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field=("metadata", "annotations", ANNOTATION_RETRY))
 def pipeline_changed(body: kopf.Body, jobs_by_pipeline: kopf.Index, pods_by_pipeline: kopf.Index, **_) -> None:
     try:
         result = _reconcile(body, jobs_by_pipeline, pods_by_pipeline)
@@ -278,12 +288,20 @@ def delete_artifacts(body: kopf.Body, jobs_by_pipeline: kopf.Index, pods_by_pipe
             SETTINGS,
             create=KUBE.create,
             stop_job=lambda job: KUBE.delete_job(namespace, job, propagation="Foreground"),
-            adopt=lambda child: kopf.adopt(child, owner=body),
+            adopt=lambda child: own(child, body),
         )
     except ApiRejected as e:
-        raise kopf.TemporaryError(str(e), delay=e.retry_after or 10.0) from None
+        if e.reason != Reason.NAMESPACE_TERMINATING:
+            raise kopf.TemporaryError(str(e), delay=e.retry_after or 10.0) from None
+        # No Job can start in a namespace being deleted, and the finalizer would hold it forever.
+        message = (
+            f"artifacts kept under {reconcile.artifacts_prefix(dict(body))}: namespace {namespace} is being "
+            "deleted, so no cleanup Job can run there; delete them from outside the cluster"
+        )
+        result = reconcile.Cleanup("Failed", message, [("Warning", "ArtifactsKept", message)])
+        log.warning("%s/%s: %s", namespace, name, result.message)
     for type_, reason, message in result.events:
-        kopf.event(body, type=type_, reason=reason, message=message)
+        KUBE.event(body, type_, reason, message)
     if result.state == "Waiting":
         raise kopf.TemporaryError(result.message, delay=CLEANUP_POLL_SECONDS)
     if result.state == "Failed":  # the pipeline goes; the artifacts stay, and the event says why

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import urllib3
 from kubernetes import client
@@ -27,6 +30,7 @@ from kondense.errors import HINTS, ApiRejected, Reason
 log = logging.getLogger("kondense.kube")
 
 TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+EVENT_SOURCE = "kondense-operator"
 
 
 @dataclass
@@ -35,6 +39,7 @@ class Kube:
     attempts: int = 4
     backoff: float = 0.5  # seconds before the first retry, doubling; Retry-After wins
     max_wait: float = 10.0  # no single wait is longer
+    instance: str = field(default_factory=socket.gethostname)  # the pod's name in a pod
     # How long the reconcile waits before trying a refused Job again, by reason.
     retry_delays: dict[str, float] = field(
         default_factory=lambda: {Reason.FORBIDDEN: 30.0, Reason.QUOTA_EXCEEDED: 30.0, Reason.API_UNAVAILABLE: 10.0}
@@ -64,7 +69,59 @@ class Kube:
             log.debug("No log for %s/%s: %s", namespace, pod, e)
             return None
 
+    def pod_create_error(self, namespace: str, job: str) -> str | None:
+        """The newest FailedCreate message of a Job: why the Job controller cannot create its pod
+        (a missing ServiceAccount or PriorityClass, a Pod Security rejection). The Job's status
+        does not say it; only the controller's events do."""
+        selector = f"involvedObject.kind=Job,involvedObject.name={job},reason=FailedCreate"
+        try:
+            found = self.core.list_namespaced_event(namespace, field_selector=selector, limit=20).items
+        except (ApiException, urllib3.exceptions.HTTPError) as e:
+            log.debug("No events for Job %s/%s: %s", namespace, job, e)
+            return None
+        found = [  # as the selector says, should the server not filter
+            e for e in found
+            if e.reason == "FailedCreate" and e.involved_object.name == job and e.involved_object.kind == "Job"
+        ]
+        if not found:
+            return None
+        newest = max(found, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
+        return newest.message
+
     # -- the write path --------------------------------------------------------------------
+
+    def event(self, obj: dict, type_: str, reason: str, message: str) -> None:
+        """Record a core/v1 Event about `obj`. From any thread: kopf.event needs kopf's task
+        context, which reconciles started by timers and pollers do not have. An event that cannot
+        be written is logged, never raised: it must not stop the status write after it."""
+        meta = obj["metadata"]
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": obj.get("apiVersion", api.API_VERSION),
+                "kind": obj.get("kind", api.KIND),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": EVENT_SOURCE},
+            "reportingComponent": EVENT_SOURCE,
+            "reportingInstance": self.instance,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            self._call(
+                f"record event {reason} on {meta['namespace']}/{meta['name']}",
+                lambda: self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False),
+            )
+        except ApiException as e:
+            log.warning("Event %s on %s/%s not recorded: %s", reason, meta["namespace"], meta["name"], _status_message(e))
     def create(self, obj: dict) -> bool:
         """Create a child: a Job, or the headless Service of a multi-node stage. False when it
         already existed (children have deterministic names)."""
@@ -112,6 +169,8 @@ class Kube:
         message = _status_message(e)
         if e.status in (400, 422):  # the object itself is invalid: only a spec change helps
             return ApiRejected(Reason.INVALID_SPEC, f"the API server refused {doing}: {message}", None)
+        if e.status == 403 and "because it is being terminated" in message:  # NamespaceLifecycle: never again
+            return ApiRejected(Reason.NAMESPACE_TERMINATING, f"{doing}: {message}", None)
         if e.status == 403:
             reason = Reason.QUOTA_EXCEEDED if "exceeded quota" in message else Reason.FORBIDDEN
         else:

@@ -18,7 +18,7 @@ import json
 from urllib.parse import urlparse
 
 from kondense import api
-from kondense.errors import PERMANENT_EXIT_CODES
+from kondense.errors import PERMANENT_EXIT_CODES, InvalidSpec
 from kondense.launch import RDZV_PORT, rendezvous_endpoint, stage_command
 from kondense.plan import StagePlan, stage_run
 from kondense.settings import PREFIX, Settings
@@ -38,6 +38,10 @@ LABEL_STAGE = f"{PREFIX}/stage"
 LABEL_DIGEST = f"{PREFIX}/digest"
 ANNOTATION_DIGEST = f"{PREFIX}/input-digest"
 ANNOTATION_RUN = f"{PREFIX}/stage-run"
+# On a stage's Job: plan.run_digest (resources, image, storage access, retry token) it was built with.
+ANNOTATION_RUN_DIGEST = f"{PREFIX}/run-digest"
+# On a pipeline: a new value re-runs its failed stages (`kubectl annotate cpl x kondense.io/retry=$(date +%s)`).
+ANNOTATION_RETRY = f"{PREFIX}/retry"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 # Set by the Job controller on the pods of every Job, and on an Indexed Job's pods their index
 # (as a label since Kubernetes 1.28, as an annotation always).
@@ -46,6 +50,7 @@ COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 RDZV_PORT_NAME = "rdzv"
 GPU = "nvidia.com/gpu"
 CLEANUP = "cleanup"
+CLEANUP_SCRATCH = "1Gi"
 
 
 def child_name(pipeline: str, stage: str, digest: str, max_len: int = MAX_NAME) -> str:
@@ -106,11 +111,23 @@ def _credentials_env(storage: api.Storage) -> list[dict]:
     ]
 
 
-def _resources(r: api.Resources) -> dict:
+def gpu_resource(r: api.Resources) -> str:
+    """The extended resource a stage's GPUs are requested as: resources.gpuResource, else nvidia.com/gpu."""
+    return r.gpu_resource or GPU
+
+
+def scratch_size(r: api.Resources, settings: Settings) -> str:
+    """A stage pod's local disk: resources.scratchSize, else the operator's setting."""
+    return r.scratch_size or settings.scratch_size_limit
+
+
+def _resources(r: api.Resources, scratch: str) -> dict:
+    """Requests and limits; ephemeral-storage requested as large as the emptyDir's size limit, which
+    the scheduler does not see (it places pods by requests only)."""
     limits: dict[str, str] = {}
-    requests: dict[str, str] = {}
+    requests: dict[str, str] = {"ephemeral-storage": scratch}
     if r.gpus:
-        limits[GPU] = str(r.gpus)
+        limits[gpu_resource(r)] = str(r.gpus)
     for key, value in (("cpu", r.cpu), ("memory", r.memory)):
         if value:
             limits[key] = requests[key] = value
@@ -123,9 +140,14 @@ def _resources(r: api.Resources) -> dict:
 
 
 def _tolerations(r: api.Resources) -> list[dict]:
+    """The pipeline's tolerations, and with GPUs those of GPU nodes: the nvidia.com/gpu taint that
+    GPU node pools carry (MIG ones too), and one keyed by the GPU resource's name, the convention
+    of Kubernetes' ExtendedResourceToleration admission plugin."""
     tolerations = [t.dump() for t in r.tolerations]
-    if r.gpus and not any(t.get("key") == GPU for t in tolerations):
-        tolerations.append({"key": GPU, "operator": "Exists", "effect": "NoSchedule"})
+    if r.gpus:
+        for key in dict.fromkeys((GPU, gpu_resource(r))):
+            if not any(t.get("key") == key for t in tolerations):
+                tolerations.append({"key": key, "operator": "Exists", "effect": "NoSchedule"})
     return tolerations
 
 
@@ -237,14 +259,15 @@ def build_job(run: api.StageRun, plan: StagePlan, name: str, image: str, setting
                 "items": [{"path": SPEC_FILE, "fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_RUN}']"}}]
             },
         },
-        {"name": "scratch", "emptyDir": {"sizeLimit": settings.scratch_size_limit}},
-        {"name": "cache", "emptyDir": {}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        # One local disk for the downloaded inputs and the outputs: one size limit covers both,
+        # and the ephemeral-storage request says it to the scheduler.
+        {"name": "scratch", "emptyDir": {"sizeLimit": scratch_size(r, settings)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", **({"sizeLimit": r.shm_size} if r.shm_size else {})}},
     ]
     mounts = [
         {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
-        {"name": "scratch", "mountPath": SCRATCH},
-        {"name": "cache", "mountPath": f"{HOME}/.cache"},
+        {"name": "scratch", "mountPath": SCRATCH, "subPath": "work"},
+        {"name": "scratch", "mountPath": f"{HOME}/.cache", "subPath": "cache"},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
     for claim in _pvc_claims(run):
@@ -253,8 +276,10 @@ def build_job(run: api.StageRun, plan: StagePlan, name: str, image: str, setting
     argv = _stage_argv(run.stage_kind, r, name)
     container = _container(
         image, settings, argv[:3], argv[3:],  # `python -m <module>` | its arguments
-        _env(run.storage), _resources(r), mounts,
+        [*_env(run.storage), *(v.dump() for v in r.env)], _resources(r, scratch_size(r, settings)), mounts,
     )
+    if r.env_from:
+        container["envFrom"] = [s.dump() for s in r.env_from]
     pod_spec = _pod_spec(settings, container, volumes)
     if r.node_selector:
         pod_spec["nodeSelector"] = dict(r.node_selector)
@@ -262,6 +287,12 @@ def build_job(run: api.StageRun, plan: StagePlan, name: str, image: str, setting
         pod_spec["tolerations"] = tolerations
     if r.priority_class_name:
         pod_spec["priorityClassName"] = r.priority_class_name
+    if r.runtime_class_name:
+        pod_spec["runtimeClassName"] = r.runtime_class_name
+    if r.affinity is not None and (affinity := r.affinity.dump()):
+        pod_spec["affinity"] = affinity
+    if r.topology_spread_constraints:
+        pod_spec["topologySpreadConstraints"] = [c.dump() for c in r.topology_spread_constraints]
     job = _job(
         name, run.namespace, labels(run.pipeline, plan, settings), {ANNOTATION_DIGEST: plan.input_digest},
         {ANNOTATION_RUN: json.dumps(run.dump(), sort_keys=True, separators=(",", ":"))},
@@ -306,7 +337,19 @@ def stage_job(spec: api.PipelineSpec, plans: list[StagePlan], plan: StagePlan, n
               settings: Settings) -> dict:
     """The Job of one planned stage, named and built exactly as the operator creates it."""
     run = stage_run(spec, plans, plan.name, namespace, pipeline)
-    return build_job(run, plan, job_name(pipeline, plan), spec.image or settings.jobs_image, settings)
+    return build_job(run, plan, job_name(pipeline, plan), jobs_image(spec, settings), settings)
+
+
+def jobs_image(spec: api.PipelineSpec, settings: Settings) -> str:
+    """The image of a pipeline's Jobs: spec.image, else the operator's. Raises InvalidSpec for a
+    spec.image that the operator's allowed prefixes do not cover (the operator's own is always allowed)."""
+    if spec.image is None or settings.image_allowed(spec.image):
+        return spec.image or settings.jobs_image
+    raise InvalidSpec(
+        f"spec.image: {spec.image!r} is not allowed by the operator's setting KONDENSE_ALLOWED_IMAGES (chart value "
+        f"jobs.allowedImages), which allows images starting with: {', '.join(settings.allowed_images)}. To resolve, "
+        f"use such an image, or leave spec.image out to run the operator's jobs image {settings.jobs_image}"
+    )
 
 
 def stage_objects(spec: api.PipelineSpec, plans: list[StagePlan], plan: StagePlan, namespace: str,
@@ -340,7 +383,8 @@ def build_cleanup_job(pipeline: str, namespace: str, storage: api.Storage, image
         args += ["--region", storage.region]
     container = _container(
         image, settings, ["python", "-m", "kondense_jobs.cleanup"], args, _env(storage),
-        {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "512Mi"}},
+        {"requests": {"cpu": "100m", "memory": "256Mi", "ephemeral-storage": CLEANUP_SCRATCH},
+         "limits": {"memory": "512Mi"}},
         [{"name": "scratch", "mountPath": SCRATCH}],
     )
     job_labels = {
@@ -350,7 +394,7 @@ def build_cleanup_job(pipeline: str, namespace: str, storage: api.Storage, image
         LABEL_PIPELINE: pipeline,
         **settings.extra_labels,
     }
-    pod_spec = _pod_spec(settings, container, [{"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}}])
+    pod_spec = _pod_spec(settings, container, [{"name": "scratch", "emptyDir": {"sizeLimit": CLEANUP_SCRATCH}}])
     return _job(cleanup_name(pipeline, prefix), namespace, job_labels, {}, {}, pod_spec, 3, 3600, settings)
 
 

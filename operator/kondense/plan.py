@@ -198,11 +198,29 @@ def input_digest(stage: Stage, inputs: dict[str, str], digests: dict[str, object
     return "sha256:" + hashlib.sha256(dumps_canonical(doc).encode()).hexdigest()
 
 
+def run_digest(spec: PipelineSpec, plan: StagePlan, retry: str | None = None) -> str:
+    """What shapes a stage's pod but not its output: effective resources, image, storage access,
+    and the pipeline's retry token (annotation kondense.io/retry).
+
+    The fixes that failure hints name (more GPUs or memory, a longer deadline, another image, a
+    corrected Secret) change this digest and never the input digest: the operator re-runs a
+    failed stage, or rebuilds a Job that has not started, under the same artifact address.
+    """
+    doc = {
+        "resources": plan.resources.model_dump(mode="json", by_alias=True),
+        "image": spec.image,
+        "storage": spec.storage.model_dump(mode="json", by_alias=True, exclude={"deletion_policy"}),
+        "retry": retry,
+    }
+    return "sha256:" + hashlib.sha256(dumps_canonical(doc).encode()).hexdigest()
+
+
 def effective_resources(spec: PipelineSpec, stage: Stage) -> Resources:
     """spec.resources with the fields the stage sets itself laid over it."""
     if stage.resources is None:
         return spec.resources
-    return spec.resources.model_copy(update=stage.resources.model_dump(exclude_unset=True))
+    own = stage.resources
+    return spec.resources.model_copy(update={name: getattr(own, name) for name in own.model_fields_set})  # models, not dicts
 
 
 def resolve(spec: PipelineSpec, namespace: str, pipeline: str) -> list[StagePlan]:

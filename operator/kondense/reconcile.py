@@ -8,22 +8,27 @@ derived from the Jobs and their pods each time; a stage whose Job was garbage-co
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Callable, Mapping
 
 from kondense import api, events
 from kondense.errors import HINTS, ApiRejected, InvalidSpec, Reason, outcome_for_exit
 from kondense.manifests import (
     ANNOTATION_DIGEST,
+    ANNOTATION_RETRY,
+    ANNOTATION_RUN_DIGEST,
     COMPLETION_INDEX,
     CONTAINER,
     JOB_NAME_LABEL,
     build_cleanup_job,
     is_cleanup,
     job_name,
+    jobs_image,
+    pipeline_prefix,
     stage_objects,
 )
-from kondense.plan import StagePlan, decide, resolve
+from kondense.plan import StagePlan, decide, resolve, run_digest
 from kondense.settings import Settings
 from kondense.status import FAILED, PROGRESSING, READY, SUCCEEDED, set_condition, summarize
 from kondense.validation import parse
@@ -58,12 +63,36 @@ def _terminated(pod: dict) -> dict | None:
     return None
 
 
-def _waiting_reason(pod: dict) -> str | None:
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        waiting = (cs.get("state") or {}).get("waiting")
-        if waiting and waiting.get("reason") in ("ImagePullBackOff", "ErrImagePull", "InvalidImageName"):
-            return waiting["reason"]
+IMAGE_WAITING = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName")
+CONFIG_WAITING = ("CreateContainerConfigError", "CreateContainerError")
+# Pending reasons that no waiting fixes by itself: after resources.pendingTimeoutSeconds they fail the stage.
+STUCK = (Reason.UNSCHEDULABLE, Reason.CONFIG_ERROR, Reason.POD_CREATE_FAILED, Reason.IMAGE_PULL_FAILED)
+
+
+def _stuck(pod: dict) -> tuple[str, str] | None:
+    """(reason, the server's message) when a pod cannot start: unschedulable, image, config."""
+    status = pod.get("status") or {}
+    for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        detail = f"{waiting.get('reason')}: {waiting.get('message') or ''}".rstrip(": ")
+        if waiting.get("reason") in IMAGE_WAITING:
+            return Reason.IMAGE_PULL_FAILED, detail
+        if waiting.get("reason") in CONFIG_WAITING:
+            return Reason.CONFIG_ERROR, detail
+    for c in status.get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+            return Reason.UNSCHEDULABLE, c.get("message") or "no node fits the pod"
     return None
+
+
+def _starting(pod: dict) -> str:
+    """What a pod that is not running yet is doing (ContainerCreating, being scheduled)."""
+    status = pod.get("status") or {}
+    for cs in status.get("containerStatuses") or []:
+        if reason := ((cs.get("state") or {}).get("waiting") or {}).get("reason"):
+            return f"pod {pod['metadata']['name']}: {reason}"
+    scheduled = any(c.get("type") == "PodScheduled" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return f"pod {pod['metadata']['name']}: {'starting' if scheduled else 'waiting to be scheduled'}"
 
 
 def completion_index(pod: dict) -> int | None:
@@ -117,8 +146,13 @@ def deciding_termination(pods: list[dict], complete: bool) -> dict | None:
     return min(failed, key=_cause_first)[1] if failed else latest[0][1]
 
 
-def observe_job(job: dict, pods: list[dict]) -> Observed:
-    """Pure: a Job and its pods -> the stage's state, reason and summary."""
+def observe_job(job: dict, pods: list[dict], create_error: str | None = None) -> Observed:
+    """Pure: a Job and its pods -> the stage's state, reason and summary.
+
+    A stage runs when one of its pods runs. Until then it is Pending with what holds it: Queued
+    (suspended for Kueue), Unschedulable, ConfigError (a missing Secret), ImagePullFailed,
+    PodCreateFailed (`create_error`: the Job controller's FailedCreate event) or Starting.
+    """
     status = job.get("status") or {}
     attempts = int(status.get("succeeded") or 0) + int(status.get("failed") or 0) + int(status.get("active") or 0)
     started = status.get("startTime")
@@ -148,13 +182,45 @@ def observe_job(job: dict, pods: list[dict]) -> Observed:
         finished = failed.get("lastTransitionTime")
         return Observed("Failed", reason, message.strip(), attempts, started, finished, summary)
     if job.get("spec", {}).get("suspend"):
-        return Observed("Pending", "Queued", "waiting for admission (Kueue)", attempts, started)
-    for pod in reversed(pods):
-        if waiting := _waiting_reason(pod):
-            return Observed("Pending", Reason.IMAGE_PULL_FAILED, f"{waiting}: {HINTS[Reason.IMAGE_PULL_FAILED]}", attempts, started)
-    if int(status.get("active") or 0) or attempts:
+        return Observed("Pending", Reason.QUEUED, "the Job is suspended, waiting for admission (Kueue)", attempts, started)
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp") and _terminated(p) is None]
+    if any((p.get("status") or {}).get("phase") == "Running" for p in live):
+        return Observed("Running", Reason.RUNNING, "", attempts, started)
+    for pod in reversed(live):  # the newest pod speaks for the Job
+        if stuck := _stuck(pod):
+            reason, detail = stuck
+            return Observed("Pending", reason, f"{detail} (hint: {HINTS[reason]})", attempts, started)
+    if live:
+        return Observed("Pending", Reason.STARTING, _starting(live[-1]), attempts, started)
+    if create_error:
+        return Observed("Pending", Reason.POD_CREATE_FAILED, f"{create_error} (hint: {HINTS[Reason.POD_CREATE_FAILED]})",
+                        attempts, started)
+    if attempts:  # between a failed pod and its retry
         return Observed("Running", Reason.RUNNING, "", attempts, started)
     return Observed("Pending", Reason.PENDING, "", attempts, started)
+
+
+POD_CREATE_POLL_SECONDS = 10.0  # a Job without pods is looked at again (its FailedCreate events)
+EDIT_DEFERRED = (
+    "The edited resources/image apply from the next attempt: this Job keeps running as it was created "
+    "(delete it to apply them now)."
+)
+
+
+def _finished(job: dict) -> bool:
+    return _condition(job, "Complete") is not None or _condition(job, "Failed") is not None
+
+
+def _sooner(current: float | None, delay: float) -> float:
+    return delay if current is None else min(current, delay)
+
+
+def _seconds_between(start: str | None, end: str) -> float | None:
+    """Seconds from one RFC 3339 time to another; None when the first is unknown."""
+    if not start:
+        return None
+    parse_time = lambda t: datetime.fromisoformat(t.replace("Z", "+00:00"))  # noqa: E731
+    return (parse_time(end) - parse_time(start)).total_seconds()
 
 
 @dataclass
@@ -215,43 +281,92 @@ def reconcile(
     settings: Settings,
     now: str,
     create: Callable[[dict], bool],
-    delete_job: Callable[[str], None],
+    delete_job: Callable[[str, str], None],
     adopt: Callable[[dict], None],
     progress: Mapping[str, str] | None = None,
+    pod_create_error: Callable[[str], str | None] = lambda job: None,
 ) -> Outcome:
     """Observe -> plan -> act. Raises InvalidSpec for a spec that cannot run.
 
     `progress` is the last progress of running stages, by stage name, as read from their logs.
+    `pod_create_error(job)` is the Job controller's last FailedCreate message for a Job that has
+    no pod (no watch carries it; it is asked only then). `delete_job(name, propagation)`.
     """
     meta = body["metadata"]
     name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation")
     spec = _pipeline_of(body).spec
+    jobs_image(spec, settings)  # an image the operator does not allow: InvalidSpec, before anything is created
     plans = resolve(spec, namespace, name)
     previous = _previous(body)
     old = {s.name: s for s in previous.stages} if previous else {}
 
     # Observe: the Job of each stage's CURRENT digest, and superseded ones.
+    retry = (meta.get("annotations") or {}).get(ANNOTATION_RETRY)
+    runs = {p.name: run_digest(spec, p, retry) for p in plans}
     current = {job_name(name, p): p for p in plans}
     by_job = _pods_by_job(pods)
     observed: dict[str, Observed] = {}
-    deleted = []
+    deleted, evs, replacing, retry_after = [], [], set(), None
+
+    def stop(jname: str, why: str, propagation: str = "Background") -> None:
+        delete_job(jname, propagation)
+        deleted.append(jname)
+        evs.append(("Normal", "JobDeleted", f"deleted Job {jname}: {why}"[:1000]))
+
     for job in jobs:
         if is_cleanup(job):
             continue
-        jname = job["metadata"]["name"]
+        jmeta = job["metadata"]
+        jname, annotations = jmeta["name"], jmeta.get("annotations") or {}
         plan = current.get(jname)
-        if plan is None or job["metadata"].get("annotations", {}).get(ANNOTATION_DIGEST) != plan.input_digest:
-            if (job.get("status") or {}).get("active"):
-                delete_job(jname)  # superseded by a spec edit: stop wasting the GPU
-                deleted.append(jname)
+        if plan is None or annotations.get(ANNOTATION_DIGEST) != plan.input_digest:
+            if (job.get("status") or {}).get("active") and not jmeta.get("deletionTimestamp"):
+                stop(jname, "superseded by an edit of the pipeline's spec")  # stop wasting the GPU
             continue
-        observed[plan.name] = observe_job(job, by_job.get(jname, []))
+        if jmeta.get("deletionTimestamp"):  # replaced: its pods go first, then a new Job starts
+            replacing.add(plan.name)
+            observed[plan.name] = Observed("Pending", Reason.REPLACING, f"waiting for the old Job {jname} to go")
+            continue
+        pods_of_job = by_job.get(jname, [])
+        create_error = None
+        if not pods_of_job and not job.get("spec", {}).get("suspend") and not _finished(job):
+            create_error = pod_create_error(jname)
+            retry_after = _sooner(retry_after, POD_CREATE_POLL_SECONDS)  # the Job says nothing when it fails to
+        o = observe_job(job, pods_of_job, create_error)
+        shaped_by = annotations.get(ANNOTATION_RUN_DIGEST)
+        if shaped_by is not None and shaped_by != runs[plan.name] and o.state != "Succeeded":
+            if o.state in ("Failed", "Pending"):  # a fix of what the hint named, or a Job not started yet
+                why = "retry requested" if o.state == "Failed" else "rebuilt with the edited resources/image"
+                stop(jname, f"stage {plan.name} {why}", propagation="Foreground")
+                replacing.add(plan.name)
+                observed[plan.name] = Observed("Pending", Reason.REPLACING, f"waiting for the old Job {jname} to go")
+                continue
+            o = replace(o, message=f"{o.message} {EDIT_DEFERRED}".strip())
+        if o.state == "Pending" and o.reason in (*STUCK, Reason.QUEUED):
+            limit = plan.resources.pending_timeout_seconds
+            waited = _seconds_between(jmeta.get("creationTimestamp"), now)
+            if limit and waited is not None:
+                if waited >= limit and o.reason == Reason.QUEUED:  # Kueue decides; say what may be wrong
+                    queue = plan.resources.queue_name
+                    o = replace(o, message=f"suspended for more than {limit}s waiting for admission: is Kueue "
+                                f"installed, and does the LocalQueue {queue!r} exist in namespace {namespace}?")
+                elif waited >= limit:
+                    stop(jname, f"stage {plan.name} pending for more than {limit}s ({o.reason})")
+                    o = replace(o, state="Failed", message=f"pending for more than {limit}s: {o.message}",
+                                finished_at=now)
+                else:
+                    retry_after = _sooner(retry_after, limit - waited + 1)
+        observed[plan.name] = o
 
     committed, running, failed = set(), set(), set()
     for p in plans:
         o = observed.get(p.name)
         prior = old.get(p.name)
-        recorded = prior.state if o is None and prior and prior.input_digest == p.input_digest else None
+        recorded = None
+        if o is None and prior and prior.input_digest == p.input_digest:
+            recorded = prior.state
+            if recorded == "Failed" and prior.run_digest not in (None, runs[p.name]):
+                recorded = None  # failed with other resources/image, or before the retry token: run again
         if recorded == "Succeeded":
             committed.add(p.name)  # Job garbage-collected after success: status is the record
         elif recorded == "Failed":
@@ -265,10 +380,11 @@ def reconcile(
 
     # Act: start every stage whose inputs are done.
     decision = decide(plans, committed, running, failed)
-    created, refused, retry_after = [], set(), None
+    created, refused = [], set()
     for stage_name in decision.start:
         plan = next(p for p in plans if p.name == stage_name)
         *companions, job = stage_objects(spec, plans, plan, namespace, name, settings)
+        job["metadata"].setdefault("annotations", {})[ANNOTATION_RUN_DIGEST] = runs[plan.name]
         try:
             for obj in companions:  # a multi-node stage's Service, before the Job that needs it
                 adopt(obj)
@@ -288,7 +404,7 @@ def reconcile(
         observed[plan.name] = observe_job(job, [])
 
     # Report.
-    stages, evs = [], []
+    stages = []
     report, gate = previous.report if previous else None, None
     for p in plans:
         st = _stage_status(
@@ -296,6 +412,8 @@ def reconcile(
         )
         if p.name in observed and p.name not in refused:
             st.job = job_name(name, p)
+        if st is not old.get(p.name):  # a record kept from before keeps the digest it ran with
+            st.run_digest = runs[p.name]
         if st.state == "Running" and progress:
             st.progress = progress.get(p.name)
         stages.append(st)
@@ -308,6 +426,12 @@ def reconcile(
                 evs.append(("Warning", st.reason or Reason.ERROR, f"stage {p.name}: {st.message}"[:1000]))
         elif moved and st.state != "Pending":  # a stage waiting for its inputs is not news
             evs.append(_event(st))
+        elif st.state == "Pending" and st.reason in (*STUCK, Reason.QUEUED) and st.message and (
+            before is None or (before.reason, before.message) != (st.reason, st.message)
+        ):
+            evs.append(("Warning", st.reason, f"stage {p.name} pending: {st.message}"[:1000]))
+        if EDIT_DEFERRED in (st.message or "") and EDIT_DEFERRED not in (before.message or "" if before else ""):
+            evs.append(("Normal", "EditDeferred", f"stage {p.name}: {EDIT_DEFERRED}"))
         summary = observed[p.name].summary if p.name in observed else None
         if p.kind == "evaluate" and summary is not None:
             if summary.report:
@@ -345,6 +469,10 @@ def cleanup(
         pipeline = _pipeline_of(body)
     except InvalidSpec as e:
         return Cleanup("Failed", f"artifacts kept: the spec is invalid, so where they are is unknown: {e}")
+    try:
+        image = jobs_image(pipeline.spec, settings)
+    except InvalidSpec as e:
+        return Cleanup("Failed", f"artifacts kept: the cleanup Job would run an image the operator does not allow: {e}")
     unfinished = [
         j for j in jobs
         if not is_cleanup(j) and observe_job(j, []).state not in ("Succeeded", "Failed")
@@ -354,7 +482,7 @@ def cleanup(
             if not job["metadata"].get("deletionTimestamp"):
                 stop_job(job["metadata"]["name"])
         return Cleanup("Waiting", f"stopping {len(unfinished)} stage Jobs before deleting the artifacts")
-    job = build_cleanup_job(name, namespace, pipeline.spec.storage, pipeline.spec.image or settings.jobs_image, settings)
+    job = build_cleanup_job(name, namespace, pipeline.spec.storage, image, settings)
     jname = job["metadata"]["name"]
     existing = next((j for j in jobs if j["metadata"]["name"] == jname), None)
     if existing is None:
@@ -370,6 +498,15 @@ def cleanup(
         detail = f"artifacts kept: cleanup Job {jname} failed: {o.reason}: {o.message}"
         return Cleanup("Failed", detail, [("Warning", o.reason, detail[:1000])])
     return Cleanup("Waiting", f"deleting the artifacts with Job {jname}")
+
+
+def artifacts_prefix(body: dict) -> str:
+    """Where a pipeline's artifacts lie, for messages; the spec may be invalid."""
+    meta = body["metadata"]
+    try:
+        return pipeline_prefix(_pipeline_of(body).spec.storage, meta["namespace"], meta["name"])
+    except InvalidSpec:
+        return f"spec.storage.uri of {meta['namespace']}/{meta['name']} (the spec is invalid)"
 
 
 def _stage_status(p: StagePlan, o: Observed | None, prior: api.StageStatus | None, finished: bool, blocked: bool) -> api.StageStatus:

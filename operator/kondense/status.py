@@ -59,13 +59,17 @@ def summarize(
         ready, succeeded, progressing = False, False, bool(running)
         conds = set_condition(conds, FAILED, True, reason, message, generation, now)
     else:
-        conds = set_condition(conds, FAILED, False, Reason.SUCCEEDED if done == total else Reason.RUNNING, "", generation, now)
+        conds = set_condition(conds, FAILED, False, Reason.NO_FAILURE, "no stage failed", generation, now)
         if done == total:
             reason, message = Reason.SUCCEEDED, f"all {total} stages succeeded"
             ready, succeeded, progressing = True, True, False
         elif running:
             names = ", ".join(f"{s.name} ({s.progress})" if s.progress else s.name for s in running)
             reason, message = Reason.RUNNING, f"running {names}"
+            ready, succeeded, progressing = False, False, True
+        elif held := [s for s in pending if s.reason not in (None, Reason.PENDING, Reason.WAITING_FOR_INPUTS)]:
+            first = held[0]  # what holds the run: Unschedulable, Queued, ConfigError, ...
+            reason, message = first.reason or Reason.PENDING, f"stage {first.name} pending: {first.message or first.reason}"
             ready, succeeded, progressing = False, False, True
         else:
             reason, message = Reason.PENDING, f"{len(pending)} stages pending"

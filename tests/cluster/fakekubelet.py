@@ -5,7 +5,9 @@ created by the Job controller would stay Pending forever. ``FakeKubelet`` watche
 each new unscheduled one in its namespaces:
 
 1. binds it to a fake Node (``pods/binding``, as the scheduler does; the Node object is created
-   on start, Ready, with some CPU, memory and GPU capacity);
+   on start, Ready, with some CPU, memory and GPU capacity). A pod whose containers request
+   more of an extended resource (``nvidia.com/gpu``) than the node has is not bound: it gets
+   ``PodScheduled=False, Unschedulable`` with the scheduler's wording, and stays Pending;
 2. resolves what the kubelet would: env (plain values, ``$(VAR)`` expansion, ``valueFrom``
    Secret/ConfigMap keys and common ``fieldRef`` paths, ``envFrom``), and volumes (ConfigMap,
    Secret and projected ConfigMap/Secret sources are written out as files; ``emptyDir`` and
@@ -267,9 +269,24 @@ class FakeKubelet:
 
     # ------------------------------------------------------------------------------ watching
 
+    CAPACITY = {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": "8"}
+
+    def _insufficient(self, pod: dict[str, Any]) -> list[str]:
+        """The extended resources (integer counts, like GPUs) the pod asks more of than the node has."""
+        short = []
+        for name, have in self.CAPACITY.items():
+            if "/" not in name:  # cpu and memory are not checked: tests run anything locally
+                continue
+            wanted = sum(
+                int((c.get("resources") or {}).get("requests", {}).get(name, 0)) for c in pod["spec"]["containers"]
+            )
+            if wanted > int(have):
+                short.append(name)
+        return short
+
     def _register_node(self) -> None:
         """Create the Node pods are bound to (Ready, with capacity), unless it exists."""
-        resources = {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": "8"}
+        resources = self.CAPACITY
         node = client.V1Node(
             metadata=client.V1ObjectMeta(
                 name=self.node_name, labels={"kubernetes.io/hostname": self.node_name}
@@ -378,6 +395,14 @@ class FakeKubelet:
     def _serve_pod(self, run: PodRun, pod: dict[str, Any]) -> None:
         """The life of one pod, on its own thread: bind, prepare, run (and restart), report."""
         try:
+            if not pod["spec"].get("nodeName") and (short := self._insufficient(pod)):
+                # kube-scheduler's answer when no node fits; the pod waits until it is deleted.
+                message = "0/1 nodes are available: " + ", ".join(f"1 Insufficient {r}" for r in short) + "."
+                condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                             "message": message, "lastTransitionTime": _now()}
+                self._report(run, pod, {"phase": "Pending", "conditions": [condition]})
+                run._stopping.wait()
+                return
             if not pod["spec"].get("nodeName") and not self._bind(run):
                 return
             launch = self._prepare(run, pod)
@@ -541,6 +566,8 @@ class FakeKubelet:
             if name not in materialized:
                 materialized[name] = self._materialize(run, pod, volumes[name])
             local = materialized[name] / mount.get("subPath", "")
+            if mount.get("subPath") and not local.exists():  # the kubelet makes a missing subPath a folder
+                local.mkdir(parents=True)
             paths[mount["mountPath"].rstrip("/")] = str(local)
         container_termination_path = container.get("terminationMessagePath", DEFAULT_TERMINATION_MESSAGE_PATH)
         termination_log = run.dir / "termination-log"

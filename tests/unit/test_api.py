@@ -145,3 +145,58 @@ def test_pipeline_model_rejects_unknown_top_level_fields():
     doc["spec"]["extra"] = 1
     with pytest.raises(ValueError):
         CompressionPipeline.model_validate(doc)
+
+
+def test_stage_resources_have_no_schema_defaults_and_every_documented_default_is_explained():
+    """The API server applies schema defaults on write: a default under a stage's `resources`
+    would override the pipeline's value for every stage that sets any field there."""
+    spec = crd.openapi_schema()["properties"]["spec"]["properties"]
+    stage_resources = spec["stages"]["items"]["properties"]["resources"]
+
+    def defaults(node, path=""):
+        if isinstance(node, dict):
+            found = [path] if "default" in node else []
+            return found + [d for k, v in node.items() for d in defaults(v, f"{path}.{k}")]
+        return [d for i, v in enumerate(node) for d in defaults(v, f"{path}[{i}]")] if isinstance(node, list) else []
+
+    assert defaults(stage_resources) == []
+    assert "Unset: spec.resources.gpus." in stage_resources["properties"]["gpus"]["description"]
+    pipeline_gpus = spec["resources"]["properties"]["gpus"]
+    assert pipeline_gpus["default"] == 1 and "Default: 1." in pipeline_gpus["description"]
+    assert "Allowed: >= 0 and <= 16." in pipeline_gpus["description"]  # what `kubectl explain` can show
+
+
+HF = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+
+
+@pytest.mark.parametrize(
+    "resources, expected",
+    [
+        ({"env": [{"name": "HOME", "value": "/"}]}, "spec.resources.env[0]: HOME: HOME, TMPDIR, HF_HOME and KONDENSE_* are set"),
+        ({"env": [{"name": "KONDENSE_CACHE", "value": "/"}]}, "spec.resources.env[0]: KONDENSE_CACHE: HOME, TMPDIR"),
+        ({"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]}, "spec.resources.env[0]: AWS_SECRET_ACCESS_KEY: "),
+        ({"env": [{**HF, "value": "x"}]}, "spec.resources.env[0]: value and valueFrom are exclusive"),
+        ({"env": [{"name": "A", "valueFrom": {}}]},
+         "spec.resources.env[0].valueFrom: exactly one of secretKeyRef, configMapKeyRef must be set"),
+        ({"env": [HF, {"name": "A", "value": "1"}, {**HF, "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}]},
+         "spec.resources.env: names a variable twice: HF_TOKEN"),
+        ({"envFrom": [{"secretRef": {"name": "s"}, "configMapRef": {"name": "c"}}]},
+         "spec.resources.envFrom[0]: exactly one of secretRef, configMapRef must be set"),
+        ({"affinity": {"nodeAfinity": {}}}, "spec.resources.affinity.nodeAfinity: unknown field"),
+        ({"gpuResource": "mig-3g.40gb"}, "spec.resources.gpuResource: 'mig-3g.40gb' does not match"),
+        ({"topologySpreadConstraints": [{"maxSkew": 0, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}]},
+         "spec.resources.topologySpreadConstraints[0].maxSkew: must be >= 1"),
+        ({"shmSize": "lots"}, "spec.resources.shmSize: 'lots' does not match"),
+    ],
+    ids=["reserved-home", "reserved-prefix", "storage-credentials", "value-and-valueFrom", "valueFrom-empty",
+         "env-twice", "envFrom-both", "affinity-typo", "gpu-resource-unqualified", "max-skew", "shm-size"],
+)
+def test_pod_fields_are_checked_with_their_path(resources, expected):
+    doc = demo_doc()
+    doc["spec"]["resources"] = resources
+    errors = errors_of(doc)
+    assert any(e.startswith(expected) for e in errors), errors
+    doc["spec"]["resources"] = {}
+    doc["spec"]["stages"][1]["resources"] = resources  # the same checks on a stage's own resources
+    stage_expected = expected.replace("spec.resources", "spec.stages[1].resources")
+    assert any(e.startswith(stage_expected) for e in errors_of(doc)), errors_of(doc)

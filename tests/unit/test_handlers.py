@@ -139,6 +139,9 @@ async def test_next_stage_refused_after_a_job_event_is_requeued(operator):
                      "gguf to say the API server is unavailable")
     gguf = await eventually(lambda: stage(operator, "p1", "gguf").get("job"), "gguf's Job after the requeue")
     assert gguf in names_of(operator, "jobs")
+    # Said by the requeued reconcile, which runs on an executor thread outside kopf's handler context.
+    await eventually(lambda: ("Normal", "StageStarted", f"stage gguf: created Job {gguf}") in events(operator),
+                     "the StageStarted event of the requeued reconcile")
     assert stage(operator, "p1", "distill")["state"] == "Succeeded"
     assert len(requests_for(operator, "create", "jobs")) == 1 + 6 + 1
 
@@ -169,3 +172,19 @@ async def test_running_stage_progress_is_read_from_its_log_into_status(operator)
     assert ready["message"] == "running distill (120/300 steps, ETA 3:10)"
     reads = [r for r in operator if r.resource is not None and r.resource.plural == "pods" and r.subresource == "log"]
     assert reads and all(r.params.get("tailLines") == "20" and r.params.get("container") == "stage" for r in reads)
+
+
+async def test_jobs_carry_kondense_labels_and_the_owner_reference_not_the_pipelines_labels(operator):
+    """Argo CD tracks its objects by app.kubernetes.io/instance: a Job carrying its pipeline's
+    would be shown, and pruned, as an object of the pipeline's application."""
+    doc = pipeline_doc("p1")
+    doc["metadata"]["labels"] = {"app.kubernetes.io/instance": "ml-apps", "team": "nlp"}
+    await apply(operator, doc)
+    name = first_job(doc)["metadata"]["name"]
+    await eventually(lambda: name in names_of(operator, "jobs"), "the distill Job")
+    job = operator.objects[JOBS, NAMESPACE, name]
+    for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"]):
+        assert labels["kondense.io/pipeline"] == "p1" and not {"app.kubernetes.io/instance", "team"} & set(labels)
+    (owner,) = job["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == ("CompressionPipeline", "p1", "uid-1", True)
+    assert job["metadata"]["namespace"] == NAMESPACE

@@ -39,13 +39,14 @@ def pod(exit_code=None, reason=None, message="", waiting=None, job_name=None, in
     elif waiting:
         state = {"waiting": {"reason": waiting}}
     labels = {"job-name": job_name} if job_name else {}
-    meta = {"creationTimestamp": created, "labels": labels}
+    meta = {"name": f"{job_name or 'j'}-{index or 0}-{created}", "creationTimestamp": created, "labels": labels}
     if index is not None:
         labels["batch.kubernetes.io/job-completion-index"] = str(index)
         meta["annotations"] = {"batch.kubernetes.io/job-completion-index": str(index)}
     if deleting:
         meta["deletionTimestamp"] = finished
-    return {"metadata": meta, "status": {"containerStatuses": [{"name": "stage", "state": state}]}}
+    phase = "Pending" if waiting else "Running" if exit_code is None else "Succeeded" if exit_code == 0 else "Failed"
+    return {"metadata": meta, "status": {"phase": phase, "containerStatuses": [{"name": "stage", "state": state}]}}
 
 
 GATE = summary_line(Summary(state="Failed", reason=Reason.QUALITY_GATE_FAILED, message="gguf: +4.6% over distill"))
@@ -171,8 +172,9 @@ class Recorder:
         self.created.append(obj)
         return True
 
-    def delete(self, name):
+    def delete(self, name, propagation="Background"):
         self.deleted.append(name)
+        self.propagation = propagation
 
 
 def run(body, jobs=(), pods=()):
@@ -346,3 +348,186 @@ def test_refused_service_leaves_the_stage_pending_without_its_job():
     assert [(o["kind"], o["metadata"]["labels"]["kondense.io/stage"]) for o in created] == [("Job", "ce-only")]
     distill = out.status.stages[0]
     assert (distill.state, distill.reason, distill.job) == ("Pending", Reason.FORBIDDEN, None) and out.retry_after == 30.0
+
+
+# -- pending with a reason, and fixes that take effect ---------------------------------------
+
+def unscheduled(message="0/4 nodes are available: 4 Insufficient nvidia.com/gpu."):
+    return {
+        "metadata": {"name": "j-x", "creationTimestamp": NOW, "labels": {}},
+        "status": {"phase": "Pending", "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}]},
+    }
+
+
+def config_error():
+    waiting = {"reason": "CreateContainerConfigError", "message": 'secret "s3-creds" not found'}
+    return {"metadata": {"name": "j-y", "creationTimestamp": NOW, "labels": {}},
+            "status": {"phase": "Pending", "containerStatuses": [{"name": "stage", "state": {"waiting": waiting}}]}}
+
+
+def creating():
+    scheduled = [{"type": "PodScheduled", "status": "True"}]
+    waiting = {"waiting": {"reason": "ContainerCreating"}}
+    return {"metadata": {"name": "j-z", "creationTimestamp": NOW, "labels": {}},
+            "status": {"phase": "Pending", "conditions": scheduled, "containerStatuses": [{"name": "stage", "state": waiting}]}}
+
+
+@pytest.mark.parametrize(
+    "pods, create_error, reason, in_message",
+    [
+        ([unscheduled()], None, Reason.UNSCHEDULABLE, "4 Insufficient nvidia.com/gpu"),
+        ([config_error()], None, Reason.CONFIG_ERROR, 'secret "s3-creds" not found'),
+        ([creating()], None, Reason.STARTING, "ContainerCreating"),
+        ([], 'pods "j-" is forbidden: no PriorityClass with name ml-batch was found', Reason.POD_CREATE_FAILED, "ml-batch"),
+    ],
+    ids=["unschedulable", "config-error", "starting", "failed-create"],
+)
+def test_a_pod_that_does_not_run_is_pending_with_the_servers_reason(pods, create_error, reason, in_message):
+    o = observe_job(job(active=len(pods)), pods, create_error)
+    assert (o.state, o.reason) == ("Pending", reason) and in_message in o.message
+    if reason != Reason.STARTING:
+        assert "hint:" in o.message
+
+
+def started(body):
+    """A reconcile of a new pipeline: its status, and the distill Job it created."""
+    out, rec = run(body)
+    distill = next(o for o in rec.created if o["kind"] == "Job" and "-distill-" in o["metadata"]["name"])
+    distill["metadata"]["creationTimestamp"] = NOW
+    return out, distill
+
+
+def at(body, out, now, jobs=(), pods=()):
+    rec = Recorder()
+    result = reconcile({**body, "status": out.status.dump()}, list(jobs), list(pods), Settings(), now, rec.create,
+                       rec.delete, lambda child: None)
+    return result, rec
+
+
+def test_a_failed_stage_runs_again_when_a_field_its_hint_names_is_edited():
+    body = demo_body()
+    out, distill = started(body)
+    failed = {**distill, "status": job([("Failed", "DeadlineExceeded", "")])["status"]}
+    out, rec = at(body, out, NOW, jobs=[failed])
+    assert out.status.stages[0].state == "Failed" and "activeDeadlineSeconds" in out.status.stages[0].message
+    out, rec = at(body, out, NOW, jobs=[failed])
+    assert rec.deleted == [] and out.status.stages[0].state == "Failed", "nothing edited: it stays failed"
+
+    body["spec"]["resources"] = {**body["spec"].get("resources", {}), "activeDeadlineSeconds": 7200}
+    out2, rec = at(body, out, NOW, jobs=[failed])
+    assert rec.deleted == [distill["metadata"]["name"]] and rec.propagation == "Foreground"
+    assert ("Normal", "JobDeleted") in {e[:2] for e in out2.events}
+    stage = out2.status.stages[0]
+    assert (stage.state, stage.reason, stage.input_digest) == ("Pending", Reason.REPLACING, out.status.stages[0].input_digest)
+
+    # The old Job is gone: a new one with the edited deadline, under the same Job name and artifact address.
+    out3, rec = at(body, out2, NOW, jobs=[])
+    new = next(o for o in rec.created if "-distill-" in o["metadata"]["name"])
+    assert new["metadata"]["name"] == distill["metadata"]["name"] and new["spec"]["activeDeadlineSeconds"] == 7200
+    assert out3.status.stages[0].state == "Pending" and out3.status.stages[0].run_digest != out.status.stages[0].run_digest
+
+
+def test_a_failed_stage_whose_job_is_gone_runs_again_after_an_edit_or_a_retry_annotation():
+    body = demo_body()
+    out, distill = started(body)
+    failed = {**distill, "status": job([("Failed", "BackoffLimitExceeded", "")], failed=3)["status"]}
+    out, _ = at(body, out, NOW, jobs=[failed])
+    out, rec = at(body, out, NOW, jobs=[])  # ttlSecondsAfterFinished removed it: the status is the record
+    assert out.status.stages[0].state == "Failed" and not any("-distill-" in o["metadata"]["name"] for o in rec.created)
+
+    retried = {**body, "metadata": {**body["metadata"], "annotations": {"kondense.io/retry": "1"}}}
+    out2, rec = at(retried, out, NOW, jobs=[])
+    new = next(o for o in rec.created if "-distill-" in o["metadata"]["name"])
+    assert new["metadata"]["annotations"]["kondense.io/run-digest"] == out2.status.stages[0].run_digest
+    assert out2.status.stages[0].state == "Pending"
+
+    body["spec"]["resources"] = {**body["spec"].get("resources", {}), "memory": "64Gi"}
+    _, rec = at(body, out, NOW, jobs=[])
+    assert any("-distill-" in o["metadata"]["name"] for o in rec.created)
+
+
+def test_a_job_that_has_not_started_is_rebuilt_when_its_resources_change():
+    body = demo_body()
+    out, distill = started(body)
+    waiting = [{**unscheduled(), "metadata": {**unscheduled()["metadata"], "labels": {"job-name": distill["metadata"]["name"]}}}]
+    pending = {**distill, "status": {"active": 1}}
+    out, rec = at(body, out, NOW, jobs=[pending], pods=waiting)
+    assert (out.status.stages[0].state, out.status.stages[0].reason) == ("Pending", Reason.UNSCHEDULABLE)
+    assert ("Warning", Reason.UNSCHEDULABLE) in {e[:2] for e in out.events}
+    body["spec"]["resources"] = {**body["spec"].get("resources", {}), "memory": "96Gi"}
+    out2, rec = at(body, out, NOW, jobs=[pending], pods=waiting)
+    assert rec.deleted == [distill["metadata"]["name"]]
+    assert out2.status.stages[0].reason == Reason.REPLACING
+
+
+def test_a_running_job_keeps_running_and_says_the_edit_applies_from_the_next_attempt():
+    body = demo_body()
+    out, distill = started(body)
+    running = {**distill, "status": {"active": 1}}
+    pods = [pod(job_name=distill["metadata"]["name"])]
+    out, _ = at(body, out, NOW, jobs=[running], pods=pods)
+    body["spec"]["resources"] = {**body["spec"].get("resources", {}), "memory": "96Gi"}
+    out2, rec = at(body, out, NOW, jobs=[running], pods=pods)
+    stage = out2.status.stages[0]
+    assert rec.deleted == [] and stage.state == "Running" and "next attempt" in stage.message
+    assert [e[1] for e in out2.events].count("EditDeferred") == 1
+    out3, _ = at(body, out2, NOW, jobs=[running], pods=pods)
+    assert "EditDeferred" not in [e[1] for e in out3.events], "said once"
+
+
+def test_a_stage_pending_past_its_timeout_fails_with_the_pending_reason():
+    body = demo_body()
+    body["spec"]["resources"] = {**body["spec"].get("resources", {}), "pendingTimeoutSeconds": 600}
+    out, distill = started(body)
+    waiting = [{**unscheduled(), "metadata": {**unscheduled()["metadata"], "labels": {"job-name": distill["metadata"]["name"]}}}]
+    pending = {**distill, "status": {"active": 1}}
+    out, rec = at(body, out, "2026-01-01T00:05:00Z", jobs=[pending], pods=waiting)
+    assert out.status.stages[0].state == "Pending" and rec.deleted == [] and out.retry_after == 301
+    out, rec = at(body, out, "2026-01-01T00:10:00Z", jobs=[pending], pods=waiting)
+    stage = out.status.stages[0]
+    assert (stage.state, stage.reason) == ("Failed", Reason.UNSCHEDULABLE) and "pending for more than 600s" in stage.message
+    assert rec.deleted == [distill["metadata"]["name"]]
+    failed = next(c for c in out.status.conditions if c.type == "Failed")
+    assert failed.status == "True" and failed.reason == Reason.UNSCHEDULABLE
+
+
+def test_a_job_suspended_for_kueue_too_long_asks_about_kueue_on_the_ready_condition():
+    body = demo_body()
+    body["spec"]["resources"] = {**body["spec"].get("resources", {}), "pendingTimeoutSeconds": 600, "queueName": "gpu"}
+    out, distill = started(body)
+    queued = {**distill, "spec": {**distill["spec"], "suspend": True}, "status": {}}
+    out, rec = at(body, out, "2026-01-01T01:00:00Z", jobs=[queued])
+    stage = out.status.stages[0]
+    assert (stage.state, stage.reason) == ("Pending", Reason.QUEUED) and rec.deleted == []
+    ready = next(c for c in out.status.conditions if c.type == "Ready")
+    assert ready.reason == Reason.QUEUED and "LocalQueue 'gpu'" in ready.message and "Kueue" in ready.message
+
+
+def test_failed_condition_is_false_with_its_own_reason_while_nothing_failed():
+    out, _ = run(demo_body())
+    failed = next(c for c in out.status.conditions if c.type == "Failed")
+    assert (failed.status, failed.reason) == ("False", Reason.NO_FAILURE)
+
+
+def test_a_superseded_job_that_is_deleted_leaves_an_event():
+    body = demo_body()
+    out, distill = started(body)
+    body["spec"]["stages"][0]["distill"]["temperature"] = 4.0
+    out, rec = at(body, out, NOW, jobs=[{**distill, "status": {"active": 1}}])
+    assert rec.deleted == [distill["metadata"]["name"]]
+    assert ("Normal", "JobDeleted", f"deleted Job {distill['metadata']['name']}: superseded by an edit of the pipeline's spec") in out.events
+
+
+def test_an_image_the_operator_does_not_allow_creates_nothing_and_keeps_the_artifacts():
+    settings = Settings(allowed_images=("registry.example/ml/",))
+    rec = Recorder()
+    body = demo_body(image="evil.example/miner:1", storage={"uri": "s3://bucket/runs", "deletionPolicy": "Delete"})
+    with pytest.raises(InvalidSpec, match=r"spec.image: 'evil.example/miner:1' is not allowed .*registry.example/ml/"):
+        reconcile(body, [], [], settings, NOW, rec.create, rec.delete, lambda child: None)
+    out = cleanup(body, [], [], settings, rec.create, rec.delete, lambda child: None)
+    assert out.state == "Failed" and out.message.startswith("artifacts kept") and "KONDENSE_ALLOWED_IMAGES" in out.message
+    assert rec.created == [] and rec.deleted == []
+    allowed = demo_body(image="registry.example/ml/jobs:2")
+    reconcile(allowed, [], [], settings, NOW, rec.create, rec.delete, lambda child: None)
+    assert {c["spec"]["template"]["spec"]["containers"][0]["image"] for c in rec.created} == {"registry.example/ml/jobs:2"}
