@@ -131,7 +131,9 @@ Quantity = Annotated[
 # Variables kondense sets in every stage container itself (manifests._env): a pipeline's `env`
 # may not name them. Storage credentials come from spec.storage.credentialsSecret, so that the
 # stages and the cleanup Job read the same ones.
-RESERVED_ENV = ("HOME", "TMPDIR", "HF_HOME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+RESERVED_ENV = (
+    "HOME", "TMPDIR", "HF_HOME", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+)
 RESERVED_ENV_PREFIX = "KONDENSE_"
 RESERVED_ENV_MESSAGE = (
     "HOME, TMPDIR, HF_HOME and KONDENSE_* are set by kondense; storage credentials come from "
@@ -154,11 +156,13 @@ def _one_of_rule(*fields: str) -> dict[str, str]:
 
 
 class KeySelector(Model):
-    """A core/v1 SecretKeySelector or ConfigMapKeySelector: one key of an object in the pipeline's namespace."""
+    """A core/v1 SecretKeySelector or ConfigMapKeySelector: a key of an object in the pipeline's namespace."""
 
     name: str = Field(min_length=1, max_length=253, description="Name of the Secret or ConfigMap.")
     key: str = Field(min_length=1, max_length=253, description="The key whose value the variable takes.")
-    optional: bool | None = Field(None, description="Start the pod even when the object or key is missing (default false).")
+    optional: bool | None = Field(
+        None, description="Start the pod even when the object or key is missing (default false)."
+    )
 
 
 class EnvVarSource(Model):
@@ -167,8 +171,12 @@ class EnvVarSource(Model):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         _one_of_rule("secret_key_ref", "config_map_key_ref")]})
 
-    secret_key_ref: KeySelector | None = Field(None, description="A key of a Secret in the pipeline's namespace.")
-    config_map_key_ref: KeySelector | None = Field(None, description="A key of a ConfigMap in the pipeline's namespace.")
+    secret_key_ref: KeySelector | None = Field(
+        None, description="A key of a Secret in the pipeline's namespace."
+    )
+    config_map_key_ref: KeySelector | None = Field(
+        None, description="A key of a ConfigMap in the pipeline's namespace."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> EnvVarSource:
@@ -191,7 +199,9 @@ class EnvVar(Model):
 
     name: str = Field(min_length=1, max_length=256, description="Variable name, e.g. HF_TOKEN.")
     value: str | None = Field(None, description="The value; $(VAR) names a variable defined before it.")
-    value_from: EnvVarSource | None = Field(None, description="Take the value from a Secret's or a ConfigMap's key.")
+    value_from: EnvVarSource | None = Field(
+        None, description="Take the value from a Secret's or a ConfigMap's key."
+    )
 
     @model_validator(mode="after")
     def _valid(self) -> EnvVar:
@@ -247,7 +257,9 @@ class Affinity(Model):
     """
 
     node_affinity: AsWritten | None = Field(None, description="A core/v1 NodeAffinity.")
-    pod_affinity: AsWritten | None = Field(None, description="A core/v1 PodAffinity, e.g. the pods of one Job in one rack.")
+    pod_affinity: AsWritten | None = Field(
+        None, description="A core/v1 PodAffinity, e.g. the pods of one Job in one rack."
+    )
     pod_anti_affinity: AsWritten | None = Field(None, description="A core/v1 PodAntiAffinity.")
 
 
@@ -255,7 +267,9 @@ class LabelSelectorRequirement(Model):
     """A metav1.LabelSelectorRequirement."""
 
     key: str = Field(min_length=1, description="Label key.")
-    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(description="In, NotIn, Exists or DoesNotExist.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
+        description="In, NotIn, Exists or DoesNotExist."
+    )
     values: list[str] | None = Field(None, description="Values for In and NotIn.")
 
 
@@ -263,23 +277,34 @@ class LabelSelector(Model):
     """A metav1.LabelSelector."""
 
     match_labels: dict[str, str] | None = Field(None, description="Labels a pod must have.")
-    match_expressions: list[LabelSelectorRequirement] | None = Field(None, description="Requirements a pod must meet.")
+    match_expressions: list[LabelSelectorRequirement] | None = Field(
+        None, description="Requirements a pod must meet."
+    )
 
 
 class TopologySpreadConstraint(Model):
     """A core/v1 TopologySpreadConstraint over the stage pods."""
 
-    max_skew: int = Field(ge=1, description="Largest allowed difference in matching pods between two domains.")
-    topology_key: str = Field(min_length=1, description="Node label whose values are the domains, e.g. kubernetes.io/hostname.")
-    when_unsatisfiable: Literal["DoNotSchedule", "ScheduleAnyway"] = Field(description="DoNotSchedule or ScheduleAnyway.")
+    max_skew: int = Field(ge=1, description="Largest difference in matching pods between two domains.")
+    topology_key: str = Field(
+        min_length=1, description="Node label whose values are the domains, e.g. kubernetes.io/hostname."
+    )
+    when_unsatisfiable: Literal["DoNotSchedule", "ScheduleAnyway"] = Field(
+        description="DoNotSchedule or ScheduleAnyway."
+    )
     label_selector: LabelSelector | None = Field(
         None, description="The pods counted, e.g. matchLabels {kondense.io/pipeline: <name>}."
     )
     min_domains: int | None = Field(None, ge=1, description="Fewest eligible domains (with DoNotSchedule).")
-    node_affinity_policy: Literal["Honor", "Ignore"] | None = Field(None, description="Honor or Ignore the pod's node affinity.")
-    node_taints_policy: Literal["Honor", "Ignore"] | None = Field(None, description="Honor or Ignore node taints.")
+    node_affinity_policy: Literal["Honor", "Ignore"] | None = Field(
+        None, description="Honor or Ignore the pod's node affinity."
+    )
+    node_taints_policy: Literal["Honor", "Ignore"] | None = Field(
+        None, description="Honor or Ignore node taints."
+    )
     match_label_keys: list[str] | None = Field(
-        None, description="Pod label keys whose values narrow labelSelector, e.g. batch.kubernetes.io/job-name."
+        None,
+        description="Pod label keys whose values narrow labelSelector, e.g. batch.kubernetes.io/job-name.",
     )
 
 
@@ -294,7 +319,9 @@ class Resources(Model):
     memory: Quantity | None = Field(None, description="Memory request and limit.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pod must match.")
     tolerations: list[Toleration] = Field(
-        default_factory=list, description="Extra tolerations; the nvidia.com/gpu toleration is always added when gpus > 0."
+        default_factory=list,
+        description="Extra tolerations; with gpus > 0 the pod also tolerates the nvidia.com/gpu taint and "
+        "one named like gpuResource.",
     )
     priority_class_name: str | None = Field(None, description="PriorityClass of the stage pods.")
     queue_name: str | None = Field(None, description="Kueue LocalQueue: sets the kueue.x-k8s.io/queue-name label.")
@@ -324,9 +351,9 @@ class Resources(Model):
     gpu_resource: str | None = Field(
         None,
         pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
-        description="Extended resource that `gpus` is requested as. Default: nvidia.com/gpu. A MIG slice, e.g. "
-        "nvidia.com/mig-3g.40gb (set gpuMemoryGiB to the slice's memory), or another vendor's, e.g. amd.com/gpu. "
-        "The pod tolerates the nvidia.com/gpu taint and one named like this resource.",
+        description="Extended resource that `gpus` is requested as. Default: nvidia.com/gpu. A MIG slice, "
+        "e.g. nvidia.com/mig-3g.40gb (set gpuMemoryGiB to the slice's memory), or another vendor's, e.g. "
+        "amd.com/gpu. The pod tolerates the nvidia.com/gpu taint and one named like this resource.",
     )
     runtime_class_name: str | None = Field(
         None,
@@ -335,30 +362,37 @@ class Resources(Model):
         description="RuntimeClass of the stage pods, e.g. nvidia where the NVIDIA container runtime is not "
         "the nodes' default.",
     )
-    affinity: Affinity | None = Field(None, description="Node affinity and pod (anti-)affinity of the stage pods.")
+    affinity: Affinity | None = Field(
+        None, description="Node affinity and pod (anti-)affinity of the stage pods."
+    )
     topology_spread_constraints: list[TopologySpreadConstraint] = Field(
-        default_factory=list, max_length=8, description="How the stage pods spread over zones, racks or nodes."
+        default_factory=list,
+        max_length=8,
+        description="How the stage pods spread over zones, racks or nodes.",
     )
     env: list[EnvVar] = Field(
         default_factory=list,
         max_length=64,
-        description="Extra environment variables of the stage container, e.g. HF_TOKEN for gated hf:// models: "
-        "{name: HF_TOKEN, valueFrom: {secretKeyRef: {name: hf, key: token}}}.",
+        description="Extra environment variables of the stage container, e.g. HF_TOKEN for gated hf:// "
+        "models: {name: HF_TOKEN, valueFrom: {secretKeyRef: {name: hf, key: token}}}.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     env_from: list[EnvFromSource] = Field(
-        default_factory=list, max_length=16, description="Secrets and ConfigMaps whose every key becomes a variable."
+        default_factory=list,
+        max_length=16,
+        description="Secrets and ConfigMaps whose every key becomes a variable.",
     )
     scratch_size: Quantity | None = Field(
         None,
-        description="Local disk of a stage pod: the size limit of its emptyDir, which holds the downloaded inputs "
-        "(~/.cache) and the outputs (/scratch), and its ephemeral-storage request, so that the scheduler picks a "
-        "node with that much free disk. Default: the operator's jobs.scratchSizeLimit (200Gi).",
+        description="Local disk of a stage pod: the size limit of its emptyDir, which holds the downloaded "
+        "inputs (~/.cache) and the outputs (/scratch), and its ephemeral-storage request, so that the "
+        "scheduler picks a node with that much free disk. Default: the operator's jobs.scratchSizeLimit "
+        "(200Gi).",
     )
     shm_size: Quantity | None = Field(
         None,
-        description="Size limit of /dev/shm, a memory-backed emptyDir that NCCL and data loaders use; what it "
-        "holds counts against the pod's memory. Default: no limit of its own (the pod's memory limit).",
+        description="Size limit of /dev/shm, a memory-backed emptyDir that NCCL and data loaders use; what "
+        "it holds counts against the pod's memory. Default: no limit of its own (the pod's memory limit).",
     )
 
     @field_validator("env")

@@ -84,7 +84,15 @@ class Jobs(Values):
     scratch_size_limit: str = Field(
         "200Gi",
         pattern=QUANTITY,
-        description="Size limit of the /scratch emptyDir where a stage downloads and writes models.",
+        description="Local disk of a stage pod where a pipeline sets no resources.scratchSize: the size limit of "
+        "the emptyDir where it downloads its inputs and writes its outputs, and its ephemeral-storage request.",
+    )
+    allowed_images: list[str] = Field(
+        default_factory=list,
+        description="Prefixes of the images a pipeline's spec.image may name, e.g. registry.example/ml/; a "
+        "pipeline naming another fails with InvalidSpec. Empty: any image. jobs.image is always allowed.",
+        json_schema_extra={"items": {"type": "string", "minLength": 1, "pattern": r"^[^,\s]+$"},
+                           "uniqueItems": True},
     )
     progress_seconds: int = Field(
         30,

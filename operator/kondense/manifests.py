@@ -151,6 +151,11 @@ def _tolerations(r: api.Resources) -> list[dict]:
     return tolerations
 
 
+def _shm(r: api.Resources) -> dict:
+    """/dev/shm: memory-backed, limited by resources.shmSize, else only by the pod's memory limit."""
+    return {"medium": "Memory", "sizeLimit": r.shm_size} if r.shm_size else {"medium": "Memory"}
+
+
 def _env(storage: api.Storage) -> list[dict]:
     return [
         {"name": "HOME", "value": HOME},
@@ -262,7 +267,7 @@ def build_job(run: api.StageRun, plan: StagePlan, name: str, image: str, setting
         # One local disk for the downloaded inputs and the outputs: one size limit covers both,
         # and the ephemeral-storage request says it to the scheduler.
         {"name": "scratch", "emptyDir": {"sizeLimit": scratch_size(r, settings)}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory", **({"sizeLimit": r.shm_size} if r.shm_size else {})}},
+        {"name": "dshm", "emptyDir": _shm(r)},
     ]
     mounts = [
         {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
@@ -346,9 +351,10 @@ def jobs_image(spec: api.PipelineSpec, settings: Settings) -> str:
     if spec.image is None or settings.image_allowed(spec.image):
         return spec.image or settings.jobs_image
     raise InvalidSpec(
-        f"spec.image: {spec.image!r} is not allowed by the operator's setting KONDENSE_ALLOWED_IMAGES (chart value "
-        f"jobs.allowedImages), which allows images starting with: {', '.join(settings.allowed_images)}. To resolve, "
-        f"use such an image, or leave spec.image out to run the operator's jobs image {settings.jobs_image}"
+        f"spec.image: {spec.image!r} is not allowed by the operator's setting KONDENSE_ALLOWED_IMAGES "
+        f"(chart value jobs.allowedImages), which allows images starting with: "
+        f"{', '.join(settings.allowed_images)}. To resolve, use such an image, or leave spec.image out to "
+        f"run the operator's jobs image {settings.jobs_image}"
     )
 
 
@@ -394,7 +400,8 @@ def build_cleanup_job(pipeline: str, namespace: str, storage: api.Storage, image
         LABEL_PIPELINE: pipeline,
         **settings.extra_labels,
     }
-    pod_spec = _pod_spec(settings, container, [{"name": "scratch", "emptyDir": {"sizeLimit": CLEANUP_SCRATCH}}])
+    scratch = {"name": "scratch", "emptyDir": {"sizeLimit": CLEANUP_SCRATCH}}
+    pod_spec = _pod_spec(settings, container, [scratch])
     return _job(cleanup_name(pipeline, prefix), namespace, job_labels, {}, {}, pod_spec, 3, 3600, settings)
 
 

@@ -219,8 +219,8 @@ def effective_resources(spec: PipelineSpec, stage: Stage) -> Resources:
     """spec.resources with the fields the stage sets itself laid over it."""
     if stage.resources is None:
         return spec.resources
-    own = stage.resources
-    return spec.resources.model_copy(update={name: getattr(own, name) for name in own.model_fields_set})  # models, not dicts
+    own = stage.resources  # its fields as models (model_dump would put dicts into a model)
+    return spec.resources.model_copy(update={name: getattr(own, name) for name in own.model_fields_set})
 
 
 def resolve(spec: PipelineSpec, namespace: str, pipeline: str) -> list[StagePlan]:

@@ -295,7 +295,7 @@ def reconcile(
     meta = body["metadata"]
     name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation")
     spec = _pipeline_of(body).spec
-    jobs_image(spec, settings)  # an image the operator does not allow: InvalidSpec, before anything is created
+    jobs_image(spec, settings)  # InvalidSpec for an image that is not allowed, before anything is created
     plans = resolve(spec, namespace, name)
     previous = _previous(body)
     old = {s.name: s for s in previous.stages} if previous else {}
@@ -472,7 +472,7 @@ def cleanup(
     try:
         image = jobs_image(pipeline.spec, settings)
     except InvalidSpec as e:
-        return Cleanup("Failed", f"artifacts kept: the cleanup Job would run an image the operator does not allow: {e}")
+        return Cleanup("Failed", f"artifacts kept: the cleanup Job's image is not allowed: {e}")
     unfinished = [
         j for j in jobs
         if not is_cleanup(j) and observe_job(j, []).state not in ("Succeeded", "Failed")

@@ -21,6 +21,12 @@ class Settings:
     log_level: str = "INFO"
     progress_seconds: int = 30  # how often running stages' logs are read for progress; 0: never
     extra_labels: dict[str, str] = field(default_factory=dict)
+    # Prefixes of the images a pipeline's spec.image may name, e.g. ("registry.example/ml/",); empty:
+    # any image. The operator's own jobs_image is always allowed.
+    allowed_images: tuple[str, ...] = ()
+
+    def image_allowed(self, image: str) -> bool:
+        return not self.allowed_images or image == self.jobs_image or image.startswith(self.allowed_images)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -35,11 +41,13 @@ class Settings:
             except ValueError:
                 raise SystemExit(f"{name}={raw!r}: expected an integer") from None
 
-        namespaces = tuple(n.strip() for n in env.get("KONDENSE_NAMESPACES", "").split(",") if n.strip())
+        def listed(name: str) -> tuple[str, ...]:
+            return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
         return cls(
             jobs_image=env.get("KONDENSE_JOBS_IMAGE", cls.jobs_image),
             image_pull_policy=env.get("KONDENSE_IMAGE_PULL_POLICY", cls.image_pull_policy),
-            namespaces=namespaces,
+            namespaces=listed("KONDENSE_NAMESPACES"),
             job_service_account=env.get("KONDENSE_JOB_SERVICE_ACCOUNT", cls.job_service_account),
             ttl_seconds_after_finished=integer("KONDENSE_JOB_TTL_SECONDS", cls.ttl_seconds_after_finished),
             liveness_port=integer("KONDENSE_LIVENESS_PORT", cls.liveness_port),
@@ -47,4 +55,5 @@ class Settings:
             scratch_size_limit=env.get("KONDENSE_SCRATCH_SIZE_LIMIT", cls.scratch_size_limit),
             log_level=env.get("KONDENSE_LOG_LEVEL", cls.log_level).upper(),
             progress_seconds=integer("KONDENSE_PROGRESS_SECONDS", cls.progress_seconds),
+            allowed_images=listed("KONDENSE_ALLOWED_IMAGES"),
         )

@@ -44,7 +44,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "livenessPort": 9090,
         },
         "serviceAccount": {"name": "op", "annotations": {"team": "ml"}},
-        "jobs": {"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/r"}}},
+        "jobs": {"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/r"}},
+                 "allowedImages": ["registry.example/ml/", "ghcr.io/acme/jobs:1.2"]},
     },
 }
 CASES = [pytest.param(v, id=k) for k, v in VALUE_SETS.items()]
@@ -326,6 +327,7 @@ def test_operator_env_is_what_settings_reads(render, values):
     assert settings.job_service_account == merged.jobs.service_account.name
     assert settings.ttl_seconds_after_finished == merged.jobs.ttl_seconds_after_finished
     assert settings.scratch_size_limit == merged.jobs.scratch_size_limit
+    assert settings.allowed_images == tuple(merged.jobs.allowed_images)
     assert settings.liveness_port == merged.operator.liveness_port
     assert settings.peering == (merged.operator.peering.name if merged.operator.peering.enabled else None)
     assert env["KONDENSE_LOG_LEVEL"] == merged.operator.log_level

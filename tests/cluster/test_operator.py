@@ -33,6 +33,7 @@ from kondense.store import S3Store, join
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 GROUP, VERSION, PLURAL = api.GROUP, api.VERSION, api.PLURAL
+ALLOWED_IMAGES = ("registry.example/ml/",)  # besides the operator's own jobs image
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,9 @@ def operator(control_plane, api_client):
         ("kondense.io", "compressionpipelines/finalizers", "update"),
         ("kondense.io", "compressionpipelines/status", "patch"), ("", "events", "create")])
     token = control_plane.service_account_token(RELEASE_NAMESPACE, account)
-    settings = Settings(jobs_image="kondense-jobs:test", ttl_seconds_after_finished=3600)
+    settings = Settings(
+        jobs_image="kondense-jobs:test", ttl_seconds_after_finished=3600, allowed_images=ALLOWED_IMAGES
+    )
     with running_operator(control_plane, token, settings) as operator_client:
         yield operator_client
 
@@ -246,6 +249,11 @@ def test_schema_rejects_what_the_crd_forbids(operator, api_client, workspace, s3
         ({"name": "x", "distill": {}, "quantize": {"method": "gguf"}}, "exactly one of distill, quantize, evaluate"),
         ({"name": "x", "quantize": {"method": "gptq", "bits": 5}}, "Unsupported value: 5"),
         ({"name": "x", "distill": {"temprature": 2}}, 'unknown field "spec.stages[0].distill.temprature"'),
+        ({"name": "x", "distill": {}, "resources": {"env": [{"name": "HOME", "value": "/"}]}},
+         "HOME, TMPDIR, HF_HOME and KONDENSE_* are set by kondense"),
+        ({"name": "x", "distill": {}, "resources": {"envFrom": [
+            {"secretRef": {"name": "a"}, "configMapRef": {"name": "b"}}]}},
+         "exactly one of secretRef, configMapRef must be set"),
     ]
     for stage, message in cases:
         body = pipeline_doc("rejected", s3_bucket, s3_endpoint, [stage])
@@ -356,3 +364,31 @@ def test_distill_on_two_nodes_is_an_indexed_job_that_trains_what_one_worker_trai
     assert difference <= 1e-5, f"largest difference {difference:.3g} in {where}"
     moved, _ = largest_difference(two, tensors_in(tiny_inputs / "student"))
     assert moved > 1e-4, "training moved the student's weights: the equality above says something"
+
+
+def test_jobs_do_not_carry_the_pipelines_labels_and_an_image_not_allowed_gets_no_job(
+    operator, api_client, workspace, s3_bucket, s3_endpoint
+):
+    """Argo CD tracks its objects by the label app.kubernetes.io/instance: a Job that carried its
+    pipeline's would count as the application's own. And spec.image must be one the operator allows."""
+    ns = workspace
+    stages = [{"name": "gguf", "from": "student", "quantize": {"method": "gguf", "type": "q8_0"}}]
+    tracked = pipeline_doc("tracked", s3_bucket, s3_endpoint, stages)
+    tracked["metadata"]["labels"] = {"app.kubernetes.io/instance": "ml-apps"}
+    foreign = pipeline_doc("foreign", s3_bucket, s3_endpoint, stages)
+    foreign["spec"]["image"] = "registry.example/ml-other/miner:1"
+    for body in (foreign, tracked):
+        custom(api_client).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+
+    failed = condition(wait_condition(api_client, ns, "foreign", "Failed", timeout=60), "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert "'registry.example/ml-other/miner:1' is not allowed" in failed["message"]
+    assert "KONDENSE_ALLOWED_IMAGES" in failed["message"] and "registry.example/ml/" in failed["message"]
+
+    wait_condition(api_client, ns, "tracked", "Ready", timeout=300)
+    (job,) = jobs(api_client, ns)  # the foreign pipeline got none
+    assert job.metadata.labels["kondense.io/pipeline"] == "tracked"
+    for labels in (job.metadata.labels, job.spec.template.metadata.labels):
+        assert "app.kubernetes.io/instance" not in labels, labels
+    owners = [(o.kind, o.name, o.controller) for o in job.metadata.owner_references]
+    assert owners == [(api.KIND, "tracked", True)]

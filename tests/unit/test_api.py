@@ -167,24 +167,29 @@ def test_stage_resources_have_no_schema_defaults_and_every_documented_default_is
 
 
 HF = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+RESERVED = "HOME, TMPDIR, HF_HOME and KONDENSE_* are set by kondense"
 
 
 @pytest.mark.parametrize(
     "resources, expected",
     [
-        ({"env": [{"name": "HOME", "value": "/"}]}, "spec.resources.env[0]: HOME: HOME, TMPDIR, HF_HOME and KONDENSE_* are set"),
-        ({"env": [{"name": "KONDENSE_CACHE", "value": "/"}]}, "spec.resources.env[0]: KONDENSE_CACHE: HOME, TMPDIR"),
-        ({"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]}, "spec.resources.env[0]: AWS_SECRET_ACCESS_KEY: "),
+        ({"env": [{"name": "HOME", "value": "/"}]}, f"spec.resources.env[0]: HOME: {RESERVED}"),
+        ({"env": [{"name": "KONDENSE_CACHE", "value": "/"}]},
+         f"spec.resources.env[0]: KONDENSE_CACHE: {RESERVED}"),
+        ({"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]},
+         "spec.resources.env[0]: AWS_SECRET_ACCESS_KEY: "),
         ({"env": [{**HF, "value": "x"}]}, "spec.resources.env[0]: value and valueFrom are exclusive"),
         ({"env": [{"name": "A", "valueFrom": {}}]},
          "spec.resources.env[0].valueFrom: exactly one of secretKeyRef, configMapKeyRef must be set"),
-        ({"env": [HF, {"name": "A", "value": "1"}, {**HF, "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}]},
+        ({"env": [HF, {"name": "A", "value": "1"},
+                  {**HF, "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}]},
          "spec.resources.env: names a variable twice: HF_TOKEN"),
         ({"envFrom": [{"secretRef": {"name": "s"}, "configMapRef": {"name": "c"}}]},
          "spec.resources.envFrom[0]: exactly one of secretRef, configMapRef must be set"),
         ({"affinity": {"nodeAfinity": {}}}, "spec.resources.affinity.nodeAfinity: unknown field"),
         ({"gpuResource": "mig-3g.40gb"}, "spec.resources.gpuResource: 'mig-3g.40gb' does not match"),
-        ({"topologySpreadConstraints": [{"maxSkew": 0, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}]},
+        ({"topologySpreadConstraints": [
+            {"maxSkew": 0, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}]},
          "spec.resources.topologySpreadConstraints[0].maxSkew: must be >= 1"),
         ({"shmSize": "lots"}, "spec.resources.shmSize: 'lots' does not match"),
     ],

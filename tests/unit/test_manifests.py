@@ -246,3 +246,135 @@ def test_one_node_job_names_are_unchanged():
     p = parse(doc)
     plan = resolve(p.spec, "ml-team", "minimal")[0]
     assert job_name("minimal", plan) == child_name("minimal", "distill", plan.input_digest)
+
+
+# -- GPU fleets: scheduling, environment, local disk, GPU resource name --------------------------
+
+ZONE = {"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["eu-west-1a"]}
+FLEET = {  # spec.resources of a pipeline on a MIG fleet, every pod field set
+    "gpuResource": "nvidia.com/mig-3g.40gb",
+    "gpuMemoryGiB": 40,
+    "runtimeClassName": "nvidia",
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [ZONE]}]}}},
+    "topologySpreadConstraints": [{
+        "maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+        "labelSelector": {"matchLabels": {"kondense.io/pipeline": "minimal"}},
+        "matchLabelKeys": ["batch.kubernetes.io/job-name"]}],
+    "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+            {"name": "HF_HUB_OFFLINE", "value": "0"}],
+    "envFrom": [{"configMapRef": {"name": "proxy"}},
+                {"prefix": "WANDB_", "secretRef": {"name": "wandb", "optional": True}}],
+    "scratchSize": "800Gi",
+    "shmSize": "16Gi",
+}
+
+
+def fleet_job(pipeline: dict, stage: dict | None = None, settings: Settings = SETTINGS) -> dict:
+    """The Job of crds/examples/minimal.yaml's distill stage with these spec.resources and stage resources."""
+    doc = yaml.safe_load((ROOT / "crds/examples/minimal.yaml").read_text())
+    doc["spec"]["resources"] = pipeline
+    if stage is not None:
+        doc["spec"]["stages"][0]["resources"] = stage
+    p = parse(doc)
+    plans = resolve(p.spec, p.metadata.namespace, p.metadata.name)
+    return stage_objects(p.spec, plans, plans[0], p.metadata.namespace, p.metadata.name, settings)[-1]
+
+
+def volume(pod: dict, name: str) -> dict:
+    return next(v for v in pod["volumes"] if v["name"] == name)
+
+
+def own_env(container: dict) -> list[dict]:
+    """The container's env past the variables kondense sets itself."""
+    ours = {"HOME", "TMPDIR", "HF_HOME"}
+    return [e for e in container["env"] if e["name"] not in ours and not e["name"].startswith("KONDENSE_")]
+
+
+def test_gpu_fleet_fields_reach_the_stage_pod_and_are_valid_for_kubernetes():
+    job = fleet_job(FLEET)
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert pod["runtimeClassName"] == "nvidia" and pod["affinity"] == FLEET["affinity"]
+    assert pod["topologySpreadConstraints"] == FLEET["topologySpreadConstraints"]
+    assert c["resources"]["limits"] == {"nvidia.com/mig-3g.40gb": "1"}  # a MIG slice instead of a whole GPU
+    assert [t["key"] for t in pod["tolerations"]] == ["dedicated", "nvidia.com/gpu", "nvidia.com/mig-3g.40gb"]
+    assert own_env(c) == FLEET["env"] and c["env"][0] == {"name": "HOME", "value": "/home/kondense"}
+    assert c["envFrom"] == FLEET["envFrom"]
+    assert volume(pod, "dshm")["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    kv = pytest.importorskip("kubernetes_validate")
+    kv.validate(json.loads(json.dumps(job)), "1.33", strict=True)
+
+
+@pytest.mark.parametrize("resources, size", [({}, "50Gi"), ({"scratchSize": "800Gi"}, "800Gi")],
+                         ids=["operator-setting", "scratchSize"])
+def test_local_disk_is_one_size_limited_volume_that_the_scheduler_sees_as_requested(resources, size):
+    """Inputs (~/.cache) and outputs (/scratch) share one emptyDir: its size limit, which the
+    scheduler does not see, is the pod's ephemeral-storage request."""
+    job = fleet_job(resources, settings=Settings(jobs_image="img", scratch_size_limit="50Gi"))
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert volume(pod, "scratch")["emptyDir"] == {"sizeLimit": size}
+    assert c["resources"]["requests"]["ephemeral-storage"] == size
+    assert "ephemeral-storage" not in c["resources"].get("limits", {})
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts["/scratch"] == {"name": "scratch", "mountPath": "/scratch", "subPath": "work"}
+    cache = "/home/kondense/.cache"
+    assert mounts[cache] == {"name": "scratch", "mountPath": cache, "subPath": "cache"}
+    disks = [v["name"] for v in pod["volumes"] if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"]
+    assert disks == ["scratch"]
+
+
+def test_the_cleanup_pod_requests_its_scratch_as_ephemeral_storage():
+    p = load_file(ROOT / "crds/examples/minimal.yaml")
+    job = build_cleanup_job(p.metadata.name, p.metadata.namespace, p.spec.storage, "img", SETTINGS)
+    pod = job["spec"]["template"]["spec"]
+    requests = pod["containers"][0]["resources"]["requests"]
+    assert requests["ephemeral-storage"] == volume(pod, "scratch")["emptyDir"]["sizeLimit"]
+
+
+def test_unset_fleet_fields_leave_the_pod_as_before():
+    pod = fleet_job({"gpus": 2})["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert not {"runtimeClassName", "affinity", "topologySpreadConstraints"} & set(pod) and "envFrom" not in c
+    assert c["resources"]["limits"] == {"nvidia.com/gpu": "2"} and own_env(c) == []
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert volume(pod, "dshm")["emptyDir"] == {"medium": "Memory"}
+
+
+def limits(c: dict) -> dict:
+    return c["resources"]["limits"]
+
+
+def keys(pod: dict) -> list[str]:
+    return [t["key"] for t in pod["tolerations"]]
+
+
+def scratch_sizes(pod: dict, c: dict) -> tuple[str, str]:
+    return volume(pod, "scratch")["emptyDir"]["sizeLimit"], c["resources"]["requests"]["ephemeral-storage"]
+
+
+@pytest.mark.parametrize(
+    "stage, expect",
+    [
+        ({"env": [{"name": "A", "value": "1"}]}, lambda pod, c: own_env(c) == [{"name": "A", "value": "1"}]),
+        ({"env": []}, lambda pod, c: own_env(c) == []),
+        ({"envFrom": []}, lambda pod, c: "envFrom" not in c and own_env(c) == FLEET["env"]),
+        ({"affinity": {"podAffinity": {}}}, lambda pod, c: pod["affinity"] == {"podAffinity": {}}),
+        ({"topologySpreadConstraints": []}, lambda pod, c: "topologySpreadConstraints" not in pod),
+        ({"gpuResource": "nvidia.com/gpu", "gpus": 2},
+         lambda pod, c: (limits(c), keys(pod)) == ({"nvidia.com/gpu": "2"}, ["dedicated", "nvidia.com/gpu"])),
+        ({"scratchSize": "100Gi"}, lambda pod, c: scratch_sizes(pod, c) == ("100Gi", "100Gi")),
+        ({"shmSize": "1Gi"}, lambda pod, c: volume(pod, "dshm")["emptyDir"]["sizeLimit"] == "1Gi"),
+        ({"runtimeClassName": "kata-nvidia"}, lambda pod, c: pod["runtimeClassName"] == "kata-nvidia"),
+        ({"memory": "64Gi"},
+         lambda pod, c: (pod["runtimeClassName"], pod["affinity"], c["envFrom"], limits(c)) == (
+             "nvidia", FLEET["affinity"], FLEET["envFrom"], {"nvidia.com/mig-3g.40gb": "1", "memory": "64Gi"})),
+    ],
+    ids=["env", "env-cleared", "envFrom-cleared", "affinity", "spread-cleared", "gpu-resource", "scratch",
+         "shm", "runtime-class", "others-inherited"],
+)
+def test_a_stage_value_replaces_the_pipelines_and_the_rest_is_inherited(stage, expect):
+    pod = fleet_job(FLEET, stage)["spec"]["template"]["spec"]
+    assert expect(pod, pod["containers"][0])

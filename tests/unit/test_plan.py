@@ -191,3 +191,23 @@ def test_worker_count_and_micro_batch_do_not_move_the_artifact_with_a_global_bat
     assert a == b
     c = digests(spec(stages__0__distill={**GLOBAL, "globalBatchSize": 32}, stages__0__resources={"gpus": 4}))
     assert c["distill"] != a["distill"]
+
+
+def test_a_stage_replaces_the_pod_fields_it_sets_keeps_the_others_and_they_stay_typed():
+    """Lists and objects too are replaced whole, never merged; the effective resources hold
+    models, as the pipeline's own do (manifests read them as models)."""
+    hf = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    s = spec(
+        resources={"env": [hf], "envFrom": [{"configMapRef": {"name": "proxy"}}], "scratchSize": "500Gi",
+                   "affinity": {"nodeAffinity": {"x": 1}}, "gpuResource": "nvidia.com/mig-3g.40gb"},
+        stages__1__resources={"env": [{"name": "A", "value": "1"}], "affinity": {"podAffinity": {}},
+                              "tolerations": [{"key": "k", "operator": "Exists"}], "scratchSize": "50Gi"},
+    )
+    plans = {p.name: p.resources for p in resolve(s, "ns", "p")}
+    nf4, distill = plans["nf4"], plans["distill"]
+    assert [v.dump() for v in nf4.env] == [{"name": "A", "value": "1"}]
+    assert nf4.tolerations[0].dump() == {"key": "k", "operator": "Exists"}
+    assert nf4.affinity.dump() == {"podAffinity": {}} and nf4.scratch_size == "50Gi"
+    assert nf4.env_from == distill.env_from and nf4.gpu_resource == "nvidia.com/mig-3g.40gb"
+    assert [v.dump() for v in distill.env] == [hf] and distill.scratch_size == "500Gi"
+    assert digests(s) == digests(spec()), "how a stage's pod runs is not in its content address"

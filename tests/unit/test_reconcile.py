@@ -522,12 +522,15 @@ def test_a_superseded_job_that_is_deleted_leaves_an_event():
 def test_an_image_the_operator_does_not_allow_creates_nothing_and_keeps_the_artifacts():
     settings = Settings(allowed_images=("registry.example/ml/",))
     rec = Recorder()
-    body = demo_body(image="evil.example/miner:1", storage={"uri": "s3://bucket/runs", "deletionPolicy": "Delete"})
-    with pytest.raises(InvalidSpec, match=r"spec.image: 'evil.example/miner:1' is not allowed .*registry.example/ml/"):
+    storage = {"uri": "s3://bucket/runs", "deletionPolicy": "Delete"}
+    body = demo_body(image="evil.example/miner:1", storage=storage)
+    refused = r"spec.image: 'evil.example/miner:1' is not allowed .*registry.example/ml/"
+    with pytest.raises(InvalidSpec, match=refused):
         reconcile(body, [], [], settings, NOW, rec.create, rec.delete, lambda child: None)
     out = cleanup(body, [], [], settings, rec.create, rec.delete, lambda child: None)
-    assert out.state == "Failed" and out.message.startswith("artifacts kept") and "KONDENSE_ALLOWED_IMAGES" in out.message
-    assert rec.created == [] and rec.deleted == []
+    assert out.state == "Failed" and out.message.startswith("artifacts kept")
+    assert "KONDENSE_ALLOWED_IMAGES" in out.message and rec.created == [] and rec.deleted == []
     allowed = demo_body(image="registry.example/ml/jobs:2")
     reconcile(allowed, [], [], settings, NOW, rec.create, rec.delete, lambda child: None)
-    assert {c["spec"]["template"]["spec"]["containers"][0]["image"] for c in rec.created} == {"registry.example/ml/jobs:2"}
+    images = {c["spec"]["template"]["spec"]["containers"][0]["image"] for c in rec.created}
+    assert images == {"registry.example/ml/jobs:2"}
