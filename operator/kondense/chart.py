@@ -17,7 +17,7 @@ from kondense.crd import inline_refs
 
 # A Kubernetes namespace name (RFC 1123 label).
 NAMESPACE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-# A resource name (RFC 1123 subdomain), e.g. a ServiceAccount or a peering object.
+# A resource name (RFC 1123 subdomain), e.g. a ServiceAccount.
 NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 
@@ -111,19 +111,29 @@ class Resources(Values):
     limits: dict[str, Quantity] = Field(default_factory=dict, description="Maximum resources (cpu, memory).")
 
 
-class Peering(Values):
-    """kopf peering: several replicas, one active at a time."""
+class LeaderElection(Values):
+    """Leader election through a coordination.k8s.io/v1 Lease in the release namespace."""
 
     enabled: bool = Field(
-        False,
-        description="Run with kopf peering so that more than one replica may run (one is active). "
-        "Off: exactly one replica with the Recreate strategy.",
+        True,
+        description="Replicas elect one leader through a Lease named after the release; only the leader "
+        "runs the operator, the others wait and take over when its Lease expires or is released. Lets "
+        "replicas exceed 1 and updates roll without two operators acting at once. Off: exactly one "
+        "replica, replaced with the Recreate strategy.",
     )
-    name: str = Field(
-        "kondense",
-        pattern=NAME,
-        description="Name of the KopfPeering (per watched namespace) or ClusterKopfPeering object "
-        "the chart creates.",
+    lease_duration_seconds: int = Field(
+        15, ge=2, description="A standby takes the Lease after seeing it unrenewed this long."
+    )
+    renew_deadline_seconds: int = Field(
+        10,
+        ge=1,
+        description="The leader exits (and its pod restarts as a standby) when it could not renew the Lease "
+        "for this long; less than leaseDurationSeconds.",
+    )
+    retry_period_seconds: int = Field(
+        2,
+        ge=1,
+        description="How often the leader renews and a standby looks; less than renewDeadlineSeconds.",
     )
 
 
@@ -134,8 +144,14 @@ class Operator(Values):
         default_factory=lambda: Image(repository="ghcr.io/kondense/kondense-operator"),
         description="The operator image (light: pydantic, kopf, kubernetes, boto3).",
     )
-    replicas: int = Field(1, ge=1, description="Replicas; more than one needs peering.enabled.")
-    peering: Peering = Field(default_factory=Peering, description="kopf peering for high availability.")
+    replicas: int = Field(
+        1,
+        ge=1,
+        description="Replicas; more than one needs leaderElection.enabled (one leads, the others wait).",
+    )
+    leader_election: LeaderElection = Field(
+        default_factory=LeaderElection, description="Leader election for high availability."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of the operator."
     )
@@ -143,7 +159,8 @@ class Operator(Values):
         8080,
         ge=1024,
         le=65535,
-        description="Port of kopf's liveness endpoint (/healthz) that the liveness probe calls.",
+        description="Port of the liveness endpoint (/healthz) that the liveness probe calls: kopf's on the "
+        "leader, the operator's own on a standby.",
     )
     resources: Resources = Field(
         default_factory=lambda: Resources(

@@ -3,9 +3,32 @@
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from dataclasses import dataclass, field
 
 PREFIX = "kondense.io"
+
+
+@dataclass(frozen=True)
+class Election:
+    """Leader election through a coordination.k8s.io/v1 Lease (kondense.leader): of all the
+    replicas, only the holder of the Lease runs the operator; the others wait, healthy."""
+
+    lease: str  # the Lease's name
+    namespace: str  # where the Lease lives: the operator's own namespace
+    identity: str  # this replica's name as the Lease's holder: unique among the replicas
+    lease_duration: float = 15.0  # a candidate takes the Lease after seeing it unrenewed this long
+    renew_deadline: float = 10.0  # the holder exits when it has not renewed for this long
+    retry_period: float = 2.0  # how often the holder renews and a candidate looks
+
+    def __post_init__(self) -> None:
+        if not self.lease_duration > self.renew_deadline > self.retry_period > 0:
+            raise ValueError(
+                f"leader election needs leaseDuration > renewDeadline > retryPeriod > 0, got "
+                f"{self.lease_duration:g} s, {self.renew_deadline:g} s, {self.retry_period:g} s: the "
+                "holder must stop before a candidate may take over"
+            )
 
 
 @dataclass(frozen=True)
@@ -16,7 +39,7 @@ class Settings:
     job_service_account: str = "kondense-job"
     ttl_seconds_after_finished: int = 86400
     liveness_port: int = 8080
-    peering: str | None = None  # None: standalone (one replica); a name: kopf peering for HA
+    election: Election | None = None  # None: no leader election (exactly one replica)
     scratch_size_limit: str = "200Gi"
     log_level: str = "INFO"
     progress_seconds: int = 30  # how often running stages' logs are read for progress; 0: never
@@ -41,6 +64,31 @@ class Settings:
             except ValueError:
                 raise SystemExit(f"{name}={raw!r}: expected an integer") from None
 
+        def election() -> Election | None:
+            enabled = env.get("KONDENSE_LEADER_ELECTION", "false").lower()
+            if enabled not in ("true", "false"):
+                raise SystemExit(f"KONDENSE_LEADER_ELECTION={enabled!r}: expected true or false")
+            if enabled == "false":
+                return None
+            namespace = env.get("POD_NAMESPACE", "")
+            if not namespace:
+                raise SystemExit(
+                    "KONDENSE_LEADER_ELECTION=true needs POD_NAMESPACE, the namespace of the Lease (the "
+                    "chart sets it from the downward API's metadata.namespace)"
+                )
+            try:
+                return Election(
+                    lease=env.get("KONDENSE_LEASE_NAME") or "kondense",
+                    namespace=namespace,
+                    # Unique per replica: the pod's name, else this host and a random suffix.
+                    identity=env.get("POD_NAME") or f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}",
+                    lease_duration=integer("KONDENSE_LEASE_DURATION_SECONDS", int(Election.lease_duration)),
+                    renew_deadline=integer("KONDENSE_RENEW_DEADLINE_SECONDS", int(Election.renew_deadline)),
+                    retry_period=integer("KONDENSE_RETRY_PERIOD_SECONDS", int(Election.retry_period)),
+                )
+            except ValueError as e:
+                raise SystemExit(str(e)) from None
+
         def listed(name: str) -> tuple[str, ...]:
             return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
@@ -51,7 +99,7 @@ class Settings:
             job_service_account=env.get("KONDENSE_JOB_SERVICE_ACCOUNT", cls.job_service_account),
             ttl_seconds_after_finished=integer("KONDENSE_JOB_TTL_SECONDS", cls.ttl_seconds_after_finished),
             liveness_port=integer("KONDENSE_LIVENESS_PORT", cls.liveness_port),
-            peering=env.get("KONDENSE_PEERING") or None,
+            election=election(),
             scratch_size_limit=env.get("KONDENSE_SCRATCH_SIZE_LIMIT", cls.scratch_size_limit),
             log_level=env.get("KONDENSE_LOG_LEVEL", cls.log_level).upper(),
             progress_seconds=integer("KONDENSE_PROGRESS_SECONDS", cls.progress_seconds),

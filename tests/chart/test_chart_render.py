@@ -18,16 +18,18 @@ K8S = "1.33"
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kondense"
 NAMESPACE = "kondense-system"  # the release namespace conftest renders with
+POD = "kondense-5d9c7b-x2x7q"  # an operator pod's name, as the downward API gives it
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "watch-namespaces": {"watchNamespaces": ["ml-a", "ml-b"]},
     "job-namespaces": {"jobNamespaces": ["team-1", "team-2", "team-3"]},
-    "peering": {"operator": {"peering": {"enabled": True}, "replicas": 2}},
-    "peering-namespaced": {
-        "operator": {"peering": {"enabled": True, "name": "ha"}, "replicas": 2},
+    "two-replicas": {"operator": {"replicas": 2}},
+    "two-replicas-namespaced": {
+        "operator": {"replicas": 2, "leaderElection": {"leaseDurationSeconds": 30, "retryPeriodSeconds": 5}},
         "watchNamespaces": ["ml-a"],
     },
+    "no-leader-election": {"operator": {"leaderElection": {"enabled": False}}},
     "crds-disabled": {"crds": {"enabled": False}, "rbac": {"aggregateToUserRoles": False}},
     "everything-set": {
         "fullnameOverride": "kdz",
@@ -92,13 +94,6 @@ def crd_schema(crd: dict) -> dict:
     return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
-PEERING_CRDS = {
-    d["spec"]["names"]["kind"]: d
-    for d in yaml.safe_load_all((CHART / "crds" / "kopf-peering.yaml").read_text())
-    if d
-}
-
-
 # -- validity ----------------------------------------------------------------------------------
 
 
@@ -113,12 +108,6 @@ def test_every_object_is_valid_for_kubernetes_1_33(render, values):
     problems = []
     for obj in render(values):
         where = f"{obj['kind']}/{obj['metadata']['name']}"
-        if obj["apiVersion"] == "kopf.dev/v1":  # a custom resource: its CRD's schema
-            try:
-                openapi_validate(obj, crd_schema(PEERING_CRDS[obj["kind"]]))
-            except jsonschema.ValidationError as e:
-                problems.append(f"{where}: {first_line(e)}")
-            continue
         try:
             kubernetes_validate.validate(obj, K8S, strict=True)
         except kubernetes_validate.ValidationError as e:
@@ -233,12 +222,15 @@ DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in (
     ("", "namespaces", v) for v in ("list", "watch")
 }
 EVENTS = {("", "events", "create"), ("", "events", "patch")}
+LEASES = {("coordination.k8s.io", "leases", v) for v in ("create", "get", "update")}
 
 
 def test_cluster_wide_rbac_is_exactly_framework_plus_application(render):
     objs = render()
     assert granted(objs, ("ClusterRole",)) == DISCOVERY | EVENTS | APPLICATION
-    assert not by_kind(objs, "Role") and not by_kind(objs, "RoleBinding")
+    assert [o["metadata"]["name"] for o in by_kind(objs, "Role") + by_kind(objs, "RoleBinding")] == [
+        "kondense-leader-election"
+    ] * 2
     names = {o["metadata"]["name"] for o in by_kind(objs, "ClusterRoleBinding")}
     assert names == {"kondense-framework", "kondense-application"}
     for binding in by_kind(objs, "ClusterRoleBinding"):
@@ -266,19 +258,31 @@ def test_operator_may_create_services_and_nothing_more_with_them(render, values)
     assert service_verbs == {"create", "get", "list", "watch"}
 
 
-def test_peering_rules_only_with_peering(render):
-    peering = {("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")}
-    assert (
-        granted(render(VALUE_SETS["peering"]), ("ClusterRole",)) == DISCOVERY | EVENTS | APPLICATION | peering
+@pytest.mark.parametrize("name", ["defaults", "two-replicas", "two-replicas-namespaced", "everything-set"])
+def test_leader_election_may_use_its_own_lease_in_the_release_namespace_and_nothing_else(render, name):
+    """get/update of the one Lease the operator is told to use; create (which cannot be limited to a
+    name); in a Role of the release namespace, never in a ClusterRole or a watched namespace."""
+    objs = render(VALUE_SETS[name])
+    lease = env_of(one(objs, "Deployment"))["KONDENSE_LEASE_NAME"]
+    role = one(objs, "Role", f"{lease}-leader-election")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert sorted((sorted(r["verbs"]), r.get("resourceNames", [])) for r in role["rules"]) == [
+        (["create"], []),
+        (["get", "update"], [lease]),
+    ]
+    assert granted(objs, ("Role",), NAMESPACE) == LEASES
+    assert not {res for _, res, _ in granted(objs, ("ClusterRole",))} & {"leases"}
+    binding = one(objs, "RoleBinding", role["metadata"]["name"])
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == one(objs, "Deployment")["spec"]["template"]["spec"].get(
+        "serviceAccountName"
     )
-    namespaced = render(VALUE_SETS["peering-namespaced"])
-    assert granted(namespaced, ("Role",), "ml-a") == EVENTS | APPLICATION | {
-        ("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")
-    }
-    for name in ("defaults", "watch-namespaces"):
-        assert not {g for g, _, _ in granted(render(VALUE_SETS[name]), ("ClusterRole", "Role"))} & {
-            "kopf.dev"
-        }
+
+
+def test_no_lease_rules_without_leader_election(render):
+    objs = render(VALUE_SETS["no-leader-election"])
+    assert not by_kind(objs, "Role")
+    assert not {res for _, res, _ in granted(objs, ("ClusterRole", "Role"))} & {"leases"}
 
 
 def test_user_roles_aggregate_into_builtin_roles(render):
@@ -297,10 +301,14 @@ def test_user_roles_aggregate_into_builtin_roles(render):
 # -- the operator Deployment and its settings ---------------------------------------------------
 
 
-def test_defaults_run_one_operator_with_recreate(render):
+def test_defaults_run_one_operator_that_hands_over_through_the_lease(render):
     objs = render()
     deploy = one(objs, "Deployment")
-    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"] == {"type": "Recreate"}
+    # The new pod of an update waits as a standby until the old one releases the Lease.
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     pod = deploy["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["command"] == ["python", "-m", "kondense.operator"]
@@ -310,7 +318,16 @@ def test_defaults_run_one_operator_with_recreate(render):
     probe = container["livenessProbe"]["httpGet"]
     assert probe["path"] == "/healthz"
     assert {p["name"]: p["containerPort"] for p in container["ports"]}[probe["port"]] == 8080
-    assert not by_kind(objs, "ClusterKopfPeering") and not by_kind(objs, "KopfPeering")
+    assert env_of(deploy)["KONDENSE_LEADER_ELECTION"] == "true"
+    downward = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
+                for e in container["env"] if "valueFrom" in e}
+    assert downward == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+
+
+def test_without_leader_election_one_operator_is_replaced_with_recreate(render):
+    deploy = one(render(VALUE_SETS["no-leader-election"]), "Deployment")
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"] == {"type": "Recreate"}
+    assert env_of(deploy)["KONDENSE_LEADER_ELECTION"] == "false"
 
 
 @pytest.mark.parametrize("values", CASES)
@@ -319,6 +336,8 @@ def test_operator_env_is_what_settings_reads(render, values):
     merged = merged_values(values)
     deploy = one(render(values), "Deployment")
     env = env_of(deploy)
+    # What the downward API gives the pod.
+    env.update(POD_NAME=POD, POD_NAMESPACE=NAMESPACE)
     settings = Settings.from_env({k: v for k, v in env.items() if v is not None})
     tag = merged.jobs.image.tag or "0.1.0"
     assert settings.jobs_image == f"{merged.jobs.image.repository}:{tag}"
@@ -329,7 +348,18 @@ def test_operator_env_is_what_settings_reads(render, values):
     assert settings.scratch_size_limit == merged.jobs.scratch_size_limit
     assert settings.allowed_images == tuple(merged.jobs.allowed_images)
     assert settings.liveness_port == merged.operator.liveness_port
-    assert settings.peering == (merged.operator.peering.name if merged.operator.peering.enabled else None)
+    election = merged.operator.leader_election
+    if not election.enabled:
+        assert settings.election is None
+    else:
+        assert settings.election is not None
+        assert (settings.election.namespace, settings.election.identity) == (NAMESPACE, POD)
+        assert settings.election.lease == deploy["metadata"]["name"]
+        assert (
+            settings.election.lease_duration,
+            settings.election.renew_deadline,
+            settings.election.retry_period,
+        ) == (election.lease_duration_seconds, election.renew_deadline_seconds, election.retry_period_seconds)
     assert env["KONDENSE_LOG_LEVEL"] == merged.operator.log_level
     probe_port = deploy["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
     assert probe_port == merged.operator.liveness_port
@@ -341,29 +371,30 @@ def test_every_kondense_variable_the_chart_sets_is_read_by_the_operator(render):
     assert names and all(f'"{n}"' in source for n in names), [n for n in names if f'"{n}"' not in source]
 
 
-@pytest.mark.parametrize("name", ["peering", "peering-namespaced"])
-def test_peering_allows_replicas_and_creates_the_peering_object(render, name):
-    values = VALUE_SETS[name]
-    objs = render(values)
-    deploy = one(objs, "Deployment")
+@pytest.mark.parametrize("name", ["two-replicas", "two-replicas-namespaced"])
+def test_replicas_roll_with_leader_election(render, name):
+    deploy = one(render(VALUE_SETS[name]), "Deployment")
     assert deploy["spec"]["replicas"] == 2 and deploy["spec"]["strategy"]["type"] == "RollingUpdate"
-    peering_name = values["operator"]["peering"].get("name", "kondense")
-    if values.get("watchNamespaces"):
-        peers = by_kind(objs, "KopfPeering")
-        assert {(p["metadata"]["namespace"], p["metadata"]["name"]) for p in peers} == {
-            (ns, peering_name) for ns in values["watchNamespaces"]
-        }
-    else:
-        assert one(objs, "ClusterKopfPeering")["metadata"]["name"] == peering_name
-    assert {d["metadata"]["name"] for d in by_kind(objs, "CustomResourceDefinition")} >= {
-        "clusterkopfpeerings.kopf.dev",
-        "kopfpeerings.kopf.dev",
-    }
+    assert env_of(deploy)["KONDENSE_LEADER_ELECTION"] == "true"
 
 
-def test_more_replicas_without_peering_is_refused(run_helm):
-    done = run_helm(["template", "kondense", str(CHART)], {"operator": {"replicas": 2}})
-    assert done.returncode != 0 and "needs operator.peering.enabled" in done.stderr
+def test_more_replicas_without_leader_election_is_refused(run_helm):
+    values = {"operator": {"replicas": 2, "leaderElection": {"enabled": False}}}
+    done = run_helm(["template", "kondense", str(CHART)], values)
+    assert done.returncode != 0 and "needs operator.leaderElection.enabled" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "timings",
+    [
+        pytest.param({"leaseDurationSeconds": 10, "renewDeadlineSeconds": 10}, id="deadline-not-below-lease"),
+        pytest.param({"renewDeadlineSeconds": 2, "retryPeriodSeconds": 2}, id="retry-not-below-deadline"),
+    ],
+)
+def test_leader_election_timings_that_could_let_two_leaders_act_are_refused(run_helm, timings):
+    done = run_helm(["template", "kondense", str(CHART)], {"operator": {"leaderElection": timings}})
+    assert done.returncode != 0
+    assert "leaseDurationSeconds > renewDeadlineSeconds > retryPeriodSeconds" in done.stderr, done.stderr
 
 
 # -- service accounts and CRDs -----------------------------------------------------------------
@@ -422,6 +453,7 @@ def test_crd_is_a_template_kept_on_uninstall(render, keep):
         "operator.logLevel=LOUD",
         "operator.replicas=0",
         "operator.livenessPort=80",
+        "operator.leaderElection.retryPeriodSeconds=0",
         "crds.keep=maybe",
         "jobs.image.tag=latest",
         "jobs.scratchSizeLimit=lots",

@@ -1,4 +1,5 @@
-"""Run the real operator in-process against the test control plane, as the chart deploys it.
+"""Run the real operator against the test control plane, as the chart deploys it: in-process
+(`running_operator`), or as `python -m kondense.operator` processes (`OperatorProcess`).
 
 The operator authenticates as the chart's ServiceAccount and gets exactly the chart's RBAC
 (rendered with helm), so a missing verb fails these tests the way it would fail in a cluster.
@@ -7,10 +8,15 @@ The operator authenticates as the chart's ServiceAccount and gets exactly the ch
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shutil
 import subprocess
 import sys
 import threading
+import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -45,8 +51,8 @@ def install_crd(api_client: client.ApiClient) -> None:
     wait_for(established, timeout=30, what="the CRD to be established")
 
 
-def chart_rbac(values: list[str] = ()) -> list[dict]:
-    """The chart's ServiceAccounts and RBAC objects, rendered by helm."""
+def chart_objects(values: list[str] = ()) -> list[dict]:
+    """What the chart renders, but its CRD (install_crd installs the generated one)."""
     out = subprocess.run(
         [
             str(tools.helm()),
@@ -63,8 +69,21 @@ def chart_rbac(values: list[str] = ()) -> list[dict]:
         capture_output=True,
         text=True,
     ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def chart_rbac(values: list[str] = ()) -> list[dict]:
+    """The chart's ServiceAccounts and RBAC objects, rendered by helm."""
     keep = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
-    return [d for d in yaml.safe_load_all(out) if d and d["kind"] in keep]
+    return [d for d in chart_objects(values) if d["kind"] in keep]
+
+
+def chart_operator_env(values: list[str] = ()) -> dict[str, str]:
+    """The operator container's environment as the chart's Deployment sets it, without the
+    variables that the downward API fills in (POD_NAME, POD_NAMESPACE)."""
+    (deployment,) = [d for d in chart_objects(values) if d["kind"] == "Deployment"]
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    return {e["name"]: e["value"] for e in env if "value" in e}
 
 
 def apply(api_client: client.ApiClient, objects: list[dict]) -> None:
@@ -136,3 +155,65 @@ def running_operator(control_plane, token: str, settings) -> Iterator[client.Api
         api_client.close()
         if errors:
             raise errors[0]
+
+
+@dataclass
+class OperatorProcess:
+    """`python -m kondense.operator` in a process of its own, as one replica of the Deployment:
+    the chart's environment, POD_NAME/POD_NAMESPACE as the downward API sets them, and a
+    kubeconfig with the operator's ServiceAccount token."""
+
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    port: int
+
+    @classmethod
+    def start(
+        cls, control_plane, token: str, name: str, env: dict[str, str], folder: Path
+    ) -> OperatorProcess:
+        from controlplane import free_port
+
+        port = free_port()
+        environ = {k: v for k, v in os.environ.items() if k != "KUBECONFIG" and not k.startswith("KONDENSE_")}
+        environ.update(env)
+        environ.update(
+            KUBECONFIG=control_plane.kubeconfig_for(token, name=f"operator-{name}"),
+            KONDENSE_LIVENESS_PORT=str(port),
+            POD_NAME=name,
+            POD_NAMESPACE=RELEASE_NAMESPACE,
+        )
+        log_path = folder / f"{name}.log"
+        # --pdeathsig: the kernel kills the operator should the test process die without teardown.
+        prefix = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [*prefix, sys.executable, "-m", "kondense.operator"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=environ, cwd=folder,
+            )
+        return cls(name, process, log_path, port)
+
+    def health(self) -> dict | None:
+        """The liveness endpoint's answer, or None while nothing answers."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=5) as response:
+                return json.loads(response.read()) if response.status == 200 else None
+        except (OSError, ValueError):
+            return None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def check_alive(self) -> None:
+        """For wait_for(check=...): fail at once, with the log, when the process has exited."""
+        if self.process.poll() is not None:
+            raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()

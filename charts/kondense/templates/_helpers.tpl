@@ -58,18 +58,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- .Values.jobNamespaces | default .Values.watchNamespaces | default (list .Release.Namespace) | uniq | toJson }}
 {{- end }}
 
-{{/* kopf's framework rules: events about the objects it handles, and the peering object when peering is on. Namespaced part. */}}
+{{/* kopf's framework rules, namespaced part: events about the objects it handles. */}}
 {{- define "kondense.frameworkNamespacedRules" -}}
 # kopf posts events about the pipelines it handles.
 - apiGroups: [""]
   resources: [events]
   verbs: [create, patch]
-{{- if .Values.operator.peering.enabled }}
-# kopf peering: one active replica at a time.
-- apiGroups: [kopf.dev]
-  resources: [{{ if .Values.watchNamespaces }}kopfpeerings{{ else }}clusterkopfpeerings{{ end }}]
-  verbs: [get, list, watch, patch]
-{{- end }}
 {{- end }}
 
 {{/* The application's rules: pipelines, their Jobs and pods. Never Secrets: credentials reach pods only as secretKeyRef. */}}
