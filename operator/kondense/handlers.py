@@ -37,12 +37,17 @@ _LOCKS: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Loc
 # the operator's loop (kopf retries its change handlers itself, but not its event handlers).
 _LOOP: asyncio.AbstractEventLoop | None = None
 _REQUEUED: set[tuple[str, str]] = set()
+# The retry annotation of each pipeline as its last watch event showed it, and the indexes that
+# a reconcile started outside a handler reads (set at startup).
+_RETRY_TOKENS: dict[tuple[str, str], str | None] = {}
+_INDEXES: tuple[kopf.Index, kopf.Index, kopf.Index] | None = None
 MAX_REQUEUE_DELAY = 300.0
 # Progress of running stages, (namespace, pipeline) -> stage -> "120/500 steps, ETA 3:10", read
 # from the tails of their pods' logs every SETTINGS.progress_seconds (no watch carries it).
 _PROGRESS: dict[tuple[str, str], dict[str, str]] = {}
 _PROGRESS_TASK: asyncio.Task | None = None
 CLEANUP_POLL_SECONDS = 5.0
+RETRY_DELAY = 0.5  # after the retry annotation's event, once the index holds the new body
 
 
 def configure(settings: Settings, api_client: client.ApiClient | None = None, kube: Kube | None = None) -> None:
@@ -67,8 +72,9 @@ async def startup(
     settings: kopf.OperatorSettings, pipelines: kopf.Index, jobs_by_pipeline: kopf.Index, pods_by_pipeline: kopf.Index,
     **_,
 ) -> None:
-    global _LOOP, _PROGRESS_TASK
+    global _LOOP, _PROGRESS_TASK, _INDEXES
     _LOOP = asyncio.get_running_loop()
+    _INDEXES = (pipelines, jobs_by_pipeline, pods_by_pipeline)
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -119,8 +125,23 @@ def pods_by_pipeline(namespace: str, labels: kopf.Labels, body: kopf.Body, **_) 
 
 
 @kopf.index(api.GROUP, api.VERSION, api.PLURAL)
-def pipelines(namespace: str, name: str, body: kopf.Body, **_) -> dict:
-    return {(namespace, name): _slim(body, spec=None)}
+def pipelines(namespace: str, name: str, body: kopf.Body, annotations: kopf.Annotations, **_) -> dict:
+    key, token = (namespace, name), annotations.get(ANNOTATION_RETRY)
+    if key in _RETRY_TOKENS and _RETRY_TOKENS[key] != token:
+        _retry_requested(key)
+    _RETRY_TOKENS[key] = token
+    return {key: _slim(body, spec=None)}
+
+
+def _retry_requested(key: tuple[str, str]) -> None:
+    """The retry annotation changed. kopf's change handlers cannot see it (kopf leaves every
+    annotation of its storage's domain, kondense.io, out of the diffs it compares), but every
+    watch event passes through this index: reconcile once it is updated, on the loop."""
+    if _LOOP is None or _INDEXES is None:
+        return
+    log.info("%s/%s: retry requested (%s)", *key, ANNOTATION_RETRY)
+    indexes = _INDEXES
+    _LOOP.call_soon_threadsafe(lambda: _LOOP.call_later(RETRY_DELAY, _LOOP.run_in_executor, None, _reconcile_key, key, *indexes))
 
 
 def own(child: dict, owner: kopf.Body | dict) -> None:
@@ -207,7 +228,7 @@ def _requeue(key: tuple[str, str], delay: float, pipelines: kopf.Index, jobs: ko
 def _reconcile_key(
     key: tuple[str, str], pipelines: kopf.Index, jobs: kopf.Index, pods: kopf.Index, backoff: float = 1.0
 ) -> None:
-    for parent in pipelines.get(key, []):
+    for parent in list(pipelines.get(key, [])):  # a live index: the loop may change it meanwhile
         if parent["metadata"].get("deletionTimestamp"):
             continue
         try:
@@ -254,7 +275,6 @@ def poll_progress(pipelines: kopf.Index, jobs: kopf.Index, pods: kopf.Index) -> 
 @kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
 @kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
 @kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
-@kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field=("metadata", "annotations", ANNOTATION_RETRY))
 def pipeline_changed(body: kopf.Body, jobs_by_pipeline: kopf.Index, pods_by_pipeline: kopf.Index, **_) -> None:
     try:
         result = _reconcile(body, jobs_by_pipeline, pods_by_pipeline)
@@ -315,3 +335,4 @@ def pipeline_deleted(namespace: str, name: str, **_) -> None:
     _LOCKS.pop((namespace, name), None)
     _REQUEUED.discard((namespace, name))
     _PROGRESS.pop((namespace, name), None)
+    _RETRY_TOKENS.pop((namespace, name), None)

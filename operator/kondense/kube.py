@@ -130,7 +130,10 @@ class Kube:
         if kind not in creators:
             raise ValueError(f"the operator does not create {kind}")
         try:
-            self._call(f"create {kind} {ns}/{name}", lambda: creators[kind](ns, obj, _preload_content=False))
+            # Strict: a field the server does not know (a typo inside resources.affinity, kept as
+            # written by the CRD) is refused with its path, not dropped with a warning.
+            self._call(f"create {kind} {ns}/{name}",
+                       lambda: creators[kind](ns, obj, field_validation="Strict", _preload_content=False))
         except ApiException as e:
             if e.status == 409:
                 return False

@@ -207,7 +207,8 @@ def run_digest(spec: PipelineSpec, plan: StagePlan, retry: str | None = None) ->
     failed stage, or rebuilds a Job that has not started, under the same artifact address.
     """
     doc = {
-        "resources": plan.resources.model_dump(mode="json", by_alias=True),
+        # Unset optional fields left out: a field added to Resources later moves no digest.
+        "resources": plan.resources.model_dump(mode="json", by_alias=True, exclude_none=True),
         "image": spec.image,
         "storage": spec.storage.model_dump(mode="json", by_alias=True, exclude={"deletion_policy"}),
         "retry": retry,

@@ -221,7 +221,7 @@ APPLICATION = (
 DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")} | {
     ("", "namespaces", v) for v in ("list", "watch")
 }
-EVENTS = {("", "events", "create"), ("", "events", "patch")}
+EVENTS = {("", "events", "create"), ("", "events", "list")}  # list: a Job's FailedCreate events
 LEASES = {("coordination.k8s.io", "leases", v) for v in ("create", "get", "update")}
 
 

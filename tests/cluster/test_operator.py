@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -392,3 +393,141 @@ def test_jobs_do_not_carry_the_pipelines_labels_and_an_image_not_allowed_gets_no
         assert "app.kubernetes.io/instance" not in labels, labels
     owners = [(o.kind, o.name, o.controller) for o in job.metadata.owner_references]
     assert owners == [(api.KIND, "tracked", True)]
+
+
+# -- stage resources inherit; stages that cannot start say why; fixes take effect ------------
+
+GGUF_ONLY = [{"name": "gguf", "from": "student", "quantize": {"method": "gguf", "type": "q8_0"}}]
+
+
+def events_of(api_client, namespace: str, name: str) -> list[tuple[str, str]]:
+    found = client.CoreV1Api(api_client).list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
+    return [(e.reason, e.message or "") for e in found.items]
+
+
+def stage_of(api_client, namespace: str, name: str, stage: str = "gguf") -> dict:
+    return next((s for s in (get(api_client, namespace, name).get("status") or {}).get("stages", [])
+                 if s["name"] == stage), {})
+
+
+def patch_spec(api_client, namespace: str, name: str, spec: dict) -> None:
+    custom(api_client).patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {"spec": spec})
+
+
+def test_stage_resources_hold_what_the_user_wrote_and_inherit_the_rest(
+    operator, api_client, workspace, s3_bucket, s3_endpoint, control_plane
+):
+    ns = workspace
+    body = pipeline_doc("inherit", s3_bucket, s3_endpoint, [{**GGUF_ONLY[0], "resources": {"memory": "2Gi"}}])
+    body["spec"]["resources"] = {"gpus": 0, "activeDeadlineSeconds": 7200, "backoffLimit": 5}
+    custom(api_client).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+    stored = get(api_client, ns, "inherit")
+    assert stored["spec"]["stages"][0]["resources"] == {"memory": "2Gi"}, "no schema default filled in"
+    job = wait_for(lambda: next(iter(jobs(api_client, ns)), None), timeout=60, what="the stage's Job")
+    assert (job.spec.active_deadline_seconds, job.spec.backoff_limit) == (7200, 5)
+    container = job.spec.template.spec.containers[0]
+    assert container.resources.limits["memory"] == "2Gi" and "nvidia.com/gpu" not in container.resources.limits
+    # What the API documents as a default or a range, `kubectl explain` shows.
+    explain = lambda path: " ".join(subprocess.run(  # noqa: E731 - the words, as kubectl wraps its lines
+        [str(tools.kubectl()), "--kubeconfig", control_plane.kubeconfig, "explain", path],
+        check=True, capture_output=True, text=True).stdout.split())
+    assert "Default: 1." in explain("cpl.spec.resources.gpus") and "<= 16" in explain("cpl.spec.resources.gpus")
+    assert "Unset: spec.resources.gpus." in explain("cpl.spec.stages.resources.gpus")
+
+
+def test_an_unschedulable_stage_is_pending_with_the_schedulers_words_and_rebuilt_when_resources_change(
+    operator, api_client, workspace, s3_bucket, s3_endpoint
+):
+    ns = workspace
+    greedy = [{**GGUF_ONLY[0], "resources": {"gpus": 16}}]  # the node has 8
+    custom(api_client).create_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, pipeline_doc("greedy", s3_bucket, s3_endpoint, greedy))
+    stage = wait_for(lambda: (lambda s: s if s.get("reason") == "Unschedulable" else None)(
+        stage_of(api_client, ns, "greedy")), timeout=60, what="the stage to say Unschedulable")
+    assert stage["state"] == "Pending" and "1 Insufficient nvidia.com/gpu" in stage["message"] and "hint:" in stage["message"]
+    ready = condition(get(api_client, ns, "greedy"), "Ready")
+    assert ready["reason"] == "Unschedulable" and "Insufficient nvidia.com/gpu" in ready["message"]
+    assert any(r == "Unschedulable" for r, _ in events_of(api_client, ns, "greedy"))
+    (old,) = jobs(api_client, ns)
+
+    patch_spec(api_client, ns, "greedy", {"stages": [{**GGUF_ONLY[0], "resources": {"gpus": 0}}]})
+    done = wait_condition(api_client, ns, "greedy", "Ready", timeout=300)
+    (new,) = jobs(api_client, ns)
+    assert new.metadata.name == old.metadata.name and new.metadata.uid != old.metadata.uid, "rebuilt, same name"
+    assert "nvidia.com/gpu" not in (new.spec.template.spec.containers[0].resources.limits or {})
+    assert done["status"]["stages"][0]["inputDigest"] == stage["inputDigest"], "the artifact's address did not move"
+    assert any(r == "JobDeleted" and old.metadata.name in m for r, m in events_of(api_client, ns, "greedy"))
+
+
+def test_a_stage_pending_past_its_timeout_fails_and_a_failed_stage_reruns_on_a_retry_annotation(
+    operator, api_client, workspace, s3_bucket, s3_endpoint, fake_kubelet
+):
+    from fakekubelet import PodOutcome
+
+    ns = workspace
+    stuck = [{**GGUF_ONLY[0], "resources": {"gpus": 16, "pendingTimeoutSeconds": 3}}]
+    custom(api_client).create_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, pipeline_doc("stuck", s3_bucket, s3_endpoint, stuck))
+    failed = condition(wait_condition(api_client, ns, "stuck", "Failed", timeout=60), "Failed")
+    assert failed["reason"] == "Unschedulable" and "pending for more than 3s" in failed["message"]
+    wait_for(lambda: not jobs(api_client, ns), timeout=30, what="the stuck Job to be deleted")
+
+    # A failure that a retry can cure (a node lost mid-run, say): kondense.io/retry runs it again.
+    fake_kubelet.behaviour = lambda pod: PodOutcome(137, "OOMKilled")
+    custom(api_client).create_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, pipeline_doc("flaky", s3_bucket, s3_endpoint, GGUF_ONLY))
+    assert condition(wait_condition(api_client, ns, "flaky", "Failed", timeout=120), "Failed")["reason"] == "OOMKilled"
+    fake_kubelet.behaviour = None
+    custom(api_client).patch_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, "flaky", {"metadata": {"annotations": {"kondense.io/retry": "1"}}})
+    done = wait_condition(api_client, ns, "flaky", "Ready", timeout=300)
+    assert done["status"]["stages"][0]["state"] == "Succeeded"
+    assert condition(done, "Failed")["status"] == "False" and condition(done, "Failed")["reason"] == "NoStageFailed"
+
+
+def test_a_missing_secret_or_priority_class_leaves_the_stage_pending_with_the_reason(
+    operator, api_client, workspace, s3_bucket, s3_endpoint
+):
+    ns = workspace
+    no_secret = pipeline_doc("no-secret", s3_bucket, s3_endpoint, GGUF_ONLY)
+    no_secret["spec"]["storage"]["credentialsSecret"] = "s3-missing"
+    no_class = pipeline_doc("no-class", s3_bucket, s3_endpoint, GGUF_ONLY)
+    no_class["spec"]["resources"]["priorityClassName"] = "ml-batch"
+    for body in (no_secret, no_class):
+        custom(api_client).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+
+    def reason_is(name: str, reason: str):
+        return lambda: (lambda s: s if s.get("reason") == reason else None)(stage_of(api_client, ns, name))
+
+    config = wait_for(reason_is("no-secret", "ConfigError"), timeout=60, what="no-secret to say ConfigError")
+    assert "s3-missing" in config["message"] and "credentialsSecret" in config["message"]
+    # The Job controller cannot create the pod; only its FailedCreate event says why, and the
+    # operator looks for it on a timer, since neither the Job nor a pod changes.
+    create = wait_for(reason_is("no-class", "PodCreateFailed"), timeout=90, what="no-class to say PodCreateFailed")
+    assert "ml-batch" in create["message"] and "PriorityClass" in create["message"]
+    assert any(r == "PodCreateFailed" for r, _ in events_of(api_client, ns, "no-class"))
+
+    client.CoreV1Api(api_client).create_namespaced_secret(ns, {"metadata": {"name": "s3-missing"}, "stringData": {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}})
+    wait_condition(api_client, ns, "no-secret", "Ready", timeout=300)
+
+
+def test_deleting_the_namespace_is_not_wedged_by_a_cleanup_that_cannot_run(operator, api_client, s3_bucket, s3_endpoint):
+    core = client.CoreV1Api(api_client)
+    ns = f"doomed-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": ns}})
+    body = pipeline_doc("kept", s3_bucket, s3_endpoint, GGUF_ONLY)
+    body["spec"]["storage"]["deletionPolicy"] = "Delete"
+    custom(api_client).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+    wait_for(lambda: get(api_client, ns, "kept").get("metadata", {}).get("finalizers"), timeout=30,
+             what="the operator's finalizer")
+    core.delete_namespace(ns)
+
+    def gone():
+        try:
+            core.read_namespace(ns)
+        except client.ApiException as e:
+            return e.status == 404
+        return False
+
+    wait_for(gone, timeout=120, what="the namespace to go although no cleanup Job could start in it")

@@ -58,12 +58,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- .Values.jobNamespaces | default .Values.watchNamespaces | default (list .Release.Namespace) | uniq | toJson }}
 {{- end }}
 
-{{/* kopf's framework rules, namespaced part: events about the objects it handles. */}}
+{{/* Framework rules, namespaced part: events about the objects the operator handles. */}}
 {{- define "kondense.frameworkNamespacedRules" -}}
-# kopf posts events about the pipelines it handles.
+# The operator records events about the pipelines it handles, and reads the Job controller's
+# FailedCreate events of a stage Job that has no pod (why: a missing PriorityClass, Pod Security).
 - apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
+  verbs: [create, list]
 {{- end }}
 
 {{/* The application's rules: pipelines, their Jobs and pods. Never Secrets: credentials reach pods only as secretKeyRef. */}}
