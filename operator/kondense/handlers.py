@@ -28,6 +28,9 @@ log = logging.getLogger("kondense.handlers")
 SETTINGS: Settings = Settings()
 KUBE: Kube | None = None
 CHILDREN = {LABEL_PIPELINE: kopf.PRESENT}
+# The resources of the children's watches. kopf applies a handler's `labels=` itself, to every
+# object the watch brought in; watch_only_children() has the API server send only the children.
+CHILD_RESOURCES = (("batch", "v1", "jobs"), ("v1", "pods"))
 
 # The operator is the only writer of status: what it wrote last is the newest status, even
 # before the watch delivers it back. Reconciles of one pipeline run one at a time.
@@ -84,10 +87,21 @@ async def startup(
     settings.watching.client_timeout = 150
     settings.posting.level = logging.WARNING  # kopf's own per-handler chatter stays out of events
     settings.execution.max_workers = 16
+    watch_only_children(settings)
     if KUBE is None:
         configure(Settings.from_env())
     if SETTINGS.progress_seconds > 0:
         _PROGRESS_TASK = asyncio.create_task(_follow_progress(pipelines, jobs_by_pipeline, pods_by_pipeline))
+
+
+def watch_only_children(settings: kopf.OperatorSettings) -> None:
+    """List and watch Jobs and pods with labelSelector=kondense.io/pipeline, the filter of their
+    handlers (CHILDREN): without it every pod of the watched namespaces comes over the wire and
+    is decoded, only for kopf to drop it. An object that loses the label leaves the watch as a
+    DELETED event, as if it were gone; 410 Gone, bookmarks and reconnects stay kopf's, with the
+    selector on every list and watch it makes."""
+    for resource in CHILD_RESOURCES:
+        settings.watching.label_selectors[resource] = LABEL_PIPELINE
 
 
 @kopf.on.cleanup()

@@ -1,7 +1,8 @@
 """Fixtures for tests against a real control plane (etcd, kube-apiserver, kube-controller-manager).
 
 * ``control_plane`` (session): a :class:`controlplane.ControlPlane`, with one extra static user,
-  ``jane``, who has no RBAC rights at all.
+  ``jane``, who has no RBAC rights at all, and an audit log of the operator's lists and watches
+  of pods and Jobs (``control_plane.audit_events()``).
 * ``api_client`` (session): an admin ``kubernetes.client.ApiClient`` for it.
 * ``namespace`` (function): a fresh namespace, deleted afterwards (without waiting).
 * ``fake_kubelet`` (function): a :class:`fakekubelet.FakeKubelet` serving ``namespace``.
@@ -27,6 +28,19 @@ if _HERE not in sys.path:
 from controlplane import ControlPlane, ControlPlaneError, find_assets  # noqa: E402
 
 UNPRIVILEGED_USER = "jane"
+# The lists and watches of pods and Jobs by the service accounts of the operator's namespace
+# (operator_harness.RELEASE_NAMESPACE): whether it asks the API server for its children only.
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  userGroups: ["system:serviceaccounts:kondense-system"]
+  verbs: [list, watch]
+  resources: [{group: "", resources: [pods]}, {group: batch, resources: [jobs]}]
+- level: None
+"""
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -51,7 +65,7 @@ def control_plane() -> Iterator[ControlPlane]:
     # OwnerReferencesPermissionEnforcement, as hardened clusters (OpenShift among them) run it:
     # an owner reference that blocks the owner's deletion needs update on <owner>/finalizers.
     flags = ("--enable-admission-plugins=OwnerReferencesPermissionEnforcement",)
-    with ControlPlane(users={UNPRIVILEGED_USER: []}, apiserver_flags=flags) as cp:
+    with ControlPlane(users={UNPRIVILEGED_USER: []}, apiserver_flags=flags, audit_policy=AUDIT_POLICY) as cp:
         yield cp
 
 

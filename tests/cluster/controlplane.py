@@ -180,6 +180,8 @@ class ControlPlane:
         after the run; by default they go to a temporary directory that is removed on stop.
     :param apiserver_flags, controller_manager_flags: extra ``--flag=value`` arguments.
     :param verbosity: klog ``-v`` level of the Kubernetes components.
+    :param audit_policy: an audit.k8s.io/v1 Policy (YAML): the API server then writes the requests
+        it selects, one JSON event a line, to ``audit_log``; read them with :meth:`audit_events`.
     """
 
     def __init__(
@@ -192,12 +194,15 @@ class ControlPlane:
         apiserver_flags: Sequence[str] = (),
         controller_manager_flags: Sequence[str] = (),
         verbosity: int = 1,
+        audit_policy: str | None = None,
     ) -> None:
         self.controllers = tuple(controllers)
         self.startup_timeout = startup_timeout
         self.apiserver_flags = tuple(apiserver_flags)
         self.controller_manager_flags = tuple(controller_manager_flags)
         self.verbosity = verbosity
+        self.audit_policy = audit_policy
+        self.audit_log: Path | None = None
         self._assets_dir = Path(assets_dir) if assets_dir else None
         self._workdir_arg = Path(workdir) if workdir else None
 
@@ -355,6 +360,15 @@ class ControlPlane:
         """Log file of each running component, by binary name."""
         return {c.name: c.log_path for c in self._components}
 
+    def audit_events(self) -> list[dict[str, Any]]:
+        """The audit events written so far (needs ``audit_policy``), but a line still being written."""
+        if self.audit_log is None:
+            raise ControlPlaneError("the control plane was started without an audit policy")
+        if not self.audit_log.exists():
+            return []
+        text = self.audit_log.read_text()
+        return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
     # ------------------------------------------------------------------------------ internals
 
     def _write_credentials(self) -> None:
@@ -478,6 +492,13 @@ class ControlPlane:
         assert self.dir is not None
         pki = self.dir / "pki"
 
+        audit: list[str] = []
+        if self.audit_policy is not None:
+            (self.dir / "audit-policy.yaml").write_text(self.audit_policy)
+            self.audit_log = self.dir / "audit.log"
+            audit = [f"--audit-policy-file={self.dir / 'audit-policy.yaml'}",
+                     f"--audit-log-path={self.audit_log}"]
+
         def argv(port: int) -> list[str]:
             return [
                 str(assets / "kube-apiserver"),
@@ -499,6 +520,7 @@ class ControlPlane:
                 "--endpoint-reconciler-type=none",
                 "--profiling=false",
                 f"-v={self.verbosity}",
+                *audit,
                 *self.apiserver_flags,
             ]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from operator_harness import (
 )
 
 from kondense import api, events
+from kondense.manifests import LABEL_PIPELINE
 from kondense.settings import Settings
 from kondense.store import S3Store, join
 
@@ -531,3 +533,20 @@ def test_deleting_the_namespace_is_not_wedged_by_a_cleanup_that_cannot_run(opera
         return False
 
     wait_for(gone, timeout=120, what="the namespace to go although no cleanup Job could start in it")
+
+
+def test_the_operator_lists_and_watches_only_the_jobs_and_pods_of_pipelines(operator, control_plane):
+    """kopf applies a handler's labels= itself, to whatever its watch brought in; the API server
+    filters only what a request asks for. Every list and watch of Jobs and pods the operator makes
+    carries the pipeline label's selector, so other applications' pods never come over the wire."""
+    wanted = {(verb, resource) for verb in ("list", "watch") for resource in ("jobs", "pods")}
+
+    def made():  # kopf's requests, as the operator's ServiceAccount (tests list pods as it too)
+        requests = [e for e in control_plane.audit_events() if e.get("userAgent", "").startswith("kopf/")
+                    and e["user"]["username"].startswith(f"system:serviceaccount:{RELEASE_NAMESPACE}:")]
+        return requests if {(e["verb"], e["objectRef"]["resource"]) for e in requests} >= wanted else None
+
+    requests = wait_for(made, timeout=30, what="the operator's lists and watches of Jobs and pods")
+    for request in requests:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(request["requestURI"]).query)
+        assert query.get("labelSelector") == [LABEL_PIPELINE], request["requestURI"]

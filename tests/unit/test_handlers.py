@@ -189,3 +189,16 @@ async def test_jobs_carry_kondense_labels_and_the_owner_reference_not_the_pipeli
     (owner,) = job["metadata"]["ownerReferences"]
     assert (owner["kind"], owner["name"], owner["uid"]) == ("CompressionPipeline", "p1", "uid-1")
     assert owner["controller"] is True and job["metadata"]["namespace"] == NAMESPACE
+
+
+async def test_jobs_and_pods_are_listed_and_watched_by_the_pipeline_label(operator):
+    """kopf applies `labels=` to what its watch brought in; the API server filters only what the
+    request asks for (kmock does not filter: this checks the requests)."""
+    wanted = [(action, plural) for action in ("list", "watch") for plural in ("jobs", "pods")]
+    await eventually(lambda: all(requests_for(operator, action, plural) for action, plural in wanted),
+                     "the lists and watches of Jobs and pods")
+    for action, plural in wanted:
+        for request in requests_for(operator, action, plural):
+            assert request.params.get("labelSelector") == "kondense.io/pipeline", (action, plural)
+    pipelines = requests_for(operator, "watch", "compressionpipelines")
+    assert pipelines and all("labelSelector" not in r.params for r in pipelines)
