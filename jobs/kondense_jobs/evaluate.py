@@ -98,6 +98,8 @@ def run(ctx: Context) -> Summary:
 
     # 3. Publish the report, also when a gate failed (so that users can see why), then fail.
     summary_report = Report(uri=ctx.run.output, baseline=baseline, table=[m.row() for m in measurements])
+    if best := report.best_variant(measurements, gate, baseline):
+        summary_report.best, summary_report.best_size_ratio, summary_report.size_reference = best
     setup = {
         "seq_length": spec.seq_length,
         "windows": len(windows),

@@ -61,6 +61,25 @@ class GateResult:
         return {"passed": self.passed, "message": self.message}
 
 
+SOURCES = ("teacher", "student")  # inputs measured for comparison, not variants one would serve
+
+
+def best_variant(measurements: list[Measurement], gate: GateResult, baseline: str) -> tuple[str, float, str] | None:
+    """(variant, size ratio, reference): the smallest variant that passed every gate applied to
+    it (lower perplexity breaks a tie), and its size over the teacher's, or over the baseline's
+    when the teacher was not measured. None when no variant passed."""
+    failed = {c.variant for c in gate.checks if not c.passed}
+    candidates = [m for m in measurements if m.variant not in SOURCES and m.variant not in failed]
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda m: (m.size_bytes, finite(m.perplexity) or math.inf))
+    sizes = {m.variant: m.size_bytes for m in measurements}
+    reference = "teacher" if "teacher" in sizes else baseline
+    if not sizes.get(reference):
+        return None
+    return best.variant, round(best.size_bytes / sizes[reference], 4), reference
+
+
 def finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 

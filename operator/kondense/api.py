@@ -7,9 +7,12 @@ Field names are camelCase on the wire and snake_case in Python.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kondense.io"
@@ -25,22 +28,11 @@ SOURCES = ("teacher", "student")
 
 STAGE_NAME_RE = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 STAGE_NAME_MAX = 24  # leaves room for "<pipeline>-<stage>-<digest>" within 63 characters
-
-
-class Model(BaseModel):
-    """Base for every API object: camelCase aliases, unknown fields rejected."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        use_enum_values=True,
-        validate_default=True,
-    )
-
-    def dump(self) -> dict[str, Any]:
-        """The wire form: camelCase keys, unset optional fields left out."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+PIPELINE_NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+PIPELINE_NAME_MAX = 40  # the same room for the pipeline's name
+# Names of Kubernetes objects (RFC 1123 subdomains: Secrets, ConfigMaps, claims, PriorityClasses).
+OBJECT_NAME_RE = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+SEED_MAX = 2**31 - 1  # numpy's seeds are 32-bit; each worker adds its rank to the stage's seed
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
@@ -51,34 +43,181 @@ def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str
     return entry
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A rule stated once, next to the fields it reads: `cel` goes into the CRD, where the API
+    server evaluates it at admission, and `holds` is the same test in Python, for `kondense
+    validate` and the operator. Both refuse with `message`, about `field` (a path below the
+    object, the rule's fieldPath). tests/unit/test_api.py runs both on invalid pipelines."""
+
+    cel: str
+    holds: Callable[[Any], bool]
+    message: str
+    field: str | None = None
+
+    def entry(self) -> dict[str, str]:
+        return cel(self.cel, self.message, self.field)
+
+
+def matching(regex: str, message: str, when: str = "", forbid: bool = False) -> Rule:
+    """A Rule on a string, from one regular expression that RE2 (the API server's CEL) and Python
+    read alike: the value must contain a match (`forbid`: must not), if it starts with `when`."""
+    assert "'" not in regex, "the regex goes into a CEL string literal"
+    test = f"{'!' if forbid else ''}self.matches(r'{regex}')"
+    # RE2's $ is the end of the text only; Python's also matches before a final newline.
+    compiled = re.compile(regex.replace("$", r"\Z"))
+
+    def holds(value: str) -> bool:
+        return not value.startswith(when) or (compiled.search(value) is None) == forbid
+
+    return Rule(f"!self.startsWith('{when}') || {test}" if when else test, holds, message)
+
+
+class RuleError(ValueError):
+    """A Rule that does not hold; validation.format_errors adds its `field` to the error's path."""
+
+    def __init__(self, rule: Rule):
+        super().__init__(rule.message)
+        self.field = rule.field or ""
+
+
+def with_rules(*rules: Rule) -> ConfigDict:
+    """The model_config of a model whose RULES are `rules`: their CEL goes into its schema."""
+    return ConfigDict(json_schema_extra={"x-kubernetes-validations": [r.entry() for r in rules]})
+
+
+def checked(rules: tuple[Rule, ...], **field: Any) -> Any:
+    """A string type that `rules` check: CEL rules on the field in the CRD, the same in Python."""
+
+    def check(value: str) -> str:
+        for rule in rules:
+            if not rule.holds(value):
+                raise ValueError(rule.message)
+        return value
+
+    extra = {"x-kubernetes-validations": [r.entry() for r in rules]}
+    return Annotated[str, Field(json_schema_extra=extra, **field), AfterValidator(check)]
+
+
+class Model(BaseModel):
+    """Base for every API object: camelCase aliases, unknown fields rejected, RULES checked."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        validate_default=True,
+    )
+    # Rules on the object's fields together; a subclass sets model_config = with_rules(*RULES).
+    RULES: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _rules_hold(self) -> Model:
+        for rule in self.RULES:
+            if not rule.holds(self):
+                raise RuleError(rule)
+        return self
+
+    def dump(self) -> dict[str, Any]:
+        """The wire form: camelCase keys, unset optional fields left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
 # --------------------------------------------------------------------------------------------
 # Spec
 # --------------------------------------------------------------------------------------------
 
-Uri = Annotated[
-    str,
-    Field(
-        pattern=r"^(s3|file|pvc|hf)://.+",
-        description="Where the files live: s3://bucket/prefix, file:///abs/path, pvc://claim/path or "
-        "hf://org/name (revision in `revision`).",
+# What the stores and the stage runtime accept (store.py, kondense_jobs.runtime): every URI is
+# parsed into these parts, so one they would misread never reaches a Job.
+S3_BUCKET = r"[a-z0-9][-a-z0-9.]{1,61}[a-z0-9]"  # S3's bucket names: 3-63 characters
+CLAIM = r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?"  # a PersistentVolumeClaim's name
+HUB_NAME = r"[A-Za-z0-9][-A-Za-z0-9_.]{0,95}"  # a Hub user, organisation or repository
+URI_MAX = 2048
+FILE_RULE = matching(
+    r"^file://(localhost)?/[^/]", "a file:// URI holds an absolute path: file:///path/to/folder", "file://"
+)
+# Each part of a URI is read as written: the path is joined to a bucket, a mount or a folder.
+PLAIN_PATH = (
+    matching(r"[\x00-\x1f\x7f]", "must not contain control characters", forbid=True),
+    matching(
+        r"[?#]", "must not contain ? or #: a URI is read as a path (a Hub revision goes in `revision`)",
+        forbid=True,
     ),
-]
+    matching(r"/[.][.]?(/|$)", "must not contain . or .. path segments", forbid=True),
+)
+SOURCE_RULES = (
+    matching(
+        r"^(s3|file|pvc|hf)://",
+        "must be s3://bucket/key, file:///absolute/path, pvc://claim/path or hf://org/name",
+    ),
+    matching(
+        rf"^s3://{S3_BUCKET}/[^/]",
+        "an s3:// URI names a bucket (3-63 lowercase letters, digits, . and -) and a key: s3://bucket/key",
+        "s3://",
+    ),
+    FILE_RULE,
+    matching(
+        rf"^pvc://{CLAIM}(/|$)",
+        "a pvc:// URI names a PersistentVolumeClaim of the pipeline's namespace: pvc://claim/path",
+        "pvc://",
+    ),
+    matching(
+        rf"^hf://{HUB_NAME}(/{HUB_NAME})?(@[-A-Za-z0-9_./]+)?$",
+        "an hf:// URI names a Hub repository: hf://org/name",
+        "hf://",
+    ),
+    *PLAIN_PATH,
+)
+STORAGE_RULES = (
+    matching(r"^(s3|file)://", "must be s3://bucket/prefix or file:///absolute/path"),
+    matching(
+        rf"^s3://{S3_BUCKET}(/|$)",
+        "an s3:// URI names a bucket (3-63 lowercase letters, digits, . and -): s3://bucket/prefix",
+        "s3://",
+    ),
+    FILE_RULE,
+    *PLAIN_PATH,
+)
+
+Uri = checked(
+    SOURCE_RULES,
+    max_length=URI_MAX,
+    description="Where the files live: s3://bucket/key, file:///abs/path, pvc://claim/path or "
+    "hf://org/name (revision in `revision`).",
+)
+StorageUri = checked(STORAGE_RULES, max_length=URI_MAX, description="s3://bucket/prefix or file:///abs/path.")
 
 
 class ModelRef(Model):
     """A model in Hugging Face layout (config.json, tokenizer, safetensors)."""
 
+    RULES: ClassVar = (
+        Rule(
+            "!has(self.revision) || self.uri.startsWith('hf://')",
+            lambda m: m.revision is None or m.uri.startswith("hf://"),
+            "revision is only for hf:// URIs",
+            ".revision",
+        ),
+    )
+    model_config = with_rules(*RULES)
+
     uri: Uri
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hf:// URIs.")
+    revision: str | None = Field(
+        None, min_length=1, max_length=256, description="Hub revision (branch, tag or commit) for hf:// URIs."
+    )
 
 
 class DatasetRef(Model):
     """A JSON Lines file (or a folder of them): one record per line."""
 
     uri: Uri
-    text_field: str = Field("text", description="Record field holding the training and evaluation text.")
+    text_field: str = Field(
+        "text", min_length=1, description="Record field holding the training and evaluation text."
+    )
     prompt_field: str = Field(
         "prompt",
+        min_length=1,
         description="Record field holding a prompt, for synthetic and gkd distillation. Records without it "
         "use the first `promptTokens` tokens of the text as the prompt.",
     )
@@ -87,17 +226,26 @@ class DatasetRef(Model):
         0.05, gt=0, lt=1, description="Fraction of records held out for evaluation (the same split in every stage)."
     )
     max_samples: int | None = Field(None, ge=1, description="Use at most this many records (after shuffling with `seed`).")
-    seed: int = Field(0, ge=0, description="Seed of the shuffle that makes the train/eval split.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the shuffle that makes the train/eval split.")
 
 
 class Storage(Model):
     """Where every stage's artifacts are staged."""
 
-    uri: Annotated[str, Field(pattern=r"^(s3|file)://.+", description="s3://bucket/prefix or file:///abs/path.")]
-    endpoint: str | None = Field(None, description="S3 endpoint URL for S3-compatible stores (MinIO, Ceph, ...).")
-    region: str | None = Field(None, description="S3 region; defaults to the AWS environment of the pod.")
+    uri: StorageUri
+    endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
+        max_length=URI_MAX,
+        description="S3 endpoint URL for S3-compatible stores (MinIO, Ceph, ...): http(s)://host[:port].",
+    )
+    region: str | None = Field(
+        None, min_length=1, max_length=64, description="S3 region; defaults to the AWS environment of the pod."
+    )
     credentials_secret: str | None = Field(
         None,
+        pattern=OBJECT_NAME_RE,
+        max_length=253,
         description="Secret in the pipeline's namespace with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
         "(and optionally AWS_SESSION_TOKEN). Mounted as environment variables, never copied into status.",
     )
@@ -111,6 +259,29 @@ class Storage(Model):
 
 class Toleration(Model):
     """A core/v1 Toleration."""
+
+    # Pod validation's rules, at admission rather than when the operator creates the Job.
+    RULES: ClassVar = (
+        Rule(
+            "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+            lambda t: bool(t.key) or t.operator == "Exists",
+            "an empty key (all taints) needs operator Exists",
+            ".operator",
+        ),
+        Rule(
+            "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            lambda t: t.operator != "Exists" or not t.value,
+            "value must be empty with operator Exists",
+            ".value",
+        ),
+        Rule(
+            "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            lambda t: t.toleration_seconds is None or t.effect == "NoExecute",
+            "tolerationSeconds is only for effect NoExecute",
+            ".tolerationSeconds",
+        ),
+    )
+    model_config = with_rules(*RULES)
 
     key: str | None = Field(None, description="Taint key; empty matches all keys with operator Exists.")
     operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal (default Equal).")
@@ -141,16 +312,12 @@ RESERVED_ENV_MESSAGE = (
 )
 
 
-def _one_of(model: BaseModel, *fields: str) -> None:
-    """Mirrors the CEL rule `exactly one of ... must be set` of a core/v1 union."""
-    if sum(getattr(model, f) is not None for f in fields) != 1:
-        raise ValueError(f"exactly one of {', '.join(to_camel(f) for f in fields)} must be set")
-
-
-def _one_of_rule(*fields: str) -> dict[str, str]:
+def one_of(*fields: str) -> Rule:
+    """The rule of a core/v1 union: exactly one of `fields` is set."""
     camel = [to_camel(f) for f in fields]
-    return cel(
+    return Rule(
         f"[{', '.join(f'has(self.{c})' for c in camel)}].filter(x, x).size() == 1",
+        lambda m: sum(getattr(m, f) is not None for f in fields) == 1,
         f"exactly one of {', '.join(camel)} must be set",
     )
 
@@ -158,8 +325,12 @@ def _one_of_rule(*fields: str) -> dict[str, str]:
 class KeySelector(Model):
     """A core/v1 SecretKeySelector or ConfigMapKeySelector: a key of an object in the pipeline's namespace."""
 
-    name: str = Field(min_length=1, max_length=253, description="Name of the Secret or ConfigMap.")
-    key: str = Field(min_length=1, max_length=253, description="The key whose value the variable takes.")
+    name: str = Field(
+        min_length=1, max_length=253, pattern=OBJECT_NAME_RE, description="Name of the Secret or ConfigMap."
+    )
+    key: str = Field(
+        min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="The key whose value the variable takes."
+    )
     optional: bool | None = Field(
         None, description="Start the pod even when the object or key is missing (default false)."
     )
@@ -168,8 +339,8 @@ class KeySelector(Model):
 class EnvVarSource(Model):
     """Where a variable's value comes from: a key of a Secret or of a ConfigMap."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        _one_of_rule("secret_key_ref", "config_map_key_ref")]})
+    RULES: ClassVar = (one_of("secret_key_ref", "config_map_key_ref"),)
+    model_config = with_rules(*RULES)
 
     secret_key_ref: KeySelector | None = Field(
         None, description="A key of a Secret in the pipeline's namespace."
@@ -178,24 +349,25 @@ class EnvVarSource(Model):
         None, description="A key of a ConfigMap in the pipeline's namespace."
     )
 
-    @model_validator(mode="after")
-    def _one_source(self) -> EnvVarSource:
-        _one_of(self, "secret_key_ref", "config_map_key_ref")
-        return self
-
 
 class EnvVar(Model):
     """A core/v1 EnvVar of the stage container: a value, or a Secret's or ConfigMap's key (`valueFrom`)."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        cel("!has(self.value) || !has(self.valueFrom)", "value and valueFrom are exclusive"),
-        cel(
+    RULES: ClassVar = (
+        Rule(
+            "!has(self.value) || !has(self.valueFrom)",
+            lambda v: v.value is None or v.value_from is None,
+            "value and valueFrom are exclusive",
+        ),
+        Rule(
             f"!(self.name in [{', '.join(repr(n) for n in RESERVED_ENV)}]) "
             f"&& !self.name.startsWith('{RESERVED_ENV_PREFIX}')",
+            lambda v: v.name not in RESERVED_ENV and not v.name.startswith(RESERVED_ENV_PREFIX),
             RESERVED_ENV_MESSAGE,
             ".name",
         ),
-    ]})
+    )
+    model_config = with_rules(*RULES)
 
     name: str = Field(min_length=1, max_length=256, description="Variable name, e.g. HF_TOKEN.")
     value: str | None = Field(None, description="The value; $(VAR) names a variable defined before it.")
@@ -203,36 +375,25 @@ class EnvVar(Model):
         None, description="Take the value from a Secret's or a ConfigMap's key."
     )
 
-    @model_validator(mode="after")
-    def _valid(self) -> EnvVar:
-        if self.value is not None and self.value_from is not None:
-            raise ValueError("value and valueFrom are exclusive")
-        if self.name in RESERVED_ENV or self.name.startswith(RESERVED_ENV_PREFIX):
-            raise ValueError(f"{self.name}: {RESERVED_ENV_MESSAGE}")
-        return self
-
 
 class ObjectRef(Model):
     """A core/v1 SecretEnvSource or ConfigMapEnvSource."""
 
-    name: str = Field(min_length=1, max_length=253, description="Name of the Secret or ConfigMap.")
+    name: str = Field(
+        min_length=1, max_length=253, pattern=OBJECT_NAME_RE, description="Name of the Secret or ConfigMap."
+    )
     optional: bool | None = Field(None, description="Start the pod even when it is missing (default false).")
 
 
 class EnvFromSource(Model):
     """A core/v1 EnvFromSource: every key of a Secret or ConfigMap as a variable."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
-        _one_of_rule("secret_ref", "config_map_ref")]})
+    RULES: ClassVar = (one_of("secret_ref", "config_map_ref"),)
+    model_config = with_rules(*RULES)
 
     prefix: str | None = Field(None, max_length=256, description="Prepended to every key.")
     secret_ref: ObjectRef | None = Field(None, description="A Secret in the pipeline's namespace.")
     config_map_ref: ObjectRef | None = Field(None, description="A ConfigMap in the pipeline's namespace.")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> EnvFromSource:
-        _one_of(self, "secret_ref", "config_map_ref")
-        return self
 
 
 def _as_written(schema: dict[str, Any]) -> None:
@@ -266,6 +427,17 @@ class Affinity(Model):
 class LabelSelectorRequirement(Model):
     """A metav1.LabelSelectorRequirement."""
 
+    RULES: ClassVar = (
+        Rule(
+            "self.operator in ['In', 'NotIn'] ? has(self.values) && self.values.size() > 0 "
+            ": !has(self.values) || self.values.size() == 0",
+            lambda r: bool(r.values) == (r.operator in ("In", "NotIn")),
+            "values must be set for In and NotIn, and empty for Exists and DoesNotExist",
+            ".values",
+        ),
+    )
+    model_config = with_rules(*RULES)
+
     key: str = Field(min_length=1, description="Label key.")
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
         description="In, NotIn, Exists or DoesNotExist."
@@ -278,12 +450,22 @@ class LabelSelector(Model):
 
     match_labels: dict[str, str] | None = Field(None, description="Labels a pod must have.")
     match_expressions: list[LabelSelectorRequirement] | None = Field(
-        None, description="Requirements a pod must meet."
+        None, max_length=16, description="Requirements a pod must meet."
     )
 
 
 class TopologySpreadConstraint(Model):
     """A core/v1 TopologySpreadConstraint over the stage pods."""
+
+    RULES: ClassVar = (
+        Rule(
+            "!has(self.minDomains) || self.whenUnsatisfiable == 'DoNotSchedule'",
+            lambda c: c.min_domains is None or c.when_unsatisfiable == "DoNotSchedule",
+            "minDomains is only for whenUnsatisfiable DoNotSchedule",
+            ".minDomains",
+        ),
+    )
+    model_config = with_rules(*RULES)
 
     max_skew: int = Field(ge=1, description="Largest difference in matching pods between two domains.")
     topology_key: str = Field(
@@ -313,18 +495,30 @@ class Resources(Model):
 
     gpus: int = Field(1, ge=0, le=16, description="GPUs per stage pod, as gpuResource (0 runs on CPU).")
     gpu_memory_gib: float = Field(
-        80, gt=0, alias="gpuMemoryGiB", description="Memory of one GPU, used by the preflight estimate (80 for an H100 80GB)."
+        80,
+        gt=0,
+        le=1024,
+        alias="gpuMemoryGiB",
+        description="Memory of one GPU, used by the preflight estimate (80 for an H100 80GB).",
     )
     cpu: Quantity | None = Field(None, description="CPU request and limit.")
     memory: Quantity | None = Field(None, description="Memory request and limit.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pod must match.")
     tolerations: list[Toleration] = Field(
         default_factory=list,
+        max_length=32,
         description="Extra tolerations; with gpus > 0 the pod also tolerates the nvidia.com/gpu taint and "
         "one named like gpuResource.",
     )
-    priority_class_name: str | None = Field(None, description="PriorityClass of the stage pods.")
-    queue_name: str | None = Field(None, description="Kueue LocalQueue: sets the kueue.x-k8s.io/queue-name label.")
+    priority_class_name: str | None = Field(
+        None, pattern=OBJECT_NAME_RE, max_length=253, description="PriorityClass of the stage pods."
+    )
+    queue_name: str | None = Field(
+        None,
+        pattern=OBJECT_NAME_RE,
+        max_length=63,
+        description="Kueue LocalQueue: sets the kueue.x-k8s.io/queue-name label.",
+    )
     nodes: int = Field(
         1,
         ge=1,
@@ -357,7 +551,7 @@ class Resources(Model):
     )
     runtime_class_name: str | None = Field(
         None,
-        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        pattern=OBJECT_NAME_RE,
         max_length=253,
         description="RuntimeClass of the stage pods, e.g. nvidia where the NVIDIA container runtime is not "
         "the nodes' default.",
@@ -419,28 +613,27 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 class DistillSpec(Model):
     """Teacher -> student distillation. One method, shared training knobs."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel("!has(self.maxSteps) || self.maxSteps > 0", "maxSteps must be positive"),
-                cel(
-                    "!has(self.globalBatchSize) || self.globalBatchSize % self.batchSize == 0",
-                    "globalBatchSize must be a multiple of batchSize",
-                    ".globalBatchSize",
-                ),
-                cel(
-                    "!has(self.teacherLoad) || self.teacherLoad != 'sharded' || self.method == 'logits'",
-                    "teacherLoad sharded is only for method logits",
-                    ".teacherLoad",
-                ),
-                cel(
-                    "!has(self.strategy) || self.strategy != 'fsdp' || self.method != 'gkd'",
-                    "strategy fsdp is not for method gkd (its on-policy generation would gather the student for every token)",
-                    ".strategy",
-                ),
-            ]
-        }
+    RULES: ClassVar = (
+        Rule(
+            "!has(self.globalBatchSize) || self.globalBatchSize % self.batchSize == 0",
+            lambda d: d.global_batch_size is None or d.global_batch_size % d.batch_size == 0,
+            "globalBatchSize must be a multiple of batchSize",
+            ".globalBatchSize",
+        ),
+        Rule(
+            "!has(self.teacherLoad) || self.teacherLoad != 'sharded' || self.method == 'logits'",
+            lambda d: d.teacher_load != "sharded" or d.method == "logits",
+            "teacherLoad sharded is only for method logits",
+            ".teacherLoad",
+        ),
+        Rule(
+            "!has(self.strategy) || self.strategy != 'fsdp' || self.method != 'gkd'",
+            lambda d: d.strategy != "fsdp" or d.method != "gkd",
+            "strategy fsdp is not for method gkd (its on-policy generation would gather the student for every token)",
+            ".strategy",
+        ),
     )
+    model_config = with_rules(*RULES)
 
     # Fields that say how a stage runs, not what it makes: left out of its content address at
     # these values, as resources are (a stage re-run on more GPUs reuses its artifact).
@@ -460,7 +653,7 @@ class DistillSpec(Model):
     lmbda: float = Field(0.5, ge=0, le=1, description="gkd: fraction of batches generated on-policy by the student.")
     beta: float = Field(0.5, ge=0, le=1, description="gkd: interpolation of the generalized JSD (0 = forward KL, 1 = reverse KL).")
     epochs: float = Field(1, gt=0, le=100, description="Passes over the training split (ignored when maxSteps is set).")
-    max_steps: int | None = Field(None, description="Optimizer steps; overrides epochs.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
     learning_rate: float = Field(2e-5, gt=0, le=1, description="Peak learning rate (linear decay).")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
     batch_size: int = Field(4, ge=1, le=1024, description="Sequences per worker per forward pass (the micro-batch).")
@@ -490,27 +683,13 @@ class DistillSpec(Model):
     max_seq_length: int = Field(512, ge=8, le=131072, description="Tokens per training sequence.")
     precision: Precision = Field("auto", description="auto: bf16 on GPUs that support it, fp32 on CPU.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
-    seed: int = Field(42, ge=0, description="Seed of initialisation, shuffling and sampling.")
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="Seed of initialisation, shuffling and sampling.")
     checkpoint_every: int = Field(
         100, ge=1, description="Steps between checkpoints staged in the store; a restarted stage resumes from the newest."
     )
     max_new_tokens: int = Field(128, ge=1, le=8192, description="synthetic and gkd: tokens generated per prompt.")
     generation_temperature: float = Field(0.7, ge=0, le=5, description="synthetic and gkd: sampling temperature (0 = greedy).")
     top_p: float = Field(0.95, gt=0, le=1, description="synthetic: nucleus sampling threshold.")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> DistillSpec:  # mirrors the CEL rules above for `kondense validate`
-        if self.global_batch_size is not None and self.global_batch_size % self.batch_size:
-            raise ValueError(
-                f"globalBatchSize {self.global_batch_size} must be a multiple of batchSize {self.batch_size}"
-            )
-        if self.teacher_load == "sharded" and self.method != "logits":
-            raise ValueError("teacherLoad sharded is only for method logits")
-        if self.strategy == "fsdp" and self.method == "gkd":
-            raise ValueError(
-                "strategy fsdp is not for method gkd (its on-policy generation would gather the student for every token)"
-            )
-        return self
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step on `world_size` workers."""
@@ -525,21 +704,26 @@ class DistillSpec(Model):
 class QuantizeSpec(Model):
     """Quantize a model. Fields that a method does not use are rejected."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel("!has(self.type) || self.method == 'gguf'", "type is only for method gguf", ".type"),
-                cel("!has(self.bits) || self.method == 'gptq'", "bits is only for method gptq", ".bits"),
-                cel("!has(self.groupSize) || self.method == 'gptq'", "groupSize is only for method gptq", ".groupSize"),
-                cel("!has(self.groupSize) || self.groupSize != 0", "groupSize must be -1 (per channel) or positive", ".groupSize"),
-                cel(
-                    "!has(self.doubleQuant) || self.method == 'bnb-nf4'",
-                    "doubleQuant is only for method bnb-nf4",
-                    ".doubleQuant",
-                ),
-            ]
-        }
+    # Fields that only one method reads.
+    METHOD_FIELDS: ClassVar[dict[str, str]] = {"type": "gguf", "bits": "gptq", "group_size": "gptq", "double_quant": "bnb-nf4"}
+    RULES: ClassVar = (
+        *(
+            Rule(
+                f"!has(self.{to_camel(name)}) || self.method == '{method}'",
+                lambda q, name=name, method=method: getattr(q, name) is None or q.method == method,
+                f"{to_camel(name)} is only for method {method}",
+                f".{to_camel(name)}",
+            )
+            for name, method in METHOD_FIELDS.items()
+        ),
+        Rule(
+            "!has(self.groupSize) || self.groupSize != 0",
+            lambda q: q.group_size != 0,
+            "groupSize must be -1 (per channel) or positive",
+            ".groupSize",
+        ),
     )
+    model_config = with_rules(*RULES)
 
     method: Literal["bnb-nf4", "bnb-int8", "gptq", "gguf"] = Field(
         description="bnb-nf4 / bnb-int8: bitsandbytes via transformers; gptq: GPTQ W{bits}A16 via llm-compressor "
@@ -557,17 +741,11 @@ class QuantizeSpec(Model):
         None, description="gguf: llama.cpp file type (default q8_0)."
     )
 
-    # Mirrors the CEL rules above, so `kondense validate` says what the API server would.
-    METHOD_FIELDS: ClassVar[dict[str, str]] = {"type": "gguf", "bits": "gptq", "group_size": "gptq", "double_quant": "bnb-nf4"}
 
-    @model_validator(mode="after")
-    def _fields_of_method(self) -> QuantizeSpec:
-        for name, method in self.METHOD_FIELDS.items():
-            if getattr(self, name) is not None and self.method != method:
-                raise ValueError(f"{to_camel(name)} is only for method {method}")
-        if self.group_size == 0:
-            raise ValueError("groupSize must be -1 (per channel) or positive")
-        return self
+# A variant: teacher, student or a stage's name; every one of them at most once.
+Variant = Annotated[str, Field(min_length=1, max_length=STAGE_NAME_MAX)]
+MAX_STAGES = 32
+MAX_VARIANTS = MAX_STAGES + len(SOURCES)
 
 
 class Gates(Model):
@@ -577,16 +755,44 @@ class Gates(Model):
         None, ge=0, description="Largest allowed relative perplexity increase against the baseline, e.g. 0.10 for +10%."
     )
     min_tokens_per_second: float | None = Field(None, ge=0, description="Smallest allowed generation throughput.")
-    applies_to: list[str] = Field(
-        default_factory=list, description="Variants the gates apply to (default: every variant but the baseline)."
+    applies_to: list[Variant] = Field(
+        default_factory=list,
+        max_length=MAX_VARIANTS,
+        description="Variants the gates apply to (default: every variant but the baseline).",
     )
 
 
 class EvaluateSpec(Model):
     """Evaluate variants side by side on the held-out split."""
 
-    of: list[str] = Field(min_length=1, description="Variants: teacher, student or stage names.")
-    baseline: str | None = Field(None, description="Variant the gates compare against (default: the first of `of`).")
+    RULES: ClassVar = (
+        Rule(
+            "self.of.all(v, self.of.exists_one(w, w == v))",
+            lambda e: len(set(e.of)) == len(e.of),
+            "`of` lists a variant twice",
+            ".of",
+        ),
+        Rule(
+            "!has(self.baseline) || self.baseline in self.of",
+            lambda e: e.baseline is None or e.baseline in e.of,
+            "baseline must be one of the variants in `of`",
+            ".baseline",
+        ),
+        Rule(
+            "!has(self.gates) || !has(self.gates.appliesTo) || self.gates.appliesTo.all(v, v in self.of)",
+            lambda e: all(v in e.of for v in e.gates.applies_to),
+            "gates.appliesTo must name variants in `of`",
+            ".gates.appliesTo",
+        ),
+    )
+    model_config = with_rules(*RULES)
+
+    of: list[Variant] = Field(
+        min_length=1, max_length=MAX_VARIANTS, description="Variants: teacher, student or stage names."
+    )
+    baseline: Variant | None = Field(
+        None, description="Variant the gates compare against (default: the first of `of`)."
+    )
     gates: Gates = Field(default_factory=Gates, description="Quality gates.")
     seq_length: int = Field(256, ge=8, le=131072, description="Perplexity window in tokens (identical for every variant).")
     max_eval_tokens: int = Field(65536, ge=64, description="Evaluate on at most this many held-out tokens.")
@@ -596,16 +802,22 @@ class EvaluateSpec(Model):
 class Stage(Model):
     """One step of the pipeline. Exactly one of distill, quantize, evaluate."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "[has(self.distill), has(self.quantize), has(self.evaluate)].filter(x, x).size() == 1",
-                    "exactly one of distill, quantize, evaluate must be set",
-                ),
-            ]
-        }
+    RULES: ClassVar = (
+        one_of("distill", "quantize", "evaluate"),
+        Rule(
+            f"!(self.name in {list(SOURCES)})",
+            lambda s: s.name not in SOURCES,
+            "teacher and student name the pipeline's sources: give the stage another name",
+            ".name",
+        ),
+        Rule(
+            "!has(self.evaluate) || !has(self.from)",
+            lambda s: s.evaluate is None or s.from_ is None,
+            "evaluate takes its inputs from evaluate.of, not from",
+            ".from",
+        ),
     )
+    model_config = with_rules(*RULES)
 
     name: str = Field(
         pattern=STAGE_NAME_RE,
@@ -628,12 +840,6 @@ class Stage(Model):
         json_schema_extra={"x-kondense-inherits": "spec.resources"},
     )
 
-    @model_validator(mode="after")
-    def _one_kind(self) -> Stage:
-        if sum(x is not None for x in (self.distill, self.quantize, self.evaluate)) != 1:
-            raise ValueError("exactly one of distill, quantize, evaluate must be set")
-        return self
-
     @property
     def kind(self) -> Literal["distill", "quantize", "evaluate"]:
         return "distill" if self.distill else "quantize" if self.quantize else "evaluate"
@@ -643,34 +849,83 @@ class Stage(Model):
         return self.distill or self.quantize or self.evaluate  # type: ignore[return-value]
 
 
+# How stages name each other, checked across the list at admission. The same checks, with the index
+# of the stage in each message, are plan.semantic_errors (`kondense validate` and the operator).
+# "Earlier" needs positions, which CEL lists give only by index: i and j run over a literal list of
+# every possible index. The API server's cost estimate cannot bound a list built by map() (so
+# neither map(...).indexOf() nor map(...).filter() fits its budget) but it bounds these literals.
+# Each index is tested before it is used, through ?: (which evaluates one branch), not ||.
+_INDICES = str(list(range(MAX_STAGES)))
+
+
+_S = "self.stages[i]"
+
+
+def _each_stage(condition: str) -> str:
+    """`condition` holds for every stage, _S at index i."""
+    return f"{_INDICES}.all(i, i < self.stages.size() ? ({condition}) : true)"
+
+
+def _earlier(name: str) -> str:
+    """`name` is the name of a stage before index i."""
+    return f"{_INDICES}.exists(j, j < i ? self.stages[j].name == {name} : false)"
+
+
+STAGE_REFERENCES = [
+    cel(
+        "self.stages.all(s, self.stages.exists_one(t, t.name == s.name))",
+        "stage names must be unique",
+        ".stages",
+    ),
+    cel(
+        _each_stage(f"!has({_S}.from) || {_S}.from in {list(SOURCES)} || {_earlier(f'{_S}.from')}"),
+        "a stage's `from` must name an earlier stage, teacher or student",
+        ".stages",
+    ),
+    cel(
+        "self.stages.all(s, !has(s.from) || !self.stages.exists(t, t.name == s.from && !has(t.distill)))",
+        "a stage's `from` must name teacher, student or a distill stage (the stages that make a full model)",
+        ".stages",
+    ),
+    cel(
+        _each_stage(f"!has({_S}.evaluate) || {_S}.evaluate.of.all(v, v in {list(SOURCES)} || {_earlier('v')})"),
+        "evaluate.of must name teacher, student or earlier stages",
+        ".stages",
+    ),
+    cel(
+        "self.stages.all(s, !has(s.evaluate) || s.evaluate.of.all(v, "
+        "!self.stages.exists(t, t.name == v && has(t.evaluate))))",
+        "evaluate.of must name models: teacher, student, distill or quantize stages",
+        ".stages",
+    ),
+]
+# The pipeline's name, checked at the CRD's root, where CEL sees metadata.name: ObjectMeta.name's rule.
+NAME_RULES = [
+    cel(
+        f"self.metadata.name.size() <= {PIPELINE_NAME_MAX} && self.metadata.name.matches(r'{PIPELINE_NAME_RE}')",
+        f"metadata.name must be at most {PIPELINE_NAME_MAX} lowercase letters, digits and '-' "
+        "(it prefixes the names of the stage Jobs)",
+    ),
+]
+
+
 class PipelineSpec(Model):
     """Distil a teacher into a student, quantize it, evaluate the variants."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "self.stages.all(s, self.stages.exists_one(t, t.name == s.name))",
-                    "stage names must be unique",
-                    ".stages",
-                ),
-                cel(
-                    "self.stages.all(s, !has(s.from) || s.from in ['teacher', 'student'] "
-                    "|| self.stages.exists(t, t.name == s.from))",
-                    "a stage's `from` must name another stage, teacher or student",
-                    ".stages",
-                ),
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": STAGE_REFERENCES})
 
     teacher: ModelRef = Field(description="The large model to distil from.")
     student: ModelRef = Field(description="Initial student weights (a smaller model sharing the teacher's tokenizer).")
     dataset: DatasetRef = Field(description="Prompts/text for training, calibration and evaluation.")
     storage: Storage = Field(description="Where every checkpoint and report is staged.")
     resources: Resources = Field(default_factory=Resources, description="Default resources of every stage.")
-    image: str | None = Field(None, description="Jobs image (default: the operator's configured jobs image).")
-    stages: list[Stage] = Field(min_length=1, max_length=32, description="The stages, in order.")
+    image: str | None = Field(
+        None,
+        pattern=r"^\S+$",
+        max_length=512,
+        description="Jobs image (default: the operator's configured jobs image).",
+    )
+    stages: list[Stage] = Field(min_length=1, max_length=MAX_STAGES, description="The stages, in order.")
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -681,7 +936,7 @@ class PipelineSpec(Model):
 
 class ObjectMeta(Model):
     model_config = ConfigDict(extra="allow")
-    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
+    name: str = Field(pattern=PIPELINE_NAME_RE, max_length=PIPELINE_NAME_MAX)
     namespace: str = "default"
     generation: int | None = None
 
@@ -729,7 +984,7 @@ class StageStatus(Model):
     finished_at: str | None = Field(None, description="When the stage finished.")
     progress: str | None = Field(None, description="Last progress, e.g. 120/500 steps.")
     artifact: Artifact | None = Field(None, description="The stage's committed output.")
-    metrics: dict[str, float] = Field(default_factory=dict, description="Numbers the stage reported.")
+    metrics: dict[str, float] | None = Field(None, description="Numbers the stage reported.")
     reason: str | None = Field(None, description="CamelCase reason of the current state.")
     message: str | None = Field(None, description="Details and a hint when failed.")
 
@@ -748,6 +1003,11 @@ class Report(Model):
     uri: str = Field(description="Folder with report.json, report.md and plot.png.")
     baseline: str | None = Field(None, description="Variant the gates compared against.")
     table: list[ReportRow] = Field(default_factory=list, description="One row per variant.")
+    best: str | None = Field(
+        None, description="The smallest variant that passed every gate applied to it (teacher and student aside)."
+    )
+    best_size_ratio: float | None = Field(None, description="The best variant's size over sizeReference's.")
+    size_reference: str | None = Field(None, description="teacher when it was evaluated, else the baseline.")
 
 
 class PipelineStatus(Model):

@@ -155,6 +155,12 @@ class Operator(Values):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of the operator."
     )
+    liveness_host: str = Field(
+        "0.0.0.0",
+        pattern=r"^([0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9a-fA-F:]*:[0-9a-fA-F:.]*)$",
+        description="Address the liveness endpoint binds to: 0.0.0.0 (every IPv4 address), :: (IPv6 and "
+        "dual-stack clusters). The kubelet probes the pod's IP, so a loopback address fails the probe.",
+    )
     liveness_port: int = Field(
         8080,
         ge=1024,

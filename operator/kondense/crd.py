@@ -112,6 +112,7 @@ def openapi_schema() -> dict[str, Any]:
         "description": "Distils a teacher LLM into a student, quantizes it and evaluates the variants, "
         "each stage as a Kubernetes Job with its checkpoints staged in object storage.",
         "required": ["spec"],
+        "x-kubernetes-validations": api.NAME_RULES,
         "properties": {
             "apiVersion": {"type": "string", "description": "kondense.io/v1alpha1"},
             "kind": {"type": "string", "description": "CompressionPipeline"},
@@ -156,6 +157,13 @@ def crd() -> dict[str, Any]:
                         {"name": "Progress", "type": "string", "jsonPath": ".status.progress", "description": "Stages done"},
                         {"name": "Ready", "type": "string", "jsonPath": ready("status"), "description": "Ready condition"},
                         {"name": "Reason", "type": "string", "jsonPath": ready("reason"), "description": "Why"},
+                        {"name": "Best", "type": "string", "jsonPath": ".status.report.best", "priority": 1,
+                         "description": "Smallest variant that passed its quality gates"},
+                        {"name": "Size", "type": "number", "jsonPath": ".status.report.bestSizeRatio", "priority": 1,
+                         "description": "The best variant's size over the teacher's"},
+                        {"name": "Gates", "type": "string", "priority": 1,
+                         "jsonPath": '.status.conditions[?(@.type=="QualityGatePassed")].status',
+                         "description": "Quality gates passed"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {"openAPIV3Schema": openapi_schema()},

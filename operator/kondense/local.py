@@ -138,7 +138,7 @@ class LocalRunner:
                 if s.state != "Succeeded":
                     s.state, s.reason = "Succeeded", Reason.UP_TO_DATE
                     s.artifact = manifest.artifact(p.output)
-                    s.metrics = manifest.metrics
+                    s.metrics = manifest.metrics or None
                     if p.kind == "evaluate":
                         self._load_report(manifest.extra)
         return done, gated
@@ -201,7 +201,7 @@ class LocalRunner:
         )
         if code == 0 and summary.state == "Succeeded":
             s.state, s.reason, s.message = "Succeeded", Reason.SUCCEEDED, None
-            s.artifact, s.metrics = summary.artifact, summary.metrics
+            s.artifact, s.metrics = summary.artifact, summary.metrics or None
             if summary.report:
                 self.report = summary.report
             if proc.plan.kind == "evaluate":

@@ -22,10 +22,9 @@ import kopf
 
 from kondense import handlers  # noqa: F401 - registers the handlers
 from kondense import leader
-from kondense.settings import Settings
+from kondense.settings import HEALTH_PATH, Settings
 
 log = logging.getLogger("kondense.operator")
-HEALTH_PATH = "/healthz"
 
 
 def main() -> None:
@@ -53,7 +52,7 @@ async def run(settings: Settings) -> None:
     thread.start()
     log.info("Waiting for the Lease %s as %s", elector.where, settings.election.identity)
     try:
-        async with _standby_health(settings.liveness_port, elector):
+        async with _standby_health(settings.liveness_host, settings.liveness_port, elector):
             waiters = {asyncio.create_task(elected.wait()), asyncio.create_task(stopping.wait())}
             _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             for task in pending:
@@ -73,7 +72,7 @@ async def operate(settings: Settings) -> None:
         clusterwide=not settings.namespaces,
         namespaces=list(settings.namespaces),
         standalone=True,  # no kopf peering: leader election decides which replica runs
-        liveness_endpoint=f"http://0.0.0.0:{settings.liveness_port}{HEALTH_PATH}",
+        liveness_endpoint=settings.liveness_endpoint,
     )
 
 
@@ -84,7 +83,7 @@ def leading(**_) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def _standby_health(port: int, elector: leader.LeaderElector) -> AsyncIterator[None]:
+async def _standby_health(host: str, port: int, elector: leader.LeaderElector) -> AsyncIterator[None]:
     """The liveness endpoint while waiting for the Lease: a standby is healthy, not dead."""
 
     async def health(_: aiohttp.web.Request) -> aiohttp.web.Response:
@@ -94,7 +93,7 @@ async def _standby_health(port: int, elector: leader.LeaderElector) -> AsyncIter
     app.router.add_get(HEALTH_PATH, health)
     runner = aiohttp.web.AppRunner(app, handle_signals=False)
     await runner.setup()
-    await aiohttp.web.TCPSite(runner, "0.0.0.0", port).start()
+    await aiohttp.web.TCPSite(runner, host, port).start()
     try:
         yield
     finally:

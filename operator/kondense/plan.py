@@ -44,12 +44,11 @@ def _path(i: int, *rest: str) -> str:
 
 
 def semantic_errors(spec: PipelineSpec) -> list[str]:
-    """What the schema cannot say: references between stages. Each message names its field."""
+    """References between stages (the CRD's rules api.STAGE_REFERENCES, here with the stage's
+    index) and what needs a stage's effective resources. Each message names its field."""
     errors: list[str] = []
     kinds: dict[str, tuple[int, str]] = {}
     for i, stage in enumerate(spec.stages):
-        if stage.name in SOURCES:
-            errors.append(f"{_path(i, 'name')}: {stage.name!r} is reserved for spec.{stage.name}")
         if stage.name in kinds:
             errors.append(f"{_path(i, 'name')}: duplicate stage name {stage.name!r} (also spec.stages[{kinds[stage.name][0]}])")
         kinds.setdefault(stage.name, (i, stage.kind))
@@ -67,20 +66,11 @@ def semantic_errors(spec: PipelineSpec) -> list[str]:
 
     for i, stage in enumerate(spec.stages):
         errors += parallel_errors(spec, i)
-        if stage.kind == "evaluate":
+        if stage.kind == "evaluate":  # its own fields (no `from`, baseline in `of`) are the model's rules
             ev = stage.evaluate
             assert ev is not None
-            if stage.from_:
-                errors.append(f"{_path(i, 'from')}: evaluate takes its inputs from evaluate.of, not from")
             for j, name in enumerate(ev.of):
                 check_ref(i, f"evaluate.of[{j}]", name, VARIANT_PRODUCERS, "only models can be evaluated")
-            if len(set(ev.of)) != len(ev.of):
-                errors.append(f"{_path(i, 'evaluate.of')}: lists a variant twice")
-            if ev.baseline and ev.baseline not in ev.of:
-                errors.append(f"{_path(i, 'evaluate.baseline')}: {ev.baseline!r} is not one of evaluate.of {ev.of}")
-            for j, name in enumerate(ev.gates.applies_to):
-                if name not in ev.of:
-                    errors.append(f"{_path(i, f'evaluate.gates.appliesTo[{j}]')}: {name!r} is not one of evaluate.of")
         elif stage.from_:
             what = "a distill stage starts from a model, not a quantized one"
             if stage.kind == "quantize":

@@ -522,7 +522,7 @@ def _stage_status(p: StagePlan, o: Observed | None, prior: api.StageStatus | Non
     st.state, st.reason, st.message = o.state, o.reason, o.message or None  # type: ignore[assignment]
     st.attempts, st.started_at, st.finished_at = o.attempts, o.started_at, o.finished_at
     if o.summary is not None and o.state == "Succeeded":
-        st.artifact, st.metrics = o.summary.artifact, o.summary.metrics
+        st.artifact, st.metrics = o.summary.artifact, o.summary.metrics or None  # no empty `Metrics:` in describe
     return st
 
 

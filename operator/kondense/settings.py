@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import uuid
 from dataclasses import dataclass, field
 
 PREFIX = "kondense.io"
+HEALTH_PATH = "/healthz"  # the liveness endpoint's path
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class Settings:
     namespaces: tuple[str, ...] = ()  # empty: every namespace (cluster-wide)
     job_service_account: str = "kondense-job"
     ttl_seconds_after_finished: int = 86400
+    # Address the liveness endpoint binds to: 0.0.0.0 (IPv4) or :: (IPv6 and dual stack) for the
+    # kubelet's probe, which calls the pod's IP; 127.0.0.1 only where nothing probes from outside.
+    liveness_host: str = "0.0.0.0"
     liveness_port: int = 8080
     election: Election | None = None  # None: no leader election (exactly one replica)
     scratch_size_limit: str = "200Gi"
@@ -47,6 +52,11 @@ class Settings:
     # Prefixes of the images a pipeline's spec.image may name, e.g. ("registry.example/ml/",); empty:
     # any image. The operator's own jobs_image is always allowed.
     allowed_images: tuple[str, ...] = ()
+
+    @property
+    def liveness_endpoint(self) -> str:
+        host = f"[{self.liveness_host}]" if ":" in self.liveness_host else self.liveness_host
+        return f"http://{host}:{self.liveness_port}{HEALTH_PATH}"
 
     def image_allowed(self, image: str) -> bool:
         return not self.allowed_images or image == self.jobs_image or image.startswith(self.allowed_images)
@@ -89,6 +99,22 @@ class Settings:
             except ValueError as e:
                 raise SystemExit(str(e)) from None
 
+        def address(name: str, default: str) -> str:
+            raw = env.get(name) or default
+            try:
+                return str(ipaddress.ip_address(raw))
+            except ValueError:
+                raise SystemExit(
+                    f"{name}={raw!r}: expected an IP address to bind to, e.g. 0.0.0.0 (every IPv4 "
+                    "address), :: (every address, IPv6 and dual stack) or 127.0.0.1"
+                ) from None
+
+        def port(name: str, default: int) -> int:
+            value = integer(name, default)
+            if not 1 <= value <= 65535:
+                raise SystemExit(f"{name}={value}: expected a port from 1 to 65535")
+            return value
+
         def listed(name: str) -> tuple[str, ...]:
             return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
@@ -98,7 +124,8 @@ class Settings:
             namespaces=listed("KONDENSE_NAMESPACES"),
             job_service_account=env.get("KONDENSE_JOB_SERVICE_ACCOUNT", cls.job_service_account),
             ttl_seconds_after_finished=integer("KONDENSE_JOB_TTL_SECONDS", cls.ttl_seconds_after_finished),
-            liveness_port=integer("KONDENSE_LIVENESS_PORT", cls.liveness_port),
+            liveness_host=address("KONDENSE_LIVENESS_HOST", cls.liveness_host),
+            liveness_port=port("KONDENSE_LIVENESS_PORT", cls.liveness_port),
             election=election(),
             scratch_size_limit=env.get("KONDENSE_SCRATCH_SIZE_LIMIT", cls.scratch_size_limit),
             log_level=env.get("KONDENSE_LOG_LEVEL", cls.log_level).upper(),

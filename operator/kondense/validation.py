@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kondense.api import API_VERSION, KIND, CompressionPipeline
+from kondense.api import API_VERSION, KIND, CompressionPipeline, RuleError
 from kondense.errors import InvalidSpec
 from kondense.plan import semantic_errors
 
@@ -53,6 +53,8 @@ def format_errors(exc: ValidationError, prefix: str = "") -> list[str]:
     lines = []
     for e in exc.errors():
         path = field_path(tuple(e["loc"]))
+        if isinstance(error := e.get("ctx", {}).get("error"), RuleError):
+            path += error.field  # the field below the object that the rule is about
         path = f"{prefix}.{path}" if prefix and path else prefix or path
         lines.append(f"{path}: {describe(e)}")
     return lines

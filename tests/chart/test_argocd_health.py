@@ -148,3 +148,17 @@ def test_failed_wins_over_ready():
     """Ready and Failed both True cannot come from the operator, but a failure must never show Healthy."""
     hs = health(pipeline({"observedGeneration": 2, "conditions": [READY, FAILED]}))
     assert hs["status"] == "Degraded"
+
+
+@pytest.mark.parametrize(
+    "conditions, status, message",
+    [
+        ([{"type": "Ready", "status": "True", "observedGeneration": 2}], "Healthy", "Ready"),
+        ([{"type": "Failed", "status": "True", "observedGeneration": 2}], "Degraded", "Failed"),
+        ([{"type": "Ready", "status": "True", "reason": "Succeeded", "observedGeneration": 2}], "Healthy", "Succeeded"),
+    ],
+    ids=["ready-bare", "failed-bare", "ready-reason-only"],
+)
+def test_a_condition_without_message_or_reason_still_gets_a_message(conditions, status, message):
+    """Lua's ipairs stops at the first nil: first(nil, nil, "Ready") must still reach "Ready"."""
+    assert health(pipeline({"observedGeneration": 2, "conditions": conditions})) == {"status": status, "message": message}

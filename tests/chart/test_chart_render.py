@@ -43,6 +43,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "nodeSelector": {"kubernetes.io/os": "linux"},
             "tolerations": [{"key": "k", "operator": "Exists", "effect": "NoSchedule"}],
             "affinity": {"nodeAffinity": {}},
+            "livenessHost": "::",
             "livenessPort": 9090,
         },
         "serviceAccount": {"name": "op", "annotations": {"team": "ml"}},
@@ -348,6 +349,7 @@ def test_operator_env_is_what_settings_reads(render, values):
     assert settings.scratch_size_limit == merged.jobs.scratch_size_limit
     assert settings.allowed_images == tuple(merged.jobs.allowed_images)
     assert settings.liveness_port == merged.operator.liveness_port
+    assert settings.liveness_host == merged.operator.liveness_host
     election = merged.operator.leader_election
     if not election.enabled:
         assert settings.election is None
@@ -453,6 +455,7 @@ def test_crd_is_a_template_kept_on_uninstall(render, keep):
         "operator.logLevel=LOUD",
         "operator.replicas=0",
         "operator.livenessPort=80",
+        "operator.livenessHost=localhost",
         "operator.leaderElection.retryPeriodSeconds=0",
         "crds.keep=maybe",
         "jobs.image.tag=latest",

@@ -179,6 +179,7 @@ class OperatorProcess:
         environ.update(env)
         environ.update(
             KUBECONFIG=control_plane.kubeconfig_for(token, name=f"operator-{name}"),
+            KONDENSE_LIVENESS_HOST="127.0.0.1",  # what the harness probes: the setting end to end
             KONDENSE_LIVENESS_PORT=str(port),
             POD_NAME=name,
             POD_NAMESPACE=RELEASE_NAMESPACE,

@@ -182,6 +182,13 @@ def test_demo_shaped_pipeline_end_to_end(operator, api_client, workspace, s3_buc
     header, row = out.splitlines()[:2]
     assert header.split() == ["NAME", "STAGE", "PROGRESS", "READY", "REASON", "AGE"]
     assert row.split()[:5] == ["e2e", "eval", "4/4", "True", "Succeeded"]
+    wide = subprocess.run([str(tools.kubectl()), "--kubeconfig", kubeconfig, "get", "cpl", "-n", ns, "-o", "wide"],
+                          check=True, capture_output=True, text=True).stdout
+    header, row = wide.splitlines()[:2]
+    assert header.split() == ["NAME", "STAGE", "PROGRESS", "READY", "REASON", "BEST", "SIZE", "GATES", "AGE"]
+    report = get(api_client, ns, "e2e")["status"]["report"]
+    assert row.split()[5:8] == [report["best"], f"{report['bestSizeRatio']:g}", "True"], wide
+    assert report["best"] in ("nf4", "gguf") and report["bestSizeRatio"] < 1
 
     # GitOps: editing one quantize stage re-runs that stage and evaluate only.
     before = {j.metadata.name for j in jobs(api_client, ns)}
@@ -447,6 +454,7 @@ def test_an_unschedulable_stage_is_pending_with_the_schedulers_words_and_rebuilt
     stage = wait_for(lambda: (lambda s: s if s.get("reason") == "Unschedulable" else None)(
         stage_of(api_client, ns, "greedy")), timeout=60, what="the stage to say Unschedulable")
     assert stage["state"] == "Pending" and "1 Insufficient nvidia.com/gpu" in stage["message"] and "hint:" in stage["message"]
+    assert "metrics" not in stage, "no empty Metrics: in kubectl describe"
     ready = condition(get(api_client, ns, "greedy"), "Ready")
     assert ready["reason"] == "Unschedulable" and "Insufficient nvidia.com/gpu" in ready["message"]
     assert any(r == "Unschedulable" for r, _ in events_of(api_client, ns, "greedy"))

@@ -101,6 +101,10 @@ def test_report_of_teacher_student_and_nf4(tmp_path, make_run, run_stage, tiny_t
     assert set(manifest["files"]) == {"report.json", "report.md", "plot.png"}
     assert manifest["extra"]["gate"]["passed"] is True
     assert manifest["extra"]["report"] == summary.report.dump()
+    nf4_row = next(r for r in summary.report.table if r.variant == "nf4")
+    teacher_row = next(r for r in summary.report.table if r.variant == "teacher")
+    assert (summary.report.best, summary.report.size_reference) == ("nf4", "teacher")
+    assert summary.report.best_size_ratio == round(nf4_row.size_bytes / teacher_row.size_bytes, 4) < 1
     doc = json.loads((out / "report.json").read_text())
     assert [v["variant"] for v in doc["variants"]] == ["teacher", "student", "nf4"]
     assert doc["setup"]["windows"] == MAX_TOKENS // SEQ and doc["setup"]["seq_length"] == SEQ
@@ -158,10 +162,11 @@ def test_gguf_variant_on_the_same_windows(tmp_path, tmp_path_factory, make_run, 
 # --------------------------------------------------------------------------------------------
 
 
-def _m(variant: str, ppl: float, tps: float = 100.0):
+def _m(variant: str, ppl: float, tps: float = 100.0, size: int = 1):
     from kondense_jobs.report import Measurement
 
-    return Measurement(variant=variant, format="hf", size_bytes=1, parameters=1, memory_bytes=1, perplexity=ppl, tokens_per_second=tps)
+    return Measurement(variant=variant, format="hf", size_bytes=size, parameters=1, memory_bytes=1, perplexity=ppl,
+                       tokens_per_second=tps)
 
 
 @pytest.mark.parametrize(
@@ -219,3 +224,20 @@ def test_gates(gates, measurements, passed, message):
 
     result = check_gates(gates, "base", measurements)
     assert (result.passed, result.message) == (passed, message)
+
+
+@pytest.mark.parametrize(
+    "measurements, failing, best",
+    [
+        ([_m("teacher", 10, size=100), _m("a", 11, size=40), _m("b", 12, size=20)], set(), ("b", 0.2, "teacher")),
+        ([_m("teacher", 10, size=100), _m("a", 11, size=40), _m("b", 30, size=20)], {"b"}, ("a", 0.4, "teacher")),
+        ([_m("base", 10, size=50), _m("a", 11, size=25), _m("b", 10.5, size=25)], set(), ("b", 0.5, "base")),
+        ([_m("teacher", 10, size=100), _m("student", 99, size=1), _m("a", 30, size=40)], {"a"}, None),
+    ],
+    ids=["smallest", "smallest-that-passed", "tie-lower-perplexity-against-baseline", "none-passed-sources-aside"],
+)
+def test_best_variant_is_the_smallest_that_passed_its_gates(measurements, failing, best):
+    from kondense_jobs.report import Check, GateResult, best_variant
+
+    checks = [Check(m.variant, "maxPerplexityIncrease", 0, 0, m.variant not in failing, "") for m in measurements]
+    assert best_variant(measurements, GateResult(not failing, "", checks), "base") == best

@@ -103,3 +103,35 @@ def test_replicas_without_a_pod_name_still_have_distinct_identities():
     env = {k: v for k, v in ELECTION_ENV.items() if k != "POD_NAME"}
     first, second = Settings.from_env(env).election, Settings.from_env(env).election
     assert first is not None and second is not None and first.identity != second.identity
+
+
+def test_a_standby_answers_its_liveness_probe_on_the_configured_address():
+    import asyncio
+    import json
+    import socket
+    import urllib.request
+    from types import SimpleNamespace
+
+    from kondense.operator import _standby_health
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    elector = SimpleNamespace(where="kondense-system/kondense", holder="op-a")
+
+    def get() -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            return json.loads(response.read())
+
+    async def probe() -> dict:
+        async with _standby_health("127.0.0.1", port, elector):
+            return await asyncio.to_thread(get)
+
+    assert asyncio.run(probe()) == {"leading": False, "lease": "kondense-system/kondense", "holder": "op-a"}
+
+    async def elsewhere() -> None:  # an address of no interface here (TEST-NET-1): the bind itself fails
+        async with _standby_health("192.0.2.1", port, elector):
+            pass
+
+    with pytest.raises(OSError):
+        asyncio.run(elsewhere())

@@ -11,9 +11,9 @@ from kondense.errors import InvalidSpec
 from kondense.plan import decide, resolve, semantic_errors, stage_run
 
 BASE = {
-    "teacher": {"uri": "s3://m/teacher"},
-    "student": {"uri": "s3://m/student"},
-    "dataset": {"uri": "s3://d/data.jsonl"},
+    "teacher": {"uri": "s3://models/teacher"},
+    "student": {"uri": "s3://models/student"},
+    "dataset": {"uri": "s3://data/data.jsonl"},
     "storage": {"uri": "s3://bucket/prefix"},
     "stages": [
         {"name": "distill", "distill": {"method": "logits"}},
@@ -66,7 +66,7 @@ def test_editing_distill_changes_everything_downstream():
 
 
 def test_changing_the_teacher_uri_changes_distill_digest():
-    assert digests(spec())["distill"] != digests(spec(teacher={"uri": "s3://m/other"}))["distill"]
+    assert digests(spec())["distill"] != digests(spec(teacher={"uri": "s3://models/other"}))["distill"]
 
 
 def test_resources_do_not_change_digests_unless_they_change_the_global_batch():
@@ -89,13 +89,9 @@ def test_resources_do_not_change_digests_unless_they_change_the_global_batch():
             "spec.stages[1].from: 'a' is a quantize stage",
         ),
         ([{"name": "e", "evaluate": {"of": ["ghost"]}}], "spec.stages[0].evaluate.of[0]: 'ghost' names no stage"),
-        ([{"name": "e", "evaluate": {"of": ["teacher"], "baseline": "student"}}], "evaluate.baseline: 'student' is not one of"),
         ([{"name": "d", "distill": {}}, {"name": "d", "distill": {}}], "duplicate stage name 'd'"),
-        ([{"name": "teacher", "distill": {}}], "'teacher' is reserved"),
-        ([{"name": "e", "from": "teacher", "evaluate": {"of": ["teacher"]}}], "evaluate takes its inputs from evaluate.of"),
     ],
-    ids=["unknown-from", "forward-ref-cycle", "quantize-of-quantized", "unknown-variant", "baseline-not-evaluated",
-         "duplicate", "reserved-name", "evaluate-with-from"],
+    ids=["unknown-from", "forward-ref-cycle", "quantize-of-quantized", "unknown-variant", "duplicate"],
 )
 def test_semantic_errors_name_the_field(stages, message):
     s = spec(stages=stages)
@@ -136,7 +132,7 @@ def test_stage_run_points_at_upstream_artifacts_with_expected_digest():
     assert run.models["model"].input_digest == plans[0].input_digest
     assert run.quantize.method == "bnb-nf4" and run.output == plans[1].output
     teacher = stage_run(s, plans, "distill", "ns", "p").models["teacher"]
-    assert teacher.uri == "s3://m/teacher" and teacher.stage is None
+    assert teacher.uri == "s3://models/teacher" and teacher.stage is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +171,7 @@ def test_parallel_fields_are_checked_with_their_path(changes, expected):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("globalBatchSize", 5, "globalBatchSize 5 must be a multiple of batchSize 2"),
+        ("globalBatchSize", 5, "globalBatchSize must be a multiple of batchSize"),
         ("teacherLoad", "sharded", "teacherLoad sharded is only for method logits"),
         ("strategy", "fsdp", "strategy fsdp is not for method gkd"),
     ],

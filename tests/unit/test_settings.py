@@ -14,8 +14,8 @@ OWN = "ghcr.io/kondense/kondense-jobs:0.1.0"
 
 def spec(image: str | None) -> PipelineSpec:
     return PipelineSpec.model_validate({
-        "teacher": {"uri": "s3://m/t"}, "student": {"uri": "s3://m/s"},
-        "dataset": {"uri": "s3://d/x.jsonl"}, "storage": {"uri": "s3://b/p"},
+        "teacher": {"uri": "s3://models/t"}, "student": {"uri": "s3://models/s"},
+        "dataset": {"uri": "s3://data/x.jsonl"}, "storage": {"uri": "s3://bucket/p"},
         "image": image, "stages": [{"name": "q", "quantize": {"method": "gguf"}}],
     })
 
@@ -59,3 +59,33 @@ def test_an_image_outside_the_allowed_prefixes_is_an_invalid_spec_naming_the_set
     assert message.startswith(f"spec.image: {image!r} is not allowed")
     assert "KONDENSE_ALLOWED_IMAGES" in message and "jobs.allowedImages" in message
     assert "registry.example/ml/, ghcr.io/acme/" in message and OWN in message
+
+
+@pytest.mark.parametrize(
+    "env, endpoint",
+    [
+        ({}, "http://0.0.0.0:8080/healthz"),
+        ({"KONDENSE_LIVENESS_HOST": "127.0.0.1", "KONDENSE_LIVENESS_PORT": "9090"}, "http://127.0.0.1:9090/healthz"),
+        ({"KONDENSE_LIVENESS_HOST": "::"}, "http://[::]:8080/healthz"),
+        ({"KONDENSE_LIVENESS_HOST": "0:0::1"}, "http://[::1]:8080/healthz"),  # written as Python reads it
+    ],
+    ids=["default", "loopback", "dual-stack", "ipv6-normalised"],
+)
+def test_the_liveness_endpoint_binds_where_the_environment_says(env, endpoint):
+    assert Settings.from_env(env).liveness_endpoint == endpoint
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"KONDENSE_LIVENESS_HOST": "localhost"}, "KONDENSE_LIVENESS_HOST='localhost': expected an IP address"),
+        ({"KONDENSE_LIVENESS_HOST": "0.0.0.0:8080"}, "expected an IP address"),
+        ({"KONDENSE_LIVENESS_PORT": "0"}, "KONDENSE_LIVENESS_PORT=0: expected a port from 1 to 65535"),
+        ({"KONDENSE_LIVENESS_PORT": "http"}, "KONDENSE_LIVENESS_PORT='http': expected an integer"),
+    ],
+    ids=["hostname", "host-and-port", "port-zero", "port-not-a-number"],
+)
+def test_a_bad_liveness_address_stops_the_operator_with_the_variable_named(env, message):
+    with pytest.raises(SystemExit) as stopped:
+        Settings.from_env(env)
+    assert message in str(stopped.value)

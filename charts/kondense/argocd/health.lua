@@ -6,9 +6,11 @@
 --                (status.observedGeneration < metadata.generation), stages pending or running
 local hs = { status = "Progressing", message = "Waiting for the operator" }
 
--- The first of the given strings that is set and not empty.
+-- The first of the given strings that is set and not empty. select("#", ...) counts nil
+-- arguments too: ipairs would stop at the first nil and never reach the fallbacks after it.
 local function first(...)
-  for _, text in ipairs({ ... }) do
+  for i = 1, select("#", ...) do
+    local text = select(i, ...)
     if text ~= nil and text ~= "" then
       return text
     end
