@@ -848,6 +848,11 @@ class Stage(Model):
     def config(self) -> DistillSpec | QuantizeSpec | EvaluateSpec:
         return self.distill or self.quantize or self.evaluate  # type: ignore[return-value]
 
+    @property
+    def method(self) -> str:
+        """The distill or quantize method; `evaluate` for an evaluate stage."""
+        return self.distill.method if self.distill else self.quantize.method if self.quantize else "evaluate"
+
 
 # How stages name each other, checked across the list at admission. The same checks, with the index
 # of the stage in each message, are plan.semantic_errors (`kondense validate` and the operator).

@@ -158,8 +158,9 @@ class Operator(Values):
     liveness_host: str = Field(
         "0.0.0.0",
         pattern=r"^([0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9a-fA-F:]*:[0-9a-fA-F:.]*)$",
-        description="Address the liveness endpoint binds to: 0.0.0.0 (every IPv4 address), :: (IPv6 and "
-        "dual-stack clusters). The kubelet probes the pod's IP, so a loopback address fails the probe.",
+        description="Address the liveness, readiness and metrics endpoints bind to: 0.0.0.0 (every IPv4 "
+        "address), :: (IPv6 and dual-stack clusters). The kubelet probes the pod's IP, so a loopback address "
+        "fails the probes.",
     )
     liveness_port: int = Field(
         8080,
@@ -239,6 +240,43 @@ class Crds(Values):
     )
 
 
+class ServiceMonitor(Values):
+    """A Prometheus Operator ServiceMonitor for the metrics Service."""
+
+    enabled: bool = Field(
+        False, description="Create a monitoring.coreos.com/v1 ServiceMonitor (needs the Prometheus Operator's CRDs)."
+    )
+    interval: str = Field("30s", pattern=r"^[0-9]+(ms|s|m|h)$", description="Scrape interval, e.g. 30s.")
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra labels, those your Prometheus selects ServiceMonitors by (e.g. release: prometheus).",
+    )
+
+
+class Dashboard(Values):
+    """A Grafana dashboard of the operator's metrics, as a ConfigMap."""
+
+    enabled: bool = Field(False, description="Create the dashboard ConfigMap (charts/kondense/dashboards/kondense.json).")
+    labels: dict[str, str] = Field(
+        default_factory=lambda: {"grafana_dashboard": "1"},
+        description="Labels of the ConfigMap: the default is what Grafana's dashboard sidecar looks for.",
+    )
+
+
+class Metrics(Values):
+    """Prometheus metrics (/metrics) and readiness (/readyz) of every operator replica."""
+
+    port: int = Field(
+        8081,
+        ge=1024,
+        le=65535,
+        description="Port of /metrics and /readyz (the readiness probe), bound to operator.livenessHost.",
+    )
+    service: bool = Field(True, description="A ClusterIP Service <fullname>-metrics on the operator pods, port `metrics`.")
+    service_monitor: ServiceMonitor = Field(default_factory=ServiceMonitor, description="Prometheus Operator scraping.")
+    dashboard: Dashboard = Field(default_factory=Dashboard, description="Grafana dashboard.")
+
+
 class ChartValues(Values):
     """Values of the kondense chart."""
 
@@ -267,6 +305,7 @@ class ChartValues(Values):
     )
     jobs: Jobs = Field(default_factory=Jobs, description="The stage Jobs the operator creates.")
     rbac: Rbac = Field(default_factory=Rbac, description="Roles and bindings.")
+    metrics: Metrics = Field(default_factory=Metrics, description="Prometheus metrics and readiness.")
     crds: Crds = Field(default_factory=Crds, description="The CompressionPipeline CRD.")
 
 

@@ -18,7 +18,7 @@ def _state_dir(args, namespace: str, name: str) -> Path:
 
 
 def _run_pipeline(pipeline, args) -> int:
-    from kondense.local import LocalRunner, format_table
+    from kondense.local import LocalRunner, format_durations, format_table
 
     runner = LocalRunner(pipeline, _state_dir(args, pipeline.metadata.namespace, pipeline.metadata.name), parallel=args.parallel)
     print(f"Pipeline {pipeline.metadata.name}: {len(runner.plans)} stages, artifacts in {pipeline.spec.storage.uri}")
@@ -31,6 +31,7 @@ def _run_pipeline(pipeline, args) -> int:
     elapsed = time.monotonic() - started
     ran = ", ".join(runner.executed) or "none (all up to date)"
     print(f"\nStages run: {ran} in {elapsed:.1f}s. Status: {runner.state_dir / 'status.json'}")
+    print(format_durations(runner))
     if status.report:
         print("\n" + format_table(status.report))
         print(f"\nReport: {status.report.uri}/report.md, plot: {status.report.uri}/plot.png")

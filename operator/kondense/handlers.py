@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
 import kopf
 from kubernetes import client, config
 
-from kondense import api, events, reconcile
+from kondense import api, events, metrics, reconcile
 from kondense.errors import ApiRejected, InvalidSpec, Reason
 from kondense.kube import Kube
 from kondense.manifests import ANNOTATION_RETRY, CONTAINER, LABEL_PIPELINE, LABEL_STAGE
@@ -78,6 +79,7 @@ async def startup(
     global _LOOP, _PROGRESS_TASK, _INDEXES
     _LOOP = asyncio.get_running_loop()
     _INDEXES = (pipelines, jobs_by_pipeline, pods_by_pipeline)
+    metrics.PIPELINES.source = lambda: (body for key in list(pipelines) for body in list(pipelines.get(key, [])))
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -92,6 +94,11 @@ async def startup(
         configure(Settings.from_env())
     if SETTINGS.progress_seconds > 0:
         _PROGRESS_TASK = asyncio.create_task(_follow_progress(pipelines, jobs_by_pipeline, pods_by_pipeline))
+
+
+def started() -> bool:
+    """kopf has run the startup handler: the indexes exist and reconciles can run."""
+    return _INDEXES is not None
 
 
 def watch_only_children(settings: kopf.OperatorSettings) -> None:
@@ -181,7 +188,16 @@ def _reconcile(body: kopf.Body | dict, jobs: kopf.Index, pods: kopf.Index) -> Re
         current = dict(body)
         if (namespace, name) in _WRITTEN:
             current["status"] = _WRITTEN[(namespace, name)]
-        return _reconcile_locked(current, jobs, pods)
+        started, result = time.perf_counter(), "error"
+        try:
+            done = _reconcile_locked(current, jobs, pods)
+            result = "invalid" if done.invalid else "retry" if done.retry_after is not None else "ok"
+            return done
+        except ApiRejected:
+            result = "rejected"
+            raise
+        finally:
+            metrics.RECONCILE_DURATION.labels(result).observe(time.perf_counter() - started)
 
 
 def _reconcile_locked(body: dict, jobs: kopf.Index, pods: kopf.Index) -> Result:
@@ -219,7 +235,8 @@ def _apply(body, outcome: reconcile.Outcome) -> None:
         for key in ("stage", "progress", "report"):
             doc.setdefault(key, None)
         KUBE.patch_status(meta["namespace"], meta["name"], doc)
-        _WRITTEN[(meta["namespace"], meta["name"])] = outcome.status.dump()
+        written = _WRITTEN[(meta["namespace"], meta["name"])] = outcome.status.dump()
+        metrics.stage_transitions(body.get("spec") or {}, body.get("status"), written)  # once written
 
 
 def _requeue(key: tuple[str, str], delay: float, pipelines: kopf.Index, jobs: kopf.Index, pods: kopf.Index) -> None:

@@ -24,7 +24,7 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kondense import api
+from kondense import api, metrics
 from kondense.errors import HINTS, ApiRejected, Reason
 
 log = logging.getLogger("kondense.kube")
@@ -64,10 +64,13 @@ class Kube:
             )
             text = response.read().decode("utf-8", errors="replace")
             response.release_conn()
-            return text
         except (ApiException, urllib3.exceptions.HTTPError) as e:  # no RBAC, kubelet unreachable, pod gone
             log.debug("No log for %s/%s: %s", namespace, pod, e)
+            _count_error(e)
+            metrics.PROGRESS_POLLS.labels("error").inc()
             return None
+        metrics.PROGRESS_POLLS.labels("ok" if text.strip() else "empty").inc()
+        return text
 
     def pod_create_error(self, namespace: str, job: str) -> str | None:
         """The newest FailedCreate message of a Job: why the Job controller cannot create its pod
@@ -78,6 +81,7 @@ class Kube:
             found = self.core.list_namespaced_event(namespace, field_selector=selector, limit=20).items
         except (ApiException, urllib3.exceptions.HTTPError) as e:
             log.debug("No events for Job %s/%s: %s", namespace, job, e)
+            _count_error(e)
             return None
         found = [  # as the selector says, should the server not filter
             e for e in found
@@ -139,6 +143,8 @@ class Kube:
                 return False
             raise self.rejected(e, f"creating {kind} {ns}/{name}") from None
         log.info("Created %s %s/%s", kind, ns, name)
+        if kind == "Job":
+            metrics.JOBS_CREATED.labels(obj["metadata"].get("labels", {}).get("app.kubernetes.io/component", "stage")).inc()
         return True
 
     def delete_job(self, namespace: str, name: str, propagation: str = "Background") -> None:
@@ -153,6 +159,8 @@ class Kube:
         except ApiException as e:
             if e.status != 404:
                 raise self.rejected(e, f"deleting Job {namespace}/{name}") from None
+            return
+        metrics.JOBS_DELETED.inc()
 
     def patch_status(self, namespace: str, name: str, status: dict) -> None:
         """Merge-patch the status subresource. Lists (conditions, stages) are replaced whole."""
@@ -190,17 +198,24 @@ class Kube:
                 response.release_conn()
                 return
             except ApiException as e:
+                _count_error(e)
                 if e.status not in TRANSIENT_STATUS or attempt == self.attempts:
                     raise
                 wait = _retry_after(e) or self.backoff * 2 ** (attempt - 1)
                 detail = f"{e.status} {e.reason}"
             except urllib3.exceptions.HTTPError as e:  # refused, reset, timed out
+                _count_error(e)
                 if attempt == self.attempts:
                     raise ApiException(status=0, reason=f"{type(e).__name__}: {e}") from e
                 wait, detail = self.backoff * 2 ** (attempt - 1), type(e).__name__
             wait = min(wait, self.max_wait)
             log.warning("%s: %s; retrying in %.1fs (attempt %d of %d)", what, detail, wait, attempt, self.attempts)
             time.sleep(wait)
+
+
+def _count_error(e: Exception) -> None:
+    """kondense_api_errors_total: by HTTP status; 0 for a request the API server never answered."""
+    metrics.API_ERRORS.labels(str(e.status if isinstance(e, ApiException) else 0)).inc()
 
 
 def _retry_after(e: ApiException) -> float | None:

@@ -116,6 +116,15 @@ class LeaderElector:
     def where(self) -> str:
         return f"{self.election.namespace}/{self.election.lease}"
 
+    @property
+    def in_touch(self) -> tuple[bool, str]:
+        """Whether the last look at the Lease succeeded, and what it saw (or the error)."""
+        if self._last_error:
+            return False, f"cannot reach the Lease {self.where}: {self._last_error}"
+        if self._lease is None:
+            return False, f"has not read the Lease {self.where} yet"
+        return True, f"the Lease {self.where} is held by {self.holder or 'nobody'}"
+
     def stop(self) -> None:
         """Stop waiting, or stop renewing and release the Lease."""
         self._stopping.set()

@@ -35,6 +35,7 @@ class Proc:
     log: TextIO
     reader: threading.Thread
     last: dict = field(default_factory=dict)
+    began: float = field(default_factory=time.monotonic)
 
 
 class Display:
@@ -116,6 +117,7 @@ class LocalRunner:
         self.gate: tuple[bool, str] | None = None
         self.display = Display(out)
         self.executed: list[str] = []
+        self.seconds: dict[str, float] = {}  # wall time of each stage run here, all attempts
 
     # -- store facts -----------------------------------------------------------------------
     def _store(self) -> Store:
@@ -195,6 +197,7 @@ class LocalRunner:
         proc.log.close()
         s = self.stages[proc.plan.name]
         s.finished_at = now_rfc3339()
+        self.seconds[proc.plan.name] = self.seconds.get(proc.plan.name, 0.0) + time.monotonic() - proc.began
         text = proc.termination.read_text() if proc.termination.exists() else ""
         summary = events.parse_summary(text) or Summary(
             state="Failed", reason=outcome_for_exit(code).reason, message=f"exited with code {code}, no summary"
@@ -281,6 +284,19 @@ class LocalRunner:
             s.state, s.reason, s.message = "Failed", Reason.INTERRUPTED, "interrupted; run again to resume"
         self.write_status()
         self.display.draw(list(self.status.stages))
+
+
+def format_durations(runner: LocalRunner) -> str:
+    """What each stage took in this run (the operator's kondense_stage_duration_seconds)."""
+    rows = []
+    for plan in runner.plans:
+        stage = runner.pipeline.spec.stage(plan.name)
+        s = runner.stages[plan.name]
+        took = runner.seconds.get(plan.name)
+        attempts = f" ({s.attempts} attempts)" if took is not None and s.attempts > 1 else ""
+        rows.append((plan.name, f"{stage.kind}/{stage.method}", s.state, "up to date" if took is None else f"{took:.1f}s{attempts}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows)
 
 
 def format_table(report: Report) -> str:

@@ -21,7 +21,7 @@ import aiohttp.web
 import kopf
 
 from kondense import handlers  # noqa: F401 - registers the handlers
-from kondense import leader
+from kondense import leader, metrics
 from kondense.settings import HEALTH_PATH, Settings
 
 log = logging.getLogger("kondense.operator")
@@ -37,6 +37,7 @@ def main() -> None:
 async def run(settings: Settings) -> None:
     """Run the operator; with leader election, only once this replica holds the Lease."""
     if settings.election is None:
+        _serve_metrics(settings, None)
         await operate(settings)
         return
     assert handlers.KUBE is not None, "configure() was not called"
@@ -46,6 +47,7 @@ async def run(settings: Settings) -> None:
     elector = leader.LeaderElector(
         leases, settings.election, on_started=lambda: loop.call_soon_threadsafe(elected.set), on_lost=_exit
     )
+    _serve_metrics(settings, elector)
     thread = threading.Thread(target=_elect, args=(elector,), name="leader-election", daemon=True)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
@@ -66,8 +68,26 @@ async def run(settings: Settings) -> None:
         await asyncio.to_thread(thread.join)
 
 
+def _serve_metrics(settings: Settings, elector: leader.LeaderElector | None) -> None:
+    if settings.metrics_port:
+        metrics.serve(settings.liveness_host, settings.metrics_port, lambda: readiness(elector))
+
+
+def readiness(elector: leader.LeaderElector | None) -> tuple[bool, str]:
+    """Ready: this replica can do its part. The leader once kopf has started its handlers; a
+    standby while it reaches its Lease (a standby must be ready, or a rolling update with
+    maxUnavailable 0 never ends: the new pod leads only after the old one has gone)."""
+    if handlers.started():
+        return True, "leading: the operator runs"
+    if elector is None or elector.leading:
+        return False, "starting: kopf has not started the handlers yet"
+    ok, why = elector.in_touch
+    return ok, f"standby: {why}"
+
+
 async def operate(settings: Settings) -> None:
     """kopf itself, until SIGTERM/SIGINT."""
+    metrics.LEADER.set(1)
     await kopf.operator(
         clusterwide=not settings.namespaces,
         namespaces=list(settings.namespaces),

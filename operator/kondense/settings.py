@@ -44,6 +44,7 @@ class Settings:
     # kubelet's probe, which calls the pod's IP; 127.0.0.1 only where nothing probes from outside.
     liveness_host: str = "0.0.0.0"
     liveness_port: int = 8080
+    metrics_port: int = 8081  # /metrics and /readyz, on liveness_host; 0: not served
     election: Election | None = None  # None: no leader election (exactly one replica)
     scratch_size_limit: str = "200Gi"
     log_level: str = "INFO"
@@ -126,6 +127,7 @@ class Settings:
             ttl_seconds_after_finished=integer("KONDENSE_JOB_TTL_SECONDS", cls.ttl_seconds_after_finished),
             liveness_host=address("KONDENSE_LIVENESS_HOST", cls.liveness_host),
             liveness_port=port("KONDENSE_LIVENESS_PORT", cls.liveness_port),
+            metrics_port=0 if env.get("KONDENSE_METRICS_PORT") == "0" else port("KONDENSE_METRICS_PORT", cls.metrics_port),
             election=election(),
             scratch_size_limit=env.get("KONDENSE_SCRATCH_SIZE_LIMIT", cls.scratch_size_limit),
             log_level=env.get("KONDENSE_LOG_LEVEL", cls.log_level).upper(),

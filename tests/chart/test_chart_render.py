@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "livenessPort": 9090,
         },
         "serviceAccount": {"name": "op", "annotations": {"team": "ml"}},
+        "metrics": {"port": 9191, "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prom"}},
+                    "dashboard": {"enabled": True}},
         "jobs": {"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/r"}},
                  "allowedImages": ["registry.example/ml/", "ghcr.io/acme/jobs:1.2"]},
     },
@@ -109,6 +112,8 @@ def test_every_object_is_valid_for_kubernetes_1_33(render, values):
     problems = []
     for obj in render(values):
         where = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue  # the Prometheus Operator's own CRD: test_metrics_objects_fit_together checks it
         try:
             kubernetes_validate.validate(obj, K8S, strict=True)
         except kubernetes_validate.ValidationError as e:
@@ -210,14 +215,17 @@ def granted(
     return out
 
 
+# Every verb with its user; tests/cluster runs the operator with these rules and nothing more.
 APPLICATION = (
-    {("kondense.io", "compressionpipelines", v) for v in ("get", "list", "watch", "patch", "update")}
-    | {("kondense.io", "compressionpipelines/status", v) for v in ("get", "patch", "update")}
+    # kopf: the watch (list, watch); its finalizer and kondense.io/* annotations (patch).
+    {("kondense.io", "compressionpipelines", v) for v in ("list", "watch", "patch")}
+    | {("kondense.io", "compressionpipelines/status", "patch")}  # Kube.patch_status
     | {("kondense.io", "compressionpipelines/finalizers", "update")}  # Jobs' blockOwnerDeletion
-    | {("batch", "jobs", v) for v in ("create", "get", "list", "watch", "delete", "patch")}
-    | {("", "pods", v) for v in ("get", "list", "watch")}
-    | {("", "pods/log", "get")}
-    | {("", "services", v) for v in ("create", "get", "list", "watch")}  # multi-node stages' rendezvous names
+    # Kube.create, the Job index (list, watch), Kube.delete_job.
+    | {("batch", "jobs", v) for v in ("create", "list", "watch", "delete")}
+    | {("", "pods", v) for v in ("list", "watch")}  # the pod index
+    | {("", "pods/log", "get")}  # Kube.log_tail: progress
+    | {("", "services", "create")}  # Kube.create: multi-node stages' rendezvous names
 )
 DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")} | {
     ("", "namespaces", v) for v in ("list", "watch")
@@ -253,10 +261,10 @@ def test_namespaced_rbac_gives_a_role_per_namespace_and_only_discovery_cluster_w
 
 @pytest.mark.parametrize("values", [None, VALUE_SETS["watch-namespaces"]], ids=["cluster-wide", "namespaced"])
 def test_operator_may_create_services_and_nothing_more_with_them(render, values):
-    """A multi-node stage's headless Service: created, read, never changed or deleted by the
+    """A multi-node stage's headless Service: created, never read, changed or deleted by the
     operator (its owner reference to the pipeline lets the garbage collector remove it)."""
     service_verbs = {v for _, res, v in granted(render(values), ("ClusterRole", "Role")) if res == "services"}
-    assert service_verbs == {"create", "get", "list", "watch"}
+    assert service_verbs == {"create"}
 
 
 @pytest.mark.parametrize("name", ["defaults", "two-replicas", "two-replicas-namespaced", "everything-set"])
@@ -350,6 +358,7 @@ def test_operator_env_is_what_settings_reads(render, values):
     assert settings.allowed_images == tuple(merged.jobs.allowed_images)
     assert settings.liveness_port == merged.operator.liveness_port
     assert settings.liveness_host == merged.operator.liveness_host
+    assert settings.metrics_port == merged.metrics.port
     election = merged.operator.leader_election
     if not election.enabled:
         assert settings.election is None
@@ -378,6 +387,56 @@ def test_replicas_roll_with_leader_election(render, name):
     deploy = one(render(VALUE_SETS[name]), "Deployment")
     assert deploy["spec"]["replicas"] == 2 and deploy["spec"]["strategy"]["type"] == "RollingUpdate"
     assert env_of(deploy)["KONDENSE_LEADER_ELECTION"] == "true"
+
+
+@pytest.mark.parametrize("values", CASES)
+def test_metrics_objects_fit_together(render, values):
+    """The Service selects the operator pods and targets the container's metrics port, which
+    also serves the readiness probe; the ServiceMonitor selects the Service; the dashboard asks
+    only for metrics the operator exports."""
+    from prometheus_client import REGISTRY
+
+    from kondense import metrics  # noqa: F401 - registers the operator's metrics
+
+    merged = merged_values(values)
+    objs = render(values)
+    deploy = one(objs, "Deployment")
+    pod = deploy["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == merged.metrics.port != ports["healthz"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    services = by_kind(objs, "Service")
+    if not merged.metrics.service:
+        assert not services
+        return
+    service = one(objs, "Service", f"{deploy['metadata']['name']}-metrics")
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": merged.metrics.port, "targetPort": "metrics",
+                                         "protocol": "TCP"}]
+    monitors = by_kind(objs, "ServiceMonitor")
+    assert len(monitors) == int(merged.metrics.service_monitor.enabled)
+    for monitor in monitors:
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        assert monitor["spec"]["endpoints"] == [
+            {"port": "metrics", "path": "/metrics", "interval": merged.metrics.service_monitor.interval}
+        ]
+        assert merged.metrics.service_monitor.labels.items() <= monitor["metadata"]["labels"].items()
+    dashboards = [c for c in by_kind(objs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    assert len(dashboards) == int(merged.metrics.dashboard.enabled)
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
+    exported = {family.name + suffix for family in REGISTRY.collect() for suffix in suffixes.get(family.type, ())}
+    for config_map in dashboards:
+        assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+        dashboard = json.loads(config_map["data"]["kondense.json"])
+        exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+        asked = {name for expr in exprs for name in re.findall(r"\b(kondense_[a-z_]+)", expr)}
+        assert asked and asked <= exported, asked - exported
+
+
+def test_equal_metrics_and_liveness_ports_are_refused(run_helm):
+    done = run_helm(["template", "kondense", str(CHART)], {"metrics": {"port": 8080}})
+    assert done.returncode != 0 and "metrics.port and operator.livenessPort must differ" in done.stderr
 
 
 def test_more_replicas_without_leader_election_is_refused(run_helm):
@@ -456,6 +515,8 @@ def test_crd_is_a_template_kept_on_uninstall(render, keep):
         "operator.replicas=0",
         "operator.livenessPort=80",
         "operator.livenessHost=localhost",
+        "metrics.port=80",
+        "metrics.serviceMonitor.interval=often",
         "operator.leaderElection.retryPeriodSeconds=0",
         "crds.keep=maybe",
         "jobs.image.tag=latest",

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -167,6 +168,7 @@ class OperatorProcess:
     process: subprocess.Popen
     log_path: Path
     port: int
+    metrics_port: int
 
     @classmethod
     def start(
@@ -174,13 +176,14 @@ class OperatorProcess:
     ) -> OperatorProcess:
         from controlplane import free_port
 
-        port = free_port()
+        port, metrics_port = free_port(), free_port()
         environ = {k: v for k, v in os.environ.items() if k != "KUBECONFIG" and not k.startswith("KONDENSE_")}
         environ.update(env)
         environ.update(
             KUBECONFIG=control_plane.kubeconfig_for(token, name=f"operator-{name}"),
             KONDENSE_LIVENESS_HOST="127.0.0.1",  # what the harness probes: the setting end to end
             KONDENSE_LIVENESS_PORT=str(port),
+            KONDENSE_METRICS_PORT=str(metrics_port),
             POD_NAME=name,
             POD_NAMESPACE=RELEASE_NAMESPACE,
         )
@@ -192,7 +195,17 @@ class OperatorProcess:
                 [*prefix, sys.executable, "-m", "kondense.operator"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=environ, cwd=folder,
             )
-        return cls(name, process, log_path, port)
+        return cls(name, process, log_path, port, metrics_port)
+
+    def get(self, path: str) -> tuple[int, str] | None:
+        """(status, body) of the metrics server at `path` (/metrics, /readyz); None while nothing answers."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError:
+            return None
 
     def health(self) -> dict | None:
         """The liveness endpoint's answer, or None while nothing answers."""

@@ -215,6 +215,11 @@ def test_a_standby_takes_over_from_a_killed_leader_and_the_pipeline_completes_wi
     standby = wait_for(lambda: (b.health() or {}).get("holder") == "op-a" and b.health(), timeout=60,
                        what="op-b to answer its liveness probe as a standby", check=b.check_alive)
     assert standby == {"leading": False, "lease": f"{RELEASE_NAMESPACE}/{LEASE}", "holder": "op-a"}
+    # Both ready (a rolling update waits for the new pod to be ready before stopping the old one);
+    # kondense_leader tells them apart on the metrics Service.
+    assert a.get("/readyz") == (200, "leading: the operator runs\n")
+    assert b.get("/readyz") == (200, f"standby: the Lease {RELEASE_NAMESPACE}/{LEASE} is held by op-a\n")
+    assert "\nkondense_leader 1.0\n" in a.get("/metrics")[1] and "\nkondense_leader 0.0\n" in b.get("/metrics")[1]
 
     # The pipeline starts under op-a; op-a dies (SIGKILL: no cleanup, no release) while its first
     # stage runs.

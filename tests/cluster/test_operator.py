@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import urllib.parse
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from operator_harness import (
     wait_for_rbac,
 )
 
-from kondense import api, events
+from kondense import api, events, metrics
 from kondense.manifests import LABEL_PIPELINE
 from kondense.settings import Settings
 from kondense.store import S3Store, join
@@ -73,6 +74,31 @@ def operator(control_plane, api_client):
     )
     with running_operator(control_plane, token, settings) as operator_client:
         yield operator_client
+
+
+@pytest.fixture(scope="module")
+def metrics_url(operator):
+    """The in-process operator's /metrics endpoint, as the chart's Service reaches it."""
+    server = metrics.serve("127.0.0.1", 0, lambda: (True, "test"))
+    yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    server.shutdown()
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} of a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def moved(before: dict, after: dict, name: str, **labels: str) -> float:
+    """How much the samples called `name` whose labels include `labels` grew between two scrapes."""
+    def total(samples: dict) -> float:
+        return sum(v for (n, ls), v in samples.items() if n == name and labels.items() <= dict(ls).items())
+    return total(after) - total(before)
 
 
 def pipeline_doc(name: str, bucket: str, endpoint: str, stages: list[dict]) -> dict:
@@ -143,8 +169,11 @@ def wait_condition(api_client, namespace, name, type_, status="True", timeout=42
     return wait_for(check, timeout=timeout, what=f"{name} {type_}={status}")
 
 
-def test_demo_shaped_pipeline_end_to_end(operator, api_client, workspace, s3_bucket, s3_endpoint, control_plane):
+def test_demo_shaped_pipeline_end_to_end(
+    operator, api_client, workspace, s3_bucket, s3_endpoint, control_plane, metrics_url
+):
     ns = workspace
+    scraped = scrape(metrics_url)
     body = pipeline_doc("e2e", s3_bucket, s3_endpoint, STAGES)
     custom(api_client).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
 
@@ -163,6 +192,18 @@ def test_demo_shaped_pipeline_end_to_end(operator, api_client, workspace, s3_buc
     assert [s["state"] for s in st["stages"]] == ["Succeeded"] * 4
     assert {c["type"]: c["status"] for c in st["conditions"]}["Succeeded"] == "True"
     assert st["progress"] == "4/4" and [r["variant"] for r in st["report"]["table"]] == ["student", "distill", "nf4", "gguf"]
+
+    # The metrics endpoint counted the run: a Job and a duration per stage, reconciles, the phase.
+    now = scrape(metrics_url)
+    assert moved(scraped, now, "kondense_jobs_created_total", component="stage") == 4
+    for kind, method, n in (("distill", "logits", 1), ("quantize", "bnb-nf4", 1), ("quantize", "gguf", 1),
+                            ("evaluate", "evaluate", 1)):
+        assert moved(scraped, now, "kondense_stage_duration_seconds_count", kind=kind, method=method,
+                     state="Succeeded") == n, (kind, method)
+    assert moved(scraped, now, "kondense_stage_duration_seconds_sum", kind="distill") > 0
+    assert moved(scraped, now, "kondense_reconcile_duration_seconds_count", result="ok") >= 4
+    assert moved(scraped, now, "kondense_stage_failures_total") == 0
+    assert now[("kondense_pipelines", (("phase", "Succeeded"),))] >= 1
 
     # Every stage's artifact is committed in S3 under its content address.
     store = S3Store(endpoint=s3_endpoint)
@@ -198,6 +239,7 @@ def test_demo_shaped_pipeline_end_to_end(operator, api_client, workspace, s3_buc
         get(api_client, ns, "e2e")), timeout=300, what="the edited pipeline to be Ready again")
     new = {j.metadata.labels["kondense.io/stage"] for j in jobs(api_client, ns) if j.metadata.name not in before}
     assert new == {"gguf", "eval"}
+    assert moved(now, scrape(metrics_url), "kondense_jobs_created_total", component="stage") == 2
 
     # Deleting the pipeline deletes its Jobs (garbage collection through owner references).
     custom(api_client).delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "e2e")
@@ -234,9 +276,10 @@ def test_delete_policy_removes_the_artifacts_before_the_pipeline_goes(operator, 
 
 def test_invalid_spec_gets_failed_condition_and_no_job_while_others_run(operator, api_client, workspace, s3_bucket, s3_endpoint):
     ns = workspace
+    # Admitted (each field is valid) but not plannable: FSDP shards over GPUs, and the stage
+    # inherits gpus: 0. Admission refuses what the fields alone decide (test_admission.py).
     bad = pipeline_doc("bad", s3_bucket, s3_endpoint, [
-        {"name": "q", "from": "later", "quantize": {"method": "gguf"}},
-        {"name": "later", "distill": {"maxSteps": 1}},
+        {"name": "d", "distill": {"maxSteps": 1, "strategy": "fsdp"}},
     ])
     good = pipeline_doc("good", s3_bucket, s3_endpoint, [
         {"name": "gguf", "from": "student", "quantize": {"method": "gguf", "type": "q8_0"}},
@@ -245,7 +288,7 @@ def test_invalid_spec_gets_failed_condition_and_no_job_while_others_run(operator
         custom(api_client).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
     failed = wait_condition(api_client, ns, "bad", "Failed", timeout=60)
     c = condition(failed, "Failed")
-    assert c["reason"] == "InvalidSpec" and "spec.stages[0].from: 'later' must be an earlier stage" in c["message"]
+    assert c["reason"] == "InvalidSpec" and "spec.stages[0].distill.strategy: fsdp shards the student over GPUs" in c["message"]
     wait_condition(api_client, ns, "good", "Ready", timeout=300)
     assert all(j.metadata.labels["kondense.io/pipeline"] == "good" for j in jobs(api_client, ns))
     events = client.CoreV1Api(api_client).list_namespaced_event(ns, field_selector="involvedObject.name=bad").items

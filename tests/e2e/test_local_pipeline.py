@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,10 @@ def demo_run(tmp_path_factory):
 def test_demo_runs_every_stage_and_prints_the_table(demo_run):
     work, r, elapsed = demo_run
     assert "Stages run: distill, ce-only, nf4, gptq, gguf, eval" in r.stdout
+    # Each stage's wall time, as the operator's kondense_stage_duration_seconds counts it.
+    took = dict(re.findall(r"^  (\S+)\s+\S+/\S+\s+Succeeded\s+([0-9.]+)s$", r.stdout, re.M))
+    assert set(took) == {"distill", "ce-only", "nf4", "gptq", "gguf", "eval"}, r.stdout
+    assert all(0 < float(t) <= elapsed for t in took.values()), took
     for variant in ("teacher", "student", "ce-only", "distill *", "nf4", "gptq", "gguf"):
         assert f"\n{variant} " in r.stdout, r.stdout
     status = json.loads((work / ".kondense/default/demo/status.json").read_text())["status"]
@@ -60,6 +65,7 @@ def test_rerun_skips_every_stage(demo_run):
     work, _, _ = demo_run
     r = kondense("demo", "--base", str(work / "base"), cwd=work)
     assert r.returncode == 0 and "Stages run: none (all up to date)" in r.stdout, r.stdout
+    assert re.search(r"^  distill\s+distill/logits\s+Succeeded\s+up to date$", r.stdout, re.M), r.stdout
     assert "\ndistill *" in r.stdout  # the table again, from the stored report
 
 

@@ -67,32 +67,41 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   verbs: [create, list]
 {{- end }}
 
-{{/* The application's rules: pipelines, their Jobs and pods. Never Secrets: credentials reach pods only as secretKeyRef. */}}
+{{/*
+The application's rules: exactly the verbs the operator uses (tests/chart/test_chart_render.py
+lists them with their callers; the tests in tests/cluster run with these rules). Never Secrets:
+credentials reach pods only as secretKeyRef.
+*/}}
 {{- define "kondense.applicationRules" -}}
+# kopf lists and watches pipelines, and patches their finalizer and its annotations
+# (kondense.io/*: handler progress, the last handled spec); kondense patches the status.
 - apiGroups: [kondense.io]
   resources: [compressionpipelines]
-  verbs: [get, list, watch, patch, update]
+  verbs: [list, watch, patch]
 - apiGroups: [kondense.io]
   resources: [compressionpipelines/status]
-  verbs: [get, patch, update]
+  verbs: [patch]
 # Jobs block their pipeline's deletion (ownerReferences.blockOwnerDeletion), which the
 # OwnerReferencesPermissionEnforcement admission plugin allows only with this.
 - apiGroups: [kondense.io]
   resources: [compressionpipelines/finalizers]
   verbs: [update]
+# Stage Jobs: created, watched (Job and pod indexes), deleted when superseded or stopped; never
+# changed in place (a changed stage is a new Job).
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [create, get, list, watch, delete, patch]
+  verbs: [create, list, watch, delete]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
 # The tail of a running stage's log: its progress (step/total, ETA) for status.stages[].progress.
 - apiGroups: [""]
   resources: [pods/log]
   verbs: [get]
 # The headless Service of a distill stage on several nodes: its pods' DNS names, through which
-# they reach torch's rendezvous. Created once, never changed; owner references remove it.
+# they reach torch's rendezvous. Created once (409: it exists), never read or changed; its owner
+# reference removes it.
 - apiGroups: [""]
   resources: [services]
-  verbs: [create, get, list, watch]
+  verbs: [create]
 {{- end }}
