@@ -114,6 +114,41 @@ def test_padded_vocab_size_is_fine_for_logits_but_not_for_gkd(tmp_path, tiny_stu
         check_vocabularies(teacher, tiny_student, "gkd")
 
 
+def copy_config(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    (dst / "config.json").write_bytes((src / "config.json").read_bytes())
+    return dst
+
+
+def test_a_teacher_without_a_tokenizer_is_refused_not_assumed_from_vocab_size(tmp_path, tiny_student):
+    """The same config.json (vocab_size and all) but no tokenizer saved: nothing shows the ids mean
+    the same tokens, as Llama-2's and Mistral-7B's 32000 do not."""
+    teacher = copy_config(tiny_student, tmp_path / "teacher")
+    with pytest.raises(InvalidInput, match=f"the teacher's folder {teacher} holds no tokenizer"):
+        check_vocabularies(teacher, tiny_student, "logits")
+
+
+def test_a_tokenizer_that_does_not_load_is_refused_naming_the_folder(tmp_path, tiny_student):
+    teacher = copy_config(tiny_student, tmp_path / "teacher")
+    (teacher / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "NoSuchModel"}}')
+    with pytest.raises(InvalidInput, match=f"the teacher's tokenizer in {teacher} does not load"):
+        check_vocabularies(teacher, tiny_student, "logits")
+
+
+def test_tokenizers_of_equal_size_that_differ_are_refused_with_the_first_token_that_differs(tmp_path, tiny_student):
+    from transformers import AutoTokenizer
+
+    from kondense_jobs.tiny import train_tokenizer
+
+    size = len(AutoTokenizer.from_pretrained(tiny_student))
+    other = train_tokenizer([f"entirely other words {i} zebra quartz {i * 7}" for i in range(2000)], vocab_size=size)
+    assert len(other) == size  # as Llama-2 and Mistral-7B: the same count, other tokens
+    teacher = copy_config(tiny_student, tmp_path / "teacher")
+    other.save_pretrained(teacher)
+    with pytest.raises(InvalidInput, match=f"both tokenizers have {size} tokens but differ"):
+        check_vocabularies(teacher, tiny_student, "logits")
+
+
 def test_gkd_records_split_prompt_and_completion(tiny_student):
     from transformers import AutoTokenizer
 

@@ -69,50 +69,62 @@ def _config(model_dir: Path) -> dict:
     return cfg.get("text_config", cfg)
 
 
-def _tokenizer(model_dir: Path):
+# The files a tokenizer is saved as (fast, SentencePiece, BPE, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
+
+
+def _tokenizer(model_dir: Path, role: str):
+    """The tokenizer saved with a model; InvalidInput naming the folder when it is missing or does
+    not load. Never guessed from config.json: Llama-2 and Mistral-7B both have 32000 tokens."""
     transformers = require("transformers", "distillation")
+    if not any((model_dir / name).exists() for name in TOKENIZER_FILES):
+        raise InvalidInput(
+            f"the {role}'s folder {model_dir} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
+            "save it with the model (tokenizer.save_pretrained); teacher and student vocabularies are compared "
+            "token by token, never assumed from vocab_size"
+        )
     try:
         return transformers.AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError):
-        return None
+    except Exception as e:  # noqa: BLE001 - any failure to load is the same bad input, said with its cause
+        raise InvalidInput(f"the {role}'s tokenizer in {model_dir} does not load: {type(e).__name__}: {e}") from None
 
 
 def check_vocabularies(teacher_dir: Path | None, student_dir: Path, method: str):
-    """The student's tokenizer (pad token set) when it is the teacher's; else InvalidInput naming both sizes.
+    """The student's tokenizer (pad token set) when it is the teacher's, token for token; else InvalidInput
+    naming the folder whose tokenizer is missing or broken, or the first token that differs.
 
     Reads tokenizer files and config.json only, never weights. Without a teacher (alpha 0) it
     only loads the student's tokenizer.
     """
+    tokenizer = _tokenizer(student_dir, "student")
     if teacher_dir is None:
-        teacher_dir = student_dir
-    t_tok, s_tok = _tokenizer(teacher_dir), _tokenizer(student_dir)
+        return _with_pad(tokenizer)
+    t_tok = _tokenizer(teacher_dir, "teacher")
     t_cfg, s_cfg = _config(teacher_dir), _config(student_dir)
     fix = "Teacher and student must share a tokenizer: pick a student of the teacher's family or retokenize."
-    if t_tok is not None and s_tok is not None:
-        t_vocab, s_vocab = t_tok.get_vocab(), s_tok.get_vocab()
-        if len(t_vocab) != len(s_vocab):
-            raise InvalidInput(
-                f"vocabulary mismatch: the teacher's tokenizer has {len(t_vocab)} tokens, the student's {len(s_vocab)}. {fix}"
-            )
-        if t_vocab != s_vocab:
-            token = next(k for k in sorted(t_vocab) if s_vocab.get(k) != t_vocab[k])
-            raise InvalidInput(
-                f"vocabulary mismatch: both tokenizers have {len(t_vocab)} tokens but differ (token {token!r} is id "
-                f"{t_vocab[token]} in the teacher, {s_vocab.get(token)} in the student). {fix}"
-            )
-    tokenizer = s_tok or t_tok
+    t_vocab, s_vocab = t_tok.get_vocab(), tokenizer.get_vocab()
+    if len(t_vocab) != len(s_vocab):
+        raise InvalidInput(
+            f"vocabulary mismatch: the teacher's tokenizer has {len(t_vocab)} tokens, the student's {len(s_vocab)}. {fix}"
+        )
+    if t_vocab != s_vocab:
+        token = next(k for k in sorted(t_vocab) if s_vocab.get(k) != t_vocab[k])
+        raise InvalidInput(
+            f"vocabulary mismatch: both tokenizers have {len(t_vocab)} tokens but differ (token {token!r} is id "
+            f"{t_vocab[token]} in the teacher, {s_vocab.get(token)} in the student). {fix}"
+        )
     t_size, s_size = t_cfg.get("vocab_size"), s_cfg.get("vocab_size")
     if t_size != s_size:
-        if tokenizer is None:
-            raise InvalidInput(f"vocabulary mismatch: the teacher's vocab_size is {t_size}, the student's {s_size}. {fix}")
         if method == "gkd" or min(t_size, s_size) < len(tokenizer):
             raise InvalidInput(
                 f"vocabulary mismatch: the teacher's vocab_size is {t_size}, the student's {s_size} "
                 f"(tokenizer: {len(tokenizer)} tokens). {fix}"
                 + (" gkd (TRL GKDTrainer) also needs equal vocab_size in config.json; use method logits." if method == "gkd" else "")
             )
-    if tokenizer is None:
-        raise InvalidInput(f"{student_dir} and {teacher_dir} hold no tokenizer files: save the tokenizer with the model.")
+    return _with_pad(tokenizer)
+
+
+def _with_pad(tokenizer):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
