@@ -8,6 +8,7 @@ S3 server. Jobs, pods, garbage collection and the Job controller are Kubernetes'
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import urllib.parse
@@ -127,14 +128,42 @@ STAGES = [
 ]
 
 
+# Fake credentials, distinctive enough to find anywhere they leak (the S3 server accepts any).
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAKONDENSELEAKTEST7",
+    "AWS_SECRET_ACCESS_KEY": "kondense-leak-test-secret-9f3c2a7e",
+    "HF_TOKEN": "hf_kondenseLeakTestToken4b8d1e",
+}
+
+
+class Captured(logging.Handler):
+    """Every log record of this process (the operator's and kopf's), formatted with its arguments."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def operator_logs():
+    root, handler = logging.getLogger(), Captured()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield handler.lines
+    root.removeHandler(handler)
+    root.setLevel(level)
+
+
 @pytest.fixture
 def workspace(api_client, namespace, s3_bucket, s3_endpoint, tiny_inputs, fake_kubelet):
     """The namespace as the chart prepares it (job ServiceAccount), the S3 Secret, the inputs in S3."""
     core = client.CoreV1Api(api_client)
     core.create_namespaced_service_account(namespace, {"metadata": {"name": "kondense-job"}})
-    core.create_namespaced_secret(
-        namespace, {"metadata": {"name": "s3"}, "stringData": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}}
-    )
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "s3"}, "stringData": SECRETS})
     store = S3Store(endpoint=s3_endpoint)
     files = [(p, join(s3_bucket, "inputs", p.relative_to(tiny_inputs).as_posix())) for p in tiny_inputs.rglob("*") if p.is_file()]
     store.upload(files)
@@ -170,11 +199,13 @@ def wait_condition(api_client, namespace, name, type_, status="True", timeout=42
 
 
 def test_demo_shaped_pipeline_end_to_end(
-    operator, api_client, workspace, s3_bucket, s3_endpoint, control_plane, metrics_url
+    operator, api_client, workspace, s3_bucket, s3_endpoint, control_plane, metrics_url, fake_kubelet, operator_logs
 ):
     ns = workspace
     scraped = scrape(metrics_url)
     body = pipeline_doc("e2e", s3_bucket, s3_endpoint, STAGES)
+    # HF_TOKEN from a Secret, as a gated hf:// model needs it: it reaches the stage pods by reference.
+    body["spec"]["resources"]["env"] = [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "HF_TOKEN"}}}]
     custom(api_client).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
 
     # The first stage's Job appears alone: its dependents wait for its artifact.
@@ -210,6 +241,23 @@ def test_demo_shaped_pipeline_end_to_end(
     for s in st["stages"]:
         manifest = store.read_manifest(s["artifact"]["uri"])
         assert manifest is not None and manifest.input_digest == s["inputDigest"] and manifest.digest == s["artifact"]["digest"]
+
+    # Secrets never leak: not in the operator's log lines, the stages' output and termination
+    # messages, the status, the events or the Jobs.
+    core = client.CoreV1Api(api_client)
+    places = {
+        "operator log": "\n".join(operator_logs),
+        "status": json.dumps(done),
+        "events": json.dumps([e.to_dict() for e in core.list_namespaced_event(ns).items], default=str),
+        "jobs": json.dumps([j.to_dict() for j in jobs(api_client, ns)], default=str),
+        "pods": json.dumps([p.to_dict() for p in core.list_namespaced_pod(ns).items], default=str),
+    }
+    outputs = sorted(fake_kubelet.workdir.rglob("output.log"))
+    assert len(outputs) >= 4, outputs
+    places |= {f"stage output {p.parent.name}": p.read_text(errors="replace") for p in outputs}
+    assert len(operator_logs) > 50 and "Created Job" in places["operator log"]
+    leaks = [(where, key) for where, text in places.items() for key, value in SECRETS.items() if value in text]
+    assert not leaks, leaks
 
     # Jobs ran in DAG order: every quantize Job started after the distill Job completed.
     by_stage = {j.metadata.labels["kondense.io/stage"]: j for j in jobs(api_client, ns)}
