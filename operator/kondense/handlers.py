@@ -45,7 +45,10 @@ _REQUEUED: set[tuple[str, str]] = set()
 # a reconcile started outside a handler reads (set at startup).
 _RETRY_TOKENS: dict[tuple[str, str], str | None] = {}
 _INDEXES: tuple[kopf.Index, kopf.Index, kopf.Index] | None = None
+# The metadata.generation each pipeline was last reconciled for (see pipeline_event).
+_GENERATIONS: dict[tuple[str, str], int | None] = {}
 MAX_REQUEUE_DELAY = 300.0
+FIRST_RETRY_DELAY = 10.0  # after an unexpected error, doubling up to MAX_REQUEUE_DELAY
 # Progress of running stages, (namespace, pipeline) -> stage -> "120/500 steps, ETA 3:10", read
 # from the tails of their pods' logs every SETTINGS.progress_seconds (no watch carries it).
 _PROGRESS: dict[tuple[str, str], dict[str, str]] = {}
@@ -82,9 +85,7 @@ async def startup(
     metrics.PIPELINES.source = lambda: (body for key in list(pipelines) for body in list(pipelines.get(key, [])))
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=PREFIX, key="last-handled-configuration"
-    )
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
     settings.posting.level = logging.WARNING  # kopf's own per-handler chatter stays out of events
@@ -94,6 +95,20 @@ async def startup(
         configure(Settings.from_env())
     if SETTINGS.progress_seconds > 0:
         _PROGRESS_TASK = asyncio.create_task(_follow_progress(pipelines, jobs_by_pipeline, pods_by_pipeline))
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No diff base: kondense reconciles by metadata.generation (pipeline_event), not by kopf's
+    diffs, so kopf's `last-handled-configuration` annotation, a patch of every pipeline after
+    its creation and after every spec edit, is never written. Every event reads as unchanged
+    (kopf's causes are then only DELETE, for delete_artifacts, and no-ops); deletion needs no
+    diff, only the finalizer and deletionTimestamp."""
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence:
+        return self.build(body=body)
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
 
 
 def started() -> bool:
@@ -162,7 +177,7 @@ def _retry_requested(key: tuple[str, str]) -> None:
         return
     log.info("%s/%s: retry requested (%s)", *key, ANNOTATION_RETRY)
     indexes = _INDEXES
-    _LOOP.call_soon_threadsafe(lambda: _LOOP.call_later(RETRY_DELAY, _LOOP.run_in_executor, None, _reconcile_key, key, *indexes))
+    _LOOP.call_soon_threadsafe(lambda: _LOOP.call_later(RETRY_DELAY, _LOOP.run_in_executor, None, _reconcile_or_requeue, key, *indexes))
 
 
 def own(child: dict, owner: kopf.Body | dict) -> None:
@@ -248,17 +263,30 @@ def _requeue(key: tuple[str, str], delay: float, pipelines: kopf.Index, jobs: ko
 
     def again() -> None:
         _REQUEUED.discard(key)
-        try:
-            _reconcile_key(key, pipelines, jobs, pods, min(delay * 2, MAX_REQUEUE_DELAY))
-        except Exception:  # noqa: BLE001 - nothing awaits this future: say it here
-            log.exception("Reconciling %s/%s failed", *key)
+        _reconcile_or_requeue(key, pipelines, jobs, pods, min(delay * 2, MAX_REQUEUE_DELAY))
 
     _LOOP.call_soon_threadsafe(lambda: _LOOP.call_later(delay, _LOOP.run_in_executor, None, again))
 
 
+def _reconcile_or_requeue(
+    key: tuple[str, str], pipelines: kopf.Index, jobs: kopf.Index, pods: kopf.Index, backoff: float = 1.0
+) -> Result | None:
+    """_reconcile_key, where an unexpected error is logged and tried again later, backing off (as
+    kopf retries a failed change handler): no event may come to try it again otherwise."""
+    try:
+        return _reconcile_key(key, pipelines, jobs, pods, backoff)
+    except Exception:  # noqa: BLE001 - retried below; nothing else awaits this call
+        delay = max(backoff, FIRST_RETRY_DELAY)
+        log.exception("Reconciling %s/%s failed; trying again in %.0fs", *key, delay)
+        _requeue(key, delay, pipelines, jobs, pods)
+        return None
+
+
 def _reconcile_key(
     key: tuple[str, str], pipelines: kopf.Index, jobs: kopf.Index, pods: kopf.Index, backoff: float = 1.0
-) -> None:
+) -> Result | None:
+    """Reconcile the pipeline `key` as the index holds it; requeue what the API server refused."""
+    result = None
     for parent in list(pipelines.get(key, [])):  # a live index: the loop may change it meanwhile
         if parent["metadata"].get("deletionTimestamp"):
             continue
@@ -270,6 +298,7 @@ def _reconcile_key(
         else:
             if result.retry_after is not None:
                 _requeue(key, max(backoff, result.retry_after), pipelines, jobs, pods)
+    return result
 
 
 async def _follow_progress(pipelines: kopf.Index, jobs: kopf.Index, pods: kopf.Index) -> None:
@@ -303,18 +332,26 @@ def poll_progress(pipelines: kopf.Index, jobs: kopf.Index, pods: kopf.Index) -> 
             _reconcile_key(key, pipelines, jobs, pods)
 
 
-@kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
-@kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
-@kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
-def pipeline_changed(body: kopf.Body, jobs_by_pipeline: kopf.Index, pods_by_pipeline: kopf.Index, **_) -> None:
-    try:
-        result = _reconcile(body, jobs_by_pipeline, pods_by_pipeline)
-    except ApiRejected as e:
-        raise kopf.TemporaryError(str(e), delay=e.retry_after or 10.0) from None
-    if result.invalid is not None:
-        raise kopf.PermanentError(f"invalid spec: {result.invalid}")
-    if result.retry_after is not None:
-        raise kopf.TemporaryError("a stage's Job was refused for now; see status.stages", delay=result.retry_after)
+@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
+def pipeline_event(
+    type: str | None, body: kopf.Body, namespace: str, name: str,
+    pipelines: kopf.Index, jobs_by_pipeline: kopf.Index, pods_by_pipeline: kopf.Index, **_,
+) -> None:
+    """Reconcile a pipeline at each new generation: its creation, a spec edit, and its first
+    sight after the operator starts (or takes over as leader). Its own status writes and its
+    annotations leave the generation as it was; the retry annotation is seen by the index."""
+    key = (namespace, name)
+    if type == "DELETED":
+        forget(key)
+        return
+    generation = body["metadata"].get("generation")
+    if body["metadata"].get("deletionTimestamp") or (key in _GENERATIONS and _GENERATIONS[key] == generation):
+        return
+    _GENERATIONS[key] = generation
+    log.info("%s/%s: reconciling generation %s", namespace, name, generation)
+    result = _reconcile_or_requeue(key, pipelines, jobs_by_pipeline, pods_by_pipeline)
+    if result is not None and result.invalid is not None:  # the status says so too
+        log.warning("%s/%s: invalid spec at generation %s: %s", namespace, name, generation, result.invalid)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILDREN)
@@ -323,7 +360,7 @@ def child_changed(
     namespace: str, labels: kopf.Labels, pipelines: kopf.Index, jobs_by_pipeline: kopf.Index, pods_by_pipeline: kopf.Index, **_
 ) -> None:
     """A Job or pod of a pipeline changed: recompute the parent's status and start what can start."""
-    _reconcile_key(_key(namespace, labels), pipelines, jobs_by_pipeline, pods_by_pipeline)
+    _reconcile_or_requeue(_key(namespace, labels), pipelines, jobs_by_pipeline, pods_by_pipeline)
 
 
 @kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, field="spec.storage.deletionPolicy", value="Delete")
@@ -359,11 +396,8 @@ def delete_artifacts(body: kopf.Body, jobs_by_pipeline: kopf.Index, pods_by_pipe
         raise kopf.PermanentError(result.message)
 
 
-@kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, optional=True)
-def pipeline_deleted(namespace: str, name: str, **_) -> None:
-    """Forget the pipeline; its Jobs go with it through owner references (no finalizer)."""
-    _WRITTEN.pop((namespace, name), None)
-    _LOCKS.pop((namespace, name), None)
-    _REQUEUED.discard((namespace, name))
-    _PROGRESS.pop((namespace, name), None)
-    _RETRY_TOKENS.pop((namespace, name), None)
+def forget(key: tuple[str, str]) -> None:
+    """The pipeline is gone: drop what was kept of it (its Jobs go through owner references)."""
+    for memory in (_WRITTEN, _LOCKS, _PROGRESS, _RETRY_TOKENS, _GENERATIONS):
+        memory.pop(key, None)
+    _REQUEUED.discard(key)

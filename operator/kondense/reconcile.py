@@ -201,6 +201,8 @@ def observe_job(job: dict, pods: list[dict], create_error: str | None = None) ->
 
 
 POD_CREATE_POLL_SECONDS = 10.0  # a Job without pods is looked at again (its FailedCreate events)
+POD_CREATE_GRACE_SECONDS = 5.0  # ... this long after the Job controller started it: until then its
+# pods are on their way. A Job it has not started yet (no startTime) has no FailedCreate events to read.
 EDIT_DEFERRED = (
     "The edited resources/image apply from the next attempt: this Job keeps running as it was created "
     "(delete it to apply them now)."
@@ -329,9 +331,14 @@ def reconcile(
             continue
         pods_of_job = by_job.get(jname, [])
         create_error = None
-        if not pods_of_job and not job.get("spec", {}).get("suspend") and not _finished(job):
-            create_error = pod_create_error(jname)
-            retry_after = _sooner(retry_after, POD_CREATE_POLL_SECONDS)  # the Job says nothing when it fails to
+        started = (job.get("status") or {}).get("startTime")  # set by the Job controller's first sync
+        if started and not pods_of_job and not job.get("spec", {}).get("suspend") and not _finished(job):
+            age = _seconds_between(started, now)
+            if age is not None and age < POD_CREATE_GRACE_SECONDS:  # its pods are normally on their way
+                retry_after = _sooner(retry_after, POD_CREATE_GRACE_SECONDS - age)
+            else:  # the Job says nothing when it fails to create them; its FailedCreate events do
+                create_error = pod_create_error(jname)
+                retry_after = _sooner(retry_after, POD_CREATE_POLL_SECONDS)
         o = observe_job(job, pods_of_job, create_error)
         shaped_by = annotations.get(ANNOTATION_RUN_DIGEST)
         if shaped_by is not None and shaped_by != runs[plan.name] and o.state != "Succeeded":
@@ -402,6 +409,11 @@ def reconcile(
             continue
         # What the Job's own watch event will say, so that event changes nothing more in status.
         observed[plan.name] = observe_job(job, [])
+    if refused_for_good := {n for n in refused if observed[n].state == "Failed"}:
+        # What waits on a stage the API server refused for good cannot run: say so now, as the
+        # next reconcile would (no event may come to start one).
+        started = set(decision.start) - refused_for_good
+        decision = replace(decision, blocked=decide(plans, committed, running | started, failed | refused_for_good).blocked)
 
     # Report.
     stages = []

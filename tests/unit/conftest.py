@@ -43,9 +43,9 @@ async def operator(k8s: RefusingEmulator, operator_settings: Settings) -> AsyncI
     kopf cancels the tasks it finds on its loop when it stops; its own loop keeps the test's
     loop (which serves kmock) out of reach.
     """
-    handlers._WRITTEN.clear()
-    handlers._REQUEUED.clear()
-    handlers._PROGRESS.clear()
+    for memory in (handlers._WRITTEN, handlers._REQUEUED, handlers._PROGRESS, handlers._GENERATIONS,
+                   handlers._RETRY_TOKENS):
+        memory.clear()  # a new operator process remembers nothing
     handlers.configure(operator_settings, kube=kube_for(k8s))
     kopf_login.use(str(k8s.url).rstrip("/"))
     stop, ready = threading.Event(), threading.Event()

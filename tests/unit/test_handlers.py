@@ -7,6 +7,7 @@ here kmock answers chosen requests with errors a real cluster gives now and then
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -202,3 +203,34 @@ async def test_jobs_and_pods_are_listed_and_watched_by_the_pipeline_label(operat
             assert request.params.get("labelSelector") == "kondense.io/pipeline", (action, plural)
     pipelines = requests_for(operator, "watch", "compressionpipelines")
     assert pipelines and all("labelSelector" not in r.params for r in pipelines)
+
+
+async def test_a_pipeline_is_reconciled_at_each_generation_and_only_its_status_is_written(operator, caplog):
+    """kondense reconciles by metadata.generation, not by kopf's diffs: kopf's diff base, a patch
+    of the pipeline itself after every create and spec edit, is never written, and changes that
+    leave the generation as it was (its own status writes, labels) start no reconcile of it."""
+    caplog.set_level(logging.INFO, logger="kondense.handlers")
+    doc = pipeline_doc("p1")
+    await apply(operator, doc)
+    first = first_job(doc)["metadata"]["name"]
+    await eventually(lambda: stage(operator, "p1", "distill").get("job") == first, "the first generation's Job")
+    url = f"/apis/{PIPELINES.rsplit('/', 1)[0]}/namespaces/{NAMESPACE}/compressionpipelines/p1"
+    merge = {"Content-Type": "application/merge-patch+json"}
+    response = await operator.patch(url, json={"metadata": {"labels": {"team": "nlp"}}}, headers=merge)
+    assert response.status == 200
+
+    edited = {"metadata": {"generation": 2}, "spec": {"stages": [{**doc["spec"]["stages"][0], "distill": {
+        **doc["spec"]["stages"][0]["distill"], "temperature": 4.0}}, *doc["spec"]["stages"][1:]]}}
+    response = await operator.patch(url, json=edited, headers=merge)  # (the API server bumps generation itself)
+    assert response.status == 200
+    second = await eventually(lambda: (j := stage(operator, "p1", "distill").get("job")) != first and j,
+                              "the second generation's Job")
+    assert sorted(names_of(operator, "jobs")) == sorted([first, second])
+    assert operator.objects[PIPELINES, NAMESPACE, "p1"]["status"]["observedGeneration"] == 2
+    generations = [r.getMessage() for r in caplog.records if "reconciling generation" in r.getMessage()]
+    assert generations == [f"{NAMESPACE}/p1: reconciling generation 1", f"{NAMESPACE}/p1: reconciling generation 2"]
+    by_operator = [r for r in requests_for(operator, "patch", "compressionpipelines")
+                   if "kmock" not in r.headers.get("User-Agent", "")]
+    assert by_operator == [], "the operator patched the pipeline itself, not only its status"
+    annotations = operator.objects[PIPELINES, NAMESPACE, "p1"]["metadata"].get("annotations") or {}
+    assert not [a for a in annotations if "last-handled-configuration" in a], annotations

@@ -534,3 +534,43 @@ def test_an_image_the_operator_does_not_allow_creates_nothing_and_keeps_the_arti
     reconcile(allowed, [], [], settings, NOW, rec.create, rec.delete, lambda child: None)
     images = {c["spec"]["template"]["spec"]["containers"][0]["image"] for c in rec.created}
     assert images == {"registry.example/ml/jobs:2"}
+
+
+def test_a_job_without_pods_is_asked_for_its_create_errors_only_once_past_the_grace():
+    """The Job controller creates pods within moments of starting a Job; listing the FailedCreate
+    events of every Job that has none yet would cost a request per new stage, nearly all for nothing."""
+    from kondense.reconcile import POD_CREATE_GRACE_SECONDS, POD_CREATE_POLL_SECONDS
+
+    body = demo_body()
+    out, distill = started(body)
+    asked = []
+
+    def create_error(name):
+        asked.append(name)
+        return None
+
+    def reconcile_at(now, job):
+        return reconcile({**body, "status": out.status.dump()}, [job], [], Settings(), now, Recorder().create,
+                         Recorder().delete, lambda child: None, pod_create_error=create_error)
+
+    not_started = reconcile_at("2026-01-01T00:01:00Z", distill)  # the Job controller has not synced it yet
+    assert asked == [] and not_started.retry_after is None  # its first sync is a watch event
+    distill = {**distill, "status": {"startTime": NOW}}
+    young = reconcile_at("2026-01-01T00:00:02Z", distill)
+    assert asked == [] and young.retry_after == POD_CREATE_GRACE_SECONDS - 2  # looked at again once past it
+    old = reconcile_at("2026-01-01T00:00:06Z", distill)
+    assert asked == [distill["metadata"]["name"]] and old.retry_after == POD_CREATE_POLL_SECONDS
+
+
+def test_what_waits_on_a_stage_refused_for_good_is_skipped_in_the_same_reconcile():
+    from kondense.errors import ApiRejected
+
+    def refuse(obj):
+        if "-distill-" in obj["metadata"]["name"]:
+            raise ApiRejected(Reason.INVALID_SPEC, 'Job.batch is invalid: spec.template.spec.nodeSelector: Invalid value', None)
+        return True
+
+    out = reconcile(demo_body(), [], [], Settings(), NOW, refuse, lambda name: None, lambda child: None)
+    states = {s.name: s.state for s in out.status.stages}
+    assert states["distill"] == "Failed" and states["ce-only"] == "Pending"  # ce-only does not need distill
+    assert {n for n, s in states.items() if s == "Skipped"} == {"gguf", "gptq", "nf4", "eval"}, states
