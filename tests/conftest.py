@@ -55,6 +55,16 @@ def s3_endpoint(tmp_path_factory):
 
 
 @pytest.fixture
+def s3_faults(s3_endpoint):
+    """A FaultProxy (tests/faults.py) in front of the session's S3 server: point a store at .url."""
+    from faults import FaultProxy
+
+    proxy = FaultProxy(s3_endpoint)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
 def s3_bucket(s3_endpoint, request) -> str:
     """A fresh bucket per test: s3://<name>."""
     import boto3

@@ -10,13 +10,16 @@ from __future__ import annotations
 import concurrent.futures as futures
 import hashlib
 import json
+import logging
 import os
+import random
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 
 from pydantic import Field
@@ -26,6 +29,18 @@ from kondense.errors import InvalidInput, InvalidSpec, StorageAccessDenied, Stor
 
 MANIFEST = "manifest.json"
 CHUNK = 8 * 1024 * 1024
+
+log = logging.getLogger("kondense.store")
+T = TypeVar("T")
+
+# botocore's retries per request (its Config's max_attempts counts retries: 3 is 4 tries, with
+# jittered waits of at most 1, 2 and 4 s): a blip (a dropped connection, one 503) passes at once.
+STAGE_ATTEMPTS = 3
+# Callers that pass this many attempts or fewer must answer quickly (the local runner's access
+# check, `kondense plan`): they get no outage window, the first failure is their answer.
+FAIL_FAST_ATTEMPTS = 2
+# How long a stage keeps retrying an operation while the store is down (restarts, failovers).
+OUTAGE_WINDOW = 300.0
 
 
 class FileEntry(Model):
@@ -201,7 +216,10 @@ def verify(folder: Path, manifest: Manifest, uri: str) -> None:
         if digest is None:
             raise InvalidInput(f"{join(uri, rel)} is listed in manifest.json but missing.")
         if digest != entry.sha256:
-            raise InvalidInput(f"{join(uri, rel)} has sha256 {digest[:12]}..., manifest.json says {entry.sha256[:12]}...: the file is corrupt.")
+            raise InvalidInput(
+                f"{join(uri, rel)} has sha256 {digest}, manifest.json says {entry.sha256}: the file is corrupt. "
+                f"To resolve, delete {uri} and run the pipeline again (its stage runs again), or restore the file."
+            )
 
 
 class FileStore(Store):
@@ -283,12 +301,65 @@ class S3Location:
         return cls(parsed.netloc, parsed.path.lstrip("/"))
 
 
+class StoreOutage(StorageUnavailable):
+    """The store did not answer: refused or dropped connections, timeouts, 5xx. Retrying can help."""
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Retries of one store operation through an outage: exponential waits within a time window.
+
+    Wait n is first * 2**(n-1), capped at `cap`, then jittered down by up to half so that the
+    workers of a stage do not come back in step. The operation is tried again while the time since
+    its first failure plus the next wait stays within `window`; a window of 0 fails fast.
+    Only StoreOutage is retried: access denied, a missing bucket or object never heal by waiting.
+    """
+
+    window: float = OUTAGE_WINDOW
+    first: float = 1.0
+    cap: float = 30.0
+    sleep: Callable[[float], None] = time.sleep
+    clock: Callable[[], float] = time.monotonic
+
+    def wait(self, attempt: int) -> float:
+        full = min(self.cap, self.first * 2 ** (attempt - 1))
+        return full * random.uniform(0.5, 1.0)
+
+    def call(self, what: str, fn: Callable[[], T]) -> T:
+        """fn(), tried again on StoreOutage. One log line per retry: `what` (the operation), the
+        attempt, the error (it names the URI, never a credential) and the wait."""
+        started = None
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn()
+            except StoreOutage as e:
+                if self.window <= 0:
+                    raise
+                now = self.clock()
+                started = now if started is None else started
+                wait = self.wait(attempt)
+                if now - started + wait > self.window:
+                    raise StoreOutage(
+                        f"{e} Gave up after {attempt} attempts in {now - started:.0f} s (outage window "
+                        f"{self.window:.0f} s). Check that the store is up and spec.storage.endpoint is right."
+                    ) from None
+                log.warning("Store %s failed (attempt %d): %s Retrying in %.1f s.", what, attempt, e, wait)
+                self.sleep(wait)
+
+
 class S3Store(Store):
     """S3 and S3-compatible stores through boto3.
 
     Credentials, region and endpoint follow boto3's standard chain (AWS_* environment, profile,
     IRSA/pod identity); the spec may set the endpoint and region. Large files go up and down in
     parallel multipart transfers, and several files move at once.
+
+    Two layers of retries: botocore retries each request `max_attempts` times (a blip), then
+    `backoff` retries the whole operation (one file, one read) through an outage of up to
+    `outage_window` seconds. By default a caller asking for FAIL_FAST_ATTEMPTS or fewer gets no
+    outage window.
     """
 
     scheme = "s3"
@@ -296,11 +367,20 @@ class S3Store(Store):
     CONCURRENCY = 16
     FILE_WORKERS = 4
 
-    def __init__(self, endpoint: str | None = None, region: str | None = None, max_attempts: int = 8):
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        region: str | None = None,
+        max_attempts: int = STAGE_ATTEMPTS,
+        outage_window: float | None = None,
+    ):
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
+        if outage_window is None:
+            outage_window = OUTAGE_WINDOW if max_attempts > FAIL_FAST_ATTEMPTS else 0.0
+        self.backoff = Backoff(window=outage_window)
         self.client = boto3.session.Session().client(
             "s3",
             endpoint_url=endpoint,
@@ -319,21 +399,29 @@ class S3Store(Store):
             use_threads=True,
         )
 
-    def _errors(self, uri: str):
-        return _S3Errors(uri)
+    def _call(self, what: str, uri: str, fn: Callable[[], T]) -> T:
+        """fn() with botocore's errors translated, retried through an outage."""
+
+        def attempt() -> T:
+            with _S3Errors(uri):
+                return fn()
+
+        return self.backoff.call(what, attempt)
 
     def read_bytes(self, uri: str) -> bytes | None:
         loc = S3Location.parse(uri)
-        with self._errors(uri):
+
+        def get() -> bytes | None:
             try:
                 return self.client.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
             except self.client.exceptions.NoSuchKey:
                 return None
 
+        return self._call("read", uri, get)
+
     def write_bytes(self, uri: str, data: bytes) -> None:
         loc = S3Location.parse(uri)
-        with self._errors(uri):
-            self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data)
+        self._call("write", uri, lambda: self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=data))
 
     def _parallel(self, fn, items) -> None:
         with futures.ThreadPoolExecutor(self.FILE_WORKERS) as pool:
@@ -341,10 +429,9 @@ class S3Store(Store):
                 f.result()
 
     def upload(self, files: list[tuple[Path, str]]) -> None:
-        def one(src: Path, uri: str) -> None:
+        def one(src: Path, uri: str) -> None:  # each file retried on its own: the others stay uploaded
             loc = S3Location.parse(uri)
-            with self._errors(uri):
-                self.client.upload_file(str(src), loc.bucket, loc.key, Config=self.transfer)
+            self._call("upload", uri, lambda: self.client.upload_file(str(src), loc.bucket, loc.key, Config=self.transfer))
 
         self._parallel(one, files)
 
@@ -352,28 +439,26 @@ class S3Store(Store):
         def one(uri: str, dst: Path) -> None:
             loc = S3Location.parse(uri)
             dst.parent.mkdir(parents=True, exist_ok=True)
-            with self._errors(uri):
-                self.client.download_file(loc.bucket, loc.key, str(dst), Config=self.transfer)
+            self._call("download", uri, lambda: self.client.download_file(loc.bucket, loc.key, str(dst), Config=self.transfer))
 
         self._parallel(one, files)
 
     def list_keys(self, uri: str) -> list[str]:
         loc = S3Location.parse(uri)
         prefix = loc.key.rstrip("/") + "/" if loc.key else ""
-        keys: list[str] = []
-        with self._errors(uri):
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
-                keys += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
-        return keys
+
+        def listing() -> list[str]:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix)
+            return [o["Key"][len(prefix):] for page in pages for o in page.get("Contents", [])]
+
+        return self._call("list", uri, listing)
 
     def delete_prefix(self, uri: str) -> int:
         loc = S3Location.parse(uri)
         keys = [join(loc.key, k) for k in self.list_keys(uri)]
         for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            with self._errors(uri):
-                response = self.client.delete_objects(
-                    Bucket=loc.bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
-                )
+            batch = {"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True}
+            response = self._call("delete", uri, lambda: self.client.delete_objects(Bucket=loc.bucket, Delete=batch))
             if errors := response.get("Errors"):  # per-key failures come back in a 200 response
                 first = errors[0]
                 kind = StorageAccessDenied if first.get("Code") == "AccessDenied" else StorageUnavailable
@@ -385,14 +470,15 @@ class S3Store(Store):
         loc = S3Location.parse(uri)
         probe = join(uri, f".kondense-probe-{os.getpid()}")
         self.write_bytes(probe, b"")
-        with self._errors(uri):
-            self.client.delete_object(Bucket=loc.bucket, Key=S3Location.parse(probe).key)
+        self._call("delete", probe, lambda: self.client.delete_object(Bucket=loc.bucket, Key=S3Location.parse(probe).key))
 
 
 class _S3Errors:
-    """Translate botocore errors into the store's three kinds, naming the URI."""
+    """Translate botocore errors into the store's kinds, naming the URI; StoreOutage when waiting can help."""
 
     DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "403", "401"}
+    # 4xx answers that mean "not now" rather than "never"; every 5xx is an outage too.
+    TRANSIENT = {"RequestTimeout", "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded"}
 
     def __init__(self, uri: str):
         self.uri = uri
@@ -403,21 +489,30 @@ class _S3Errors:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is None:
             return False
+        from boto3.exceptions import RetriesExceededError, S3UploadFailedError
         from botocore.exceptions import (
             ClientError,
             ConnectionError as BotoConnectionError,
+            HTTPClientError,
+            IncompleteReadError,
             NoCredentialsError,
             PartialCredentialsError,
         )
-        from boto3.exceptions import S3UploadFailedError
 
+        if isinstance(exc, S3UploadFailedError) and isinstance(exc.__context__, ClientError):
+            exc = exc.__context__  # boto3 wraps the ClientError of an upload; classify the original
+        if isinstance(exc, RetriesExceededError) and exc.last_exception is not None:
+            exc = exc.last_exception  # s3transfer gave up re-reading a download stream
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
             raise StorageAccessDenied(
                 f"{self.uri}: no S3 credentials. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                 "(in a cluster: spec.storage.credentialsSecret)."
             ) from None
         if isinstance(exc, BotoConnectionError):
-            raise StorageUnavailable(f"{self.uri}: cannot reach the S3 endpoint ({exc}).") from None
+            raise StoreOutage(f"{self.uri}: cannot reach the S3 endpoint ({exc}).") from None
+        # reset, closed or timed out mid-transfer (builtins: a socket error botocore did not wrap)
+        if isinstance(exc, (HTTPClientError, IncompleteReadError, ConnectionError, TimeoutError)):
+            raise StoreOutage(f"{self.uri}: the connection to the S3 endpoint failed ({type(exc).__name__}: {exc}).") from None
         if isinstance(exc, S3UploadFailedError):
             text = str(exc)
             if any(code in text for code in self.DENIED):
@@ -434,17 +529,29 @@ class _S3Errors:
                 raise InvalidSpec(f"{self.uri}: the bucket does not exist. Create it or fix spec.storage.uri.") from None
             if code in ("404", "NoSuchKey"):
                 raise InvalidInput(f"{self.uri}: not found.") from None
-            raise StorageUnavailable(f"{self.uri}: {code or status} from S3 ({exc}).") from None
+            kind = StoreOutage if status >= 500 or status in (0, 408, 429) or code in self.TRANSIENT else StorageUnavailable
+            raise kind(f"{self.uri}: {code or status} from S3 ({exc}).") from None
         return False
 
 
-def open_store(uri: str, endpoint: str | None = None, region: str | None = None, max_attempts: int = 8) -> Store:
-    """The store for a URI. Stages retry hard (max_attempts 8); interactive checks fail fast."""
+def open_store(
+    uri: str,
+    endpoint: str | None = None,
+    region: str | None = None,
+    max_attempts: int = STAGE_ATTEMPTS,
+    outage_window: float | None = None,
+) -> Store:
+    """The store for a URI.
+
+    Stages ride out an outage of the store: each operation is retried for up to OUTAGE_WINDOW
+    seconds. Interactive and operator-side checks pass max_attempts=FAIL_FAST_ATTEMPTS (or fewer)
+    and fail fast, without an outage window; `outage_window` sets one explicitly.
+    """
     scheme = urlparse(uri).scheme
     if scheme == "file":
         return FileStore()
     if scheme == "s3":
-        return S3Store(endpoint=endpoint, region=region, max_attempts=max_attempts)
+        return S3Store(endpoint=endpoint, region=region, max_attempts=max_attempts, outage_window=outage_window)
     raise InvalidSpec(f"{uri}: storage must be s3://bucket/prefix or file:///path")
 
 
