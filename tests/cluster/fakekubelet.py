@@ -28,6 +28,10 @@ each new unscheduled one in its namespaces:
 deleted while running has its process group sent SIGTERM, then SIGKILL after the grace period;
 its final status is reported and its deletion completed, as the kubelet does. The ``behaviour``
 hook lets a test decide how a container ends without running it (e.g. an OOM kill).
+:meth:`PodRun.kill` kills a running container the way a node can (lost, preempted, out of
+memory): SIGKILL to its process group, no grace period; the container reports terminated with
+exit code 137 (reason Error) and, under ``restartPolicy: Never``, the pod Failed, which the Job
+controller then acts on (a retry within ``backoffLimit``, or its ``podFailurePolicy``).
 
 Not emulated: init containers, probes, resource limits, pod ``activeDeadlineSeconds``, images
 (the command must exist locally), ``kubectl logs`` (read :meth:`PodRun.output` instead), DNS
@@ -138,6 +142,23 @@ class PodRun:
             return self.output_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def kill(self) -> None:
+        """SIGKILL the running container's process group now, as a node kills a container (lost
+        node, preemption, the kernel's OOM killer): it ends with exit code 137, reason Error, and
+        the pod is Failed unless its ``restartPolicy`` restarts it. The pod is not deleted.
+
+        Raises ``RuntimeError`` when no process of this pod is running (not started yet, between
+        restarts, or finished): wait for the pod to be Running first.
+        """
+        with self._lock:  # reaping happens under this lock: the group id cannot be recycled
+            process = self._process
+            # An exited process that is not reaped yet (WNOWAIT leaves it so) has ended on its own.
+            if process is None or process.returncode is not None or os.waitid(
+                os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT
+            ):
+                raise RuntimeError(f"pod {self.namespace}/{self.name} has no running container to kill")
+            _killpg(process.pid, signal.SIGKILL)
 
     def _stop(self, grace: float, deleted: bool) -> None:
         """Stop the container: SIGTERM to its process group now, SIGKILL after ``grace``."""

@@ -242,6 +242,36 @@ def test_behaviour_hook_simulates_an_oom_kill(
     assert fake_kubelet.run_for(namespace, pod.metadata.name).output() == ""
 
 
+def test_a_killed_container_fails_its_pod_with_exit_code_137(
+    api_client: client.ApiClient, namespace: str, fake_kubelet: FakeKubelet
+) -> None:
+    core, batch = client.CoreV1Api(api_client), client.BatchV1Api(api_client)
+    batch.create_namespaced_job(
+        namespace, _job("killed", ["python", "-c", "import time; print('up', flush=True); time.sleep(300)"])
+    )
+    run = wait_for(
+        lambda: next((r for r in fake_kubelet.runs if r.namespace == namespace and r.output()), None),
+        timeout=30,
+        what="the Job's container to be up",
+    )
+
+    run.kill()  # as a lost node or the OOM killer would
+
+    wait_for(
+        lambda: _has_condition(
+            batch.read_namespaced_job_status("killed", namespace), "Failed", "BackoffLimitExceeded"
+        ),
+        timeout=30,
+        what="Job killed to fail",
+    )
+    pod = _job_pod(core, namespace, "killed")
+    terminated = pod.status.container_statuses[0].state.terminated
+    assert (pod.status.phase, terminated.exit_code, terminated.reason) == ("Failed", 137, "Error")
+    assert (run.exit_code, run.restarts) == (137, 0)
+    with pytest.raises(RuntimeError, match="no running container"):
+        run.kill()
+
+
 def test_fake_kubelet_builds_the_container_like_a_kubelet(
     api_client: client.ApiClient, namespace: str, fake_kubelet: FakeKubelet
 ) -> None:
