@@ -123,7 +123,7 @@ def cmd_report(args) -> int:
         uri = evals[-1].output
     else:
         uri = to_uri(target)
-    raw = open_store(uri).read_bytes(join(uri, "report.json"))
+    raw = open_store(uri, max_attempts=2).read_bytes(join(uri, "report.json"))
     if raw is None:
         raise InvalidSpec(f"{join(uri, 'report.json')} does not exist: has the evaluate stage finished?")
     doc = json.loads(raw)
