@@ -1,8 +1,8 @@
 """Fixtures for tests against a real control plane (etcd, kube-apiserver, kube-controller-manager).
 
 * ``control_plane`` (session): a :class:`controlplane.ControlPlane`, with one extra static user,
-  ``jane``, who has no RBAC rights at all, and an audit log of the operator's lists and watches
-  of pods and Jobs (``control_plane.audit_events()``).
+  ``jane``, who has no RBAC rights at all, and an audit log of every request of the operator's
+  service accounts (``control_plane.audit_events()``).
 * ``api_client`` (session): an admin ``kubernetes.client.ApiClient`` for it.
 * ``namespace`` (function): a fresh namespace, deleted afterwards (without waiting).
 * ``fake_kubelet`` (function): a :class:`fakekubelet.FakeKubelet` serving ``namespace``.
@@ -28,8 +28,9 @@ if _HERE not in sys.path:
 from controlplane import ControlPlane, ControlPlaneError, find_assets  # noqa: E402
 
 UNPRIVILEGED_USER = "jane"
-# The lists and watches of pods and Jobs by the service accounts of the operator's namespace
-# (operator_harness.RELEASE_NAMESPACE): whether it asks the API server for its children only.
+# Every request of the service accounts of the operator's namespace (operator_harness.
+# RELEASE_NAMESPACE): whether it asks the API server for its children only, and how many
+# requests a pipeline costs.
 AUDIT_POLICY = """\
 apiVersion: audit.k8s.io/v1
 kind: Policy
@@ -37,8 +38,6 @@ omitStages: [RequestReceived]
 rules:
 - level: Metadata
   userGroups: ["system:serviceaccounts:kondense-system"]
-  verbs: [list, watch]
-  resources: [{group: "", resources: [pods]}, {group: batch, resources: [jobs]}]
 - level: None
 """
 

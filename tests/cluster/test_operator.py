@@ -642,7 +642,8 @@ def test_the_operator_lists_and_watches_only_the_jobs_and_pods_of_pipelines(oper
 
     def made():  # kopf's requests, as the operator's ServiceAccount (tests list pods as it too)
         requests = [e for e in control_plane.audit_events() if e.get("userAgent", "").startswith("kopf/")
-                    and e["user"]["username"].startswith(f"system:serviceaccount:{RELEASE_NAMESPACE}:")]
+                    and e["user"]["username"].startswith(f"system:serviceaccount:{RELEASE_NAMESPACE}:")
+                    and (e["verb"], e.get("objectRef", {}).get("resource")) in wanted]
         return requests if {(e["verb"], e["objectRef"]["resource"]) for e in requests} >= wanted else None
 
     requests = wait_for(made, timeout=30, what="the operator's lists and watches of Jobs and pods")
