@@ -157,7 +157,13 @@ class _Handler(BaseHTTPRequestHandler):
 def serve(host: str, port: int, ready: Callable[[], tuple[bool, str]]) -> ThreadingHTTPServer:
     """Serve /metrics and /readyz on a thread; `ready()` says whether this replica can work and why."""
     handler = type("Handler", (_Handler,), {"ready": staticmethod(ready)})
-    server = ThreadingHTTPServer((host, port), handler)
+    try:
+        server = ThreadingHTTPServer((host, port), handler)
+    except OSError as e:
+        raise SystemExit(
+            f"cannot serve metrics on {host}:{port}: {e.strerror}. Set KONDENSE_METRICS_PORT (chart: metrics.port) "
+            "to a free port, other than the liveness port."
+        ) from None
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("Metrics on http://%s:%d%s, readiness on %s", host, server.server_address[1], METRICS_PATH, READY_PATH)

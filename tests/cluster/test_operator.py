@@ -83,6 +83,7 @@ def metrics_url(operator):
     server = metrics.serve("127.0.0.1", 0, lambda: (True, "test"))
     yield f"http://127.0.0.1:{server.server_address[1]}/metrics"
     server.shutdown()
+    server.server_close()
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:

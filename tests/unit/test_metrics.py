@@ -117,8 +117,12 @@ def test_the_endpoint_serves_the_metrics_and_says_why_it_is_not_ready():
         state["ready"] = (True, "leading: the operator runs")
         assert get(f"{base}/readyz") == (200, "leading: the operator runs\n")
         assert get(f"{base}/other")[0] == 404
+        with pytest.raises(SystemExit, match=rf"cannot serve metrics on 127.0.0.1:{server.server_address[1]}: .*"
+                                             r"Set KONDENSE_METRICS_PORT"):
+            metrics.serve("127.0.0.1", server.server_address[1], lambda: state["ready"])  # the port is taken
     finally:
         server.shutdown()
+        server.server_close()
 
 
 def test_a_standby_is_ready_while_it_reaches_its_lease_and_not_when_it_cannot(monkeypatch):
