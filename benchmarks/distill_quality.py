@@ -1,13 +1,18 @@
-"""Does the teacher help? Logit-KD student vs a CE-only student (alpha 0), same steps and data.
+"""Does the teacher help, and do its stored top-k logits help as much? Logit-KD students, online
+(the teacher run at every step) and offline (the teacher's top-k logits stored once by the
+teacher_logits stage), vs a CE-only student (alpha 0), same steps and data.
 
-Both students start from the demo's random student and train with the logits-distill stage
+Every student starts from the demo's random student and trains with the logits-distill stage
 (`kondense_jobs.distill.run`, in-process) on the demo dataset's training split, with the same
-steps, learning rate, batch, sequence length and seed; only alpha (and so the teacher's
-soft targets) differs. The held-out perplexity of each is measured on the eval split (token
-stream joined with EOS, non-overlapping windows), as the evaluate stage does. The demo's
-inputs (teacher pretrained on the other 7/8 of the corpus) come from `kondense.demo.build_inputs`.
+steps, learning rate, batch, sequence length and seed: the online and offline students even see
+the same windows in the same order; only the teacher's targets differ (its whole distribution,
+or its top k renormalized, see `topk_kd_loss`). The held-out perplexity of each is measured on the
+eval split (token stream joined with EOS, non-overlapping windows), as the evaluate stage does.
+The teacher pass (`kondense_jobs.teacher_logits.run`) reports the artifact's bytes per token and
+the teacher's top-k mass at T=1. The demo's inputs (teacher pretrained on the other 7/8 of the
+corpus) come from `kondense.demo.build_inputs`.
 
-    python benchmarks/distill_quality.py [--steps 300] [--alpha 0.5] [--temperature 2]
+    python benchmarks/distill_quality.py [--steps 300] [--alpha 0.5] [--temperature 2] [--top-k 64[,8,...]]
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from kondense.api import DatasetRef, DistillSpec, InputRef, Resources, StageRun, Storage
+from kondense.api import DatasetRef, DistillSpec, InputRef, Resources, StageRun, Storage, TeacherLogitsSpec
 from kondense.events import Progress
 from kondense_jobs import data
 from kondense_jobs.runtime import Context
@@ -50,20 +55,28 @@ def perplexity(model_dir: Path, windows: list[list[int]]) -> float:
     return math.exp(nll / count)
 
 
-def distill(work: Path, inputs: Path, spec: DistillSpec, name: str) -> tuple[Path, dict]:
+def stage(work: Path, inputs: Path, kind: str, config, name: str, models: dict[str, InputRef]) -> tuple[Path, dict]:
     run = StageRun(
-        pipeline="quality", namespace="default", stage=name, stage_kind="distill", distill=spec,
-        models={"teacher": InputRef(uri=f"file://{inputs / 'teacher'}"), "student": InputRef(uri=f"file://{inputs / 'student'}")},
+        pipeline="quality", namespace="default", stage=name, stage_kind=kind, **{kind: config}, models=models,
         dataset=DatasetRef(uri=f"file://{inputs / 'dataset.jsonl'}", **DATASET),
         output=f"file://{work}/store/{name}", input_digest=f"sha256:{name}",
         storage=Storage(uri=f"file://{work}/store"), resources=Resources(gpus=0),
     )
     (work / name).mkdir(parents=True)
-    from kondense_jobs import distill as stage
+    from kondense_jobs.__main__ import load_stage
 
     with open("/dev/null", "w") as quiet:
-        summary = stage.run(Context(run, work / name, work / "cache", progress=Progress(name, out=quiet)))
+        summary = load_stage(kind)(Context(run, work / name, work / "cache", progress=Progress(name, out=quiet)))
     return work / "store" / name, summary.metrics
+
+
+def distill(work: Path, inputs: Path, spec: DistillSpec, name: str, logits: str | None = None) -> tuple[Path, dict]:
+    """A student, from the teacher (online) or from the teacher_logits stage named `logits` (offline)."""
+    teacher = {"teacher": InputRef(uri=f"file://{inputs / 'teacher'}")}
+    if logits:
+        teacher = {"teacherLogits": InputRef(uri=f"file://{work}/store/{logits}", stage=logits, input_digest=f"sha256:{logits}")}
+    models = {**teacher, "student": InputRef(uri=f"file://{inputs / 'student'}")}
+    return stage(work, inputs, "distill", spec, name, models)
 
 
 def main() -> None:
@@ -75,6 +88,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--top-k", default="64", help="teacher logits kept per token for the offline students, e.g. 64 or 8,64,256")
     a = p.parse_args()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -88,6 +102,7 @@ def main() -> None:
         max_seq_length=a.seq, checkpoint_every=a.steps + 1, seed=0,
     )
     rows = [("teacher", inputs / "teacher", None), ("student (untrained)", inputs / "student", None)]
+    passes = {}
     with tempfile.TemporaryDirectory(prefix="distill-quality-") as tmp:
         work = Path(tmp)
         for name, alpha in (("ce-only", 0.0), ("logit-kd", a.alpha)):
@@ -95,6 +110,19 @@ def main() -> None:
             out, metrics = distill(work, inputs, DistillSpec(alpha=alpha, temperature=a.temperature, **common), name)
             rows.append((f"{name} (alpha {alpha:g})", out, metrics))
             print(f"trained {name} in {time.monotonic() - started:.0f} s", flush=True)
+        for k in (int(x) for x in a.top_k.split(",")):
+            logits = f"teacher-logits-{k}"
+            started = time.monotonic()
+            _, passes[k] = stage(
+                work, inputs, "teacher_logits", TeacherLogitsSpec(top_k=k, max_seq_length=a.seq, batch_size=16), logits,
+                {"teacher": InputRef(uri=f"file://{inputs / 'teacher'}")},
+            )
+            print(f"teacher pass (top {k}) in {time.monotonic() - started:.0f} s", flush=True)
+            started = time.monotonic()
+            spec = DistillSpec(alpha=a.alpha, temperature=a.temperature, teacher_logits=logits, **common)
+            out, metrics = distill(work, inputs, spec, f"offline-top{k}", logits)
+            rows.append((f"offline top-{k} (alpha {a.alpha:g})", out, metrics))
+            print(f"trained offline-top{k} in {time.monotonic() - started:.0f} s", flush=True)
         ppl = {name: perplexity(path, windows) for name, path, _ in rows}
 
     print(
@@ -107,6 +135,12 @@ def main() -> None:
         print(f"{name:28}{ppl[name]:>12.1f}{loss:>18}")
     kd, ce = ppl[rows[3][0]], ppl[rows[2][0]]
     print(f"ratio logit-KD / CE-only perplexity: {kd / ce:.3f} (target <= 0.90)")
+    for (k, m), (name, _, _) in zip(passes.items(), rows[4:]):
+        print(
+            f"offline top-{k}: perplexity {ppl[name] / kd:.3f}x the online student's; artifact {m['bytesPerToken']:.1f} "
+            f"bytes per token ({m['windows']:.0f} windows), teacher's top-{k} mass at T=1 {m['topKMass']:.3f}, "
+            f"teacher pass {m['teacherSeconds']:.0f} s"
+        )
 
 
 if __name__ == "__main__":

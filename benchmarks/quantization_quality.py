@@ -6,7 +6,9 @@ One run, the real stages (`python -m kondense_jobs <kind>`, as Jobs and `kondens
   2. the fp32 model: the demo's logits distillation of the student (the demo's distill stage
      config), or with --fp teacher the pretrained teacher itself;
   3. quantize stages from it: bnb-nf4, bnb-int8, gptq 4-bit (the demo's groupSize 32, 64 x 128
-     calibration tokens), gguf q8_0 and q4_k_m (when kondense_jobs.gguf and llama.cpp are there);
+     calibration tokens) and 8-bit per channel, fp8-dynamic (no calibration), w8a8-int8 (SmoothQuant +
+     GPTQ), awq 4-bit (on a GPU only), gguf q8_0 and q4_k_m (when kondense_jobs.gguf and llama.cpp
+     are there);
   4. one evaluate stage over all of them: identical held-out windows (the demo's seqLength 128,
      16384 tokens), perplexity, size and tokens/s;
 and prints each method's perplexity increase over fp32 next to its target.
@@ -44,10 +46,21 @@ METHODS = {  # name -> (spec, target: max relative perplexity increase, or None)
     "nf4": (QuantizeSpec(method="bnb-nf4", double_quant=True, compute_dtype="float32"), 0.01),
     "int8": (QuantizeSpec(method="bnb-int8"), None),
     "gptq-4bit": (QuantizeSpec(method="gptq", bits=4, group_size=32, calibration_samples=64, calibration_seq_length=128), 0.01),
+    "gptq-8bit": (QuantizeSpec(method="gptq", bits=8, group_size=-1, calibration_samples=64, calibration_seq_length=128), 0.002),
+    "fp8-dynamic": (QuantizeSpec(method="fp8-dynamic"), 0.01),
+    "w8a8-int8": (QuantizeSpec(method="w8a8-int8", calibration_samples=64, calibration_seq_length=128), 0.01),
+    "awq-4bit": (QuantizeSpec(method="awq", group_size=32, calibration_samples=64, calibration_seq_length=128), 0.01),
     "gguf-q8_0": (QuantizeSpec(method="gguf", type="q8_0"), 0.001),
     "gguf-q4_k_m": (QuantizeSpec(method="gguf", type="q4_k_m"), 0.02),
 }
 EVAL = dict(seq_length=128, max_eval_tokens=16384, generate_tokens=32)
+
+
+def has_cuda() -> bool:
+    """llm-compressor's AWQ needs a GPU (kondense_jobs.quantize.AWQ_NEEDS_GPU)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def has_gguf() -> bool:
@@ -110,7 +123,9 @@ def main() -> int:
         fp, _ = bench.stage("distill", "distill", DISTILL, {"teacher": teacher, "student": student})
     else:
         fp = teacher
-    methods = {k: v for k, v in METHODS.items() if has_gguf() or not k.startswith("gguf")}
+    methods = {
+        k: v for k, v in METHODS.items() if (has_gguf() or not k.startswith("gguf")) and (has_cuda() or v[0].method != "awq")
+    }
     variants = {args.fp: fp}
     for name, (spec, _) in methods.items():
         variants[name], _ = bench.stage(name, "quantize", spec, {"model": fp})
@@ -143,6 +158,8 @@ def main() -> int:
         )
     if not has_gguf():
         print("(gguf rows left out: kondense_jobs.gguf or llama-cpp-python is not installed)")
+    if not has_cuda():
+        print("(awq-4bit left out: llm-compressor's AWQ needs a GPU)")
     print()
     print("All targets met." if not missed else f"Targets missed: {', '.join(missed)}")
     return 1 if missed else 0

@@ -96,6 +96,7 @@ S3 = "an s3:// URI names a bucket (3-63 lowercase letters, digits, . and -) and 
 DOTS = "must not contain . or .. path segments"
 RESERVED = "HOME, TMPDIR, HF_HOME and KONDENSE_* are set by kondense"
 STAGE_FROM = "a stage's `from` must name an earlier stage, teacher or student"
+TEACHER_LOGITS_REF = "distill.teacherLogits must name an earlier teacherLogits stage"
 
 CASES = [
     # Numbers: bounds in the schema (minimum/maximum), the same bounds in pydantic (ge/gt/le/lt).
@@ -115,7 +116,7 @@ CASES = [
          f"{S}[3].resources.gpuMemoryGiB", "must be > 0", "should be greater than 0"),
     # Enums: closed in the schema and in pydantic (Literal).
     Case("bits-enum", setter(lambda d: d["spec"]["stages"][GPTQ]["quantize"], bits=5), f"{S}[3].quantize.bits",
-         "must be one of 2, 3, 4, 8", "Unsupported value: 5"),
+         "must be one of 4, 8", "Unsupported value: 5"),
     Case("precision-enum", setter(distill, precision="fp8"), f"{S}[0].distill.precision",
          "must be one of auto, fp32, bf16, fp16", 'Unsupported value: "fp8"'),
     # URIs: CEL rules on the field, the same regular expressions in Python (api.matching).
@@ -178,6 +179,16 @@ CASES = [
     Case("gate-on-a-variant-not-evaluated", setter(lambda d: evaluate(d)["gates"], appliesTo=["nf4", "ghost"]),
          f"{S}[5].evaluate.gates.appliesTo", "gates.appliesTo must name variants in `of`",
          "gates.appliesTo must name variants in `of`"),
+    Case("kl-divergence-negative", setter(lambda d: evaluate(d)["gates"], maxKLDivergence=-0.01),
+         f"{S}[5].evaluate.gates.maxKLDivergence", "must be >= 0", "should be greater than or equal to 0"),
+    Case("top1-agreement-above-one", setter(lambda d: evaluate(d)["gates"], minTop1Agreement=1.5),
+         f"{S}[5].evaluate.gates.minTop1Agreement", "must be <= 1", "should be less than or equal to 1"),
+    Case("on-missing-variant-enum", setter(evaluate, onMissingVariant="ignore"),
+         f"{S}[5].evaluate.onMissingVariant", "must be one of fail, skip", 'Unsupported value: "ignore"'),
+    Case("kl-gate-on-a-variant-not-evaluated",
+         setter(lambda d: evaluate(d)["gates"], maxKLDivergence=0.05, appliesTo=["gguf", "ce"]),
+         f"{S}[5].evaluate.gates.appliesTo", "gates.appliesTo must name variants in `of`",
+         "gates.appliesTo must name variants in `of`"),
     Case("variant-twice", lambda d: evaluate(d)["of"].append("nf4"), f"{S}[5].evaluate.of",
          "`of` lists a variant twice", "`of` lists a variant twice"),
     # How stages name each other: CEL across the list (api.STAGE_REFERENCES), plan.semantic_errors.
@@ -196,6 +207,28 @@ CASES = [
     Case("variant-an-evaluation", append_stage(name="again", evaluate={"of": ["eval"]}),
          f"{S}[6].evaluate.of[0]", "'eval' is a evaluate stage", "evaluate.of must name models",
          api_path=S, planner=True),
+    # Offline teacher logits (a teacherLogits stage and the distill stages that read it).
+    Case("teacher-logits-for-alpha-zero", setter(lambda d: d["spec"]["stages"][CE_ONLY]["distill"], teacherLogits="distill"),
+         f"{S}[1].distill.teacherLogits", "teacherLogits is for method logits with alpha > 0",
+         "teacherLogits is for method logits with alpha > 0"),
+    Case("teacher-load-with-teacher-logits", setter(distill, teacherLoad="int8", teacherLogits="tl"),
+         f"{S}[0].distill.teacherLoad", "with teacherLogits no teacher is loaded", "with teacherLogits no teacher is loaded"),
+    Case("teacher-logits-with-from", append_stage(name="tl", teacherLogits={}, **{"from": "distill"}), f"{S}[6].from",
+         "teacherLogits runs spec.teacher, not from", "teacherLogits runs spec.teacher, not from"),
+    Case("teacher-logits-unknown", setter(distill, teacherLogits="ghost"), f"{S}[0].distill.teacherLogits",
+         "'ghost' names no stage", TEACHER_LOGITS_REF, api_path=S, planner=True),
+    Case("teacher-logits-of-a-distill-stage", setter(lambda d: d["spec"]["stages"][CE_ONLY]["distill"], alpha=0.5,
+                                                     teacherLogits="distill"),
+         f"{S}[1].distill.teacherLogits", "'distill' is a distill stage", TEACHER_LOGITS_REF,
+         api_path=S, planner=True),
+    Case("teacher-logits-window", both(append_stage(name="tl", teacherLogits={"maxSeqLength": 64}),
+                                       append_stage(name="late", distill={"teacherLogits": "tl"})),
+         f"{S}[7].distill.maxSeqLength", "512, but stage 'tl' stores windows of 64 tokens",
+         "a distill stage's maxSeqLength must equal that of the teacherLogits stage", api_path=S, planner=True),
+    Case("variant-teacher-logits", both(lambda d: d["spec"]["stages"].insert(EVAL, {"name": "tl", "teacherLogits": {}}),
+                                        lambda d: d["spec"]["stages"][EVAL + 1]["evaluate"]["of"].append("tl")),
+         f"{S}[6].evaluate.of[7]", "'tl' is a teacher_logits stage",
+         "evaluate.of must name models", api_path=S, planner=True),
     # Effective resources: the planner alone (a stage inherits what it does not set).
     Case("workers-not-gpus", both(setter(resources, gpus=2), setter(stage(DISTILL), resources={"workers": 3})),
          f"{S}[0].resources.workers", "3 workers on 2 GPUs", None, planner=True),
@@ -206,6 +239,31 @@ CASES = [
     Case("global-batch-over-workers", both(setter(distill, globalBatchSize=24),
                                            setter(stage(DISTILL), resources={"workers": 2})),
          f"{S}[0].distill.globalBatchSize", "does not divide into batchSize 8 x 2 workers", None, planner=True),
+]
+
+
+def quantize_as(**fields: Any) -> Callable[[dict], None]:
+    """The demo's gptq stage with `fields` as its whole quantize block."""
+    return lambda doc: doc["spec"]["stages"][GPTQ].update(quantize=copy.deepcopy(fields))
+
+
+# Quantize methods and their fields together (api.QuantizeSpec.RULES): a scheme and a bit width, a
+# field of another method. What only the model decides (groupSize against the layers' widths, an
+# ignore pattern that matches no module) is refused by the stage: tests/jobs/test_quantize.py.
+CASES += [
+    Case("awq-bits-8", quantize_as(method="awq", bits=8), f"{S}[3].quantize.bits",
+         "awq writes 4-bit weights (W4A16): bits must be 4", "awq writes 4-bit weights (W4A16): bits must be 4"),
+    Case("bits-of-fp8", quantize_as(method="fp8-dynamic", bits=4), f"{S}[3].quantize.bits",
+         "bits is only for methods gptq, awq", "bits is only for methods gptq, awq"),
+    Case("group-size-of-w8a8", quantize_as(method="w8a8-int8", groupSize=128), f"{S}[3].quantize.groupSize",
+         "groupSize is only for methods gptq, awq", "groupSize is only for methods gptq, awq"),
+    Case("actorder-of-awq", quantize_as(method="awq", actorder="static"), f"{S}[3].quantize.actorder",
+         "actorder is only for methods gptq, w8a8-int8", "actorder is only for methods gptq, w8a8-int8"),
+    Case("ignore-of-bnb", quantize_as(method="bnb-nf4", ignore=["lm_head"]), f"{S}[3].quantize.ignore",
+         "ignore is only for methods gptq, awq, fp8-dynamic, w8a8-int8",
+         "ignore is only for methods gptq, awq, fp8-dynamic, w8a8-int8"),
+    Case("actorder-enum", quantize_as(method="gptq", actorder="group"), f"{S}[3].quantize.actorder",
+         "must be one of static, none", 'Unsupported value: "group"'),
 ]
 
 

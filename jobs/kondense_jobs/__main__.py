@@ -33,6 +33,7 @@ STAGES = {
     "distill": "kondense_jobs.distill:run",
     "quantize": "kondense_jobs.quantize:run",
     "evaluate": "kondense_jobs.evaluate:run",
+    "teacher_logits": "kondense_jobs.teacher_logits:run",
 }
 
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"

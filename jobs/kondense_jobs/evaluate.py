@@ -8,8 +8,27 @@ Perplexity is exp(mean NLL) over every predicted token of non-overlapping window
 held-out split, tokenized once with the baseline's tokenizer (the variants share it), so every
 variant sees exactly the same tokens. Hugging Face folders (full precision, bitsandbytes,
 compressed-tensors GPTQ) are scored with transformers, GGUF files with llama.cpp
-(kondense_jobs.gguf). Throughput is greedy generation of `generateTokens` new tokens after a
-short held-out prompt, timed after one warm-up.
+(kondense_jobs.gguf, logits of every position on the same token ids). Throughput is greedy
+generation of `generateTokens` new tokens after a short held-out prompt, timed after one warm-up.
+
+Divergence from the baseline, at every predicted position of the same windows, from log-softmax
+in float64: KL(baseline || variant) = sum_t p(t) (log p(t) - log q(t)), p the baseline's
+next-token distribution (llama.cpp's `perplexity --kl-divergence` direction), and top-1 agreement,
+the share of positions where the variant's argmax is the baseline's. The baseline is measured
+first; its logits are never all held in memory: each window's log-probabilities go to
+memory-mapped files in the work dir, and each later variant is compared with them window by
+window. When every position's whole distribution fits in KL_FULL_BYTES (16 bytes per token id
+and log-prob: small vocabularies or few tokens) all are kept and the KL is exact; otherwise the
+top-KL_TOP_K tokens and the log of the rest's mass as one bucket, which leaves out only the
+divergence inside the bucket: a lower bound, close when the baseline puts little mass there
+(report.json's setup.kl_top_k says which: the vocabulary size when exact).
+Holding two models at once (lockstep) would need both in memory, the full logits on disk
+gigabytes (65536 tokens x 128k vocabulary in float16 is 16 GiB); the top-k files take 16 bytes
+per kept entry whatever the vocabulary (65536 tokens: 270 MB).
+
+A variant that cannot be measured (InvalidInput: a file llama.cpp cannot load, token ids outside
+its vocabulary) is a row of n/a with the reason in `note`, which fails every gate applied to it;
+the baseline must be measured.
 """
 
 from __future__ import annotations
@@ -21,7 +40,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kondense.api import EvaluateSpec, Gates, Report, Summary
+import numpy as np
+
+from kondense.api import EvaluateSpec, Gates, Report, ReportRow, Summary
 from kondense.errors import InvalidInput, InvalidSpec, QualityGateFailed
 from kondense.store import MANIFEST, Manifest
 from kondense_jobs import data, report
@@ -33,6 +54,8 @@ log = logging.getLogger("kondense_jobs.evaluate")
 
 TOKENS_PER_BATCH = 4096  # perplexity batch: windows per forward = TOKENS_PER_BATCH // seqLength
 WARMUP_TOKENS = 4
+KL_TOP_K = 256  # baseline log-probabilities kept per position for the KL divergence, when not all fit
+KL_FULL_BYTES = 1 << 30  # the baseline's whole distributions are kept when they take at most this on disk
 
 
 class Once(logging.Filter):
@@ -63,10 +86,17 @@ def run(ctx: Context) -> Summary:
     spec: EvaluateSpec = ctx.config
     baseline = spec.baseline or spec.of[0]
     check_names(spec, baseline)
+    missing = {name: ctx.run.missing[name] for name in spec.of if name in ctx.run.missing}
+    if baseline in missing:
+        raise InvalidInput(f"the baseline {baseline} was not produced: {missing[baseline]}")
+    for name, reason in missing.items():
+        log.info("Variant %s not evaluated: %s", name, reason)
 
-    # 1. Fetch: every variant, the held-out windows (cut once, with the baseline's tokenizer).
+    # 1. Fetch: every variant that exists, the held-out windows (cut once, with the baseline's tokenizer).
     variants = []
     for name in spec.of:
+        if name in missing:
+            continue
         path = ctx.model_dir(name)
         variants.append(Variant(name, path, format_of(name, path)))
     tokenizer = shared_tokenizer(variants, baseline)
@@ -83,21 +113,34 @@ def run(ctx: Context) -> Summary:
         "Fetched %d variants; evaluating on %d windows of %d tokens", len(variants), len(windows), spec.seq_length
     )
 
-    # 2. Measure each variant, then apply the gates.
-    measurements = []
-    for i, variant in enumerate(variants):
+    # 2. Measure each variant, the baseline first (the others are compared with it), then apply the gates.
+    reference = Reference(ctx.work_dir / "baseline-topk", len(windows) * (spec.seq_length - 1))
+    order = sorted(variants, key=lambda v: v.name != baseline)
+    by_name = {}
+    for i, variant in enumerate(order):
         ctx.progress.update(i, len(variants), phase="variants", force=True)
-        m = measure(variant, windows, prompt_ids, spec.generate_tokens)
+        try:
+            m = measure(variant, windows, prompt_ids, spec.generate_tokens, reference, tokenizer)
+        except InvalidInput as e:
+            if variant.name == baseline:
+                raise
+            log.warning("%s cannot be measured: %s", variant.name, e)
+            m = Measurement(variant.name, variant.format, None, None, None, None, None, note=f"not measured: {e}")
         log.info(
-            "%s (%s): perplexity %.3f, %.1f tokens/s, %s on disk, %.1f s",
-            m.variant, m.format, m.perplexity, m.tokens_per_second or 0, report.human_bytes(m.size_bytes), m.seconds,
+            "%s (%s): perplexity %s, KLD %s, top-1 %s, %.1f tokens/s, %s on disk, %.1f s",
+            m.variant, m.format, _shown(m.perplexity, ".3f"), _shown(m.kl_divergence, ".5f"), _shown(m.top1_agreement, ".4f"),
+            m.tokens_per_second or 0, report.human_bytes(m.size_bytes), m.seconds,
         )
-        measurements.append(m)
+        by_name[m.variant] = m
+    reference.close()
+    measurements = [by_name[v.name] for v in variants]  # in `of` order
     ctx.progress.update(len(variants), len(variants), phase="variants", force=True)
-    gate = check_gates(spec.gates, baseline, measurements)
+    gate = check_gates(spec.gates, baseline, measurements, missing)
 
     # 3. Publish the report, also when a gate failed (so that users can see why), then fail.
-    summary_report = Report(uri=ctx.run.output, baseline=baseline, table=[m.row() for m in measurements])
+    rows = {m.variant: m.row() for m in measurements}
+    rows |= {name: ReportRow(variant=name, missing=reason) for name, reason in missing.items()}
+    summary_report = Report(uri=ctx.run.output, baseline=baseline, table=[rows[name] for name in spec.of])
     if best := report.best_variant(measurements, gate, baseline):
         summary_report.best, summary_report.best_size_ratio, summary_report.size_reference = best
     setup = {
@@ -106,14 +149,19 @@ def run(ctx: Context) -> Summary:
         "tokens": len(windows) * spec.seq_length,
         "prompt_tokens": len(prompt_ids),
         "generate_tokens": spec.generate_tokens,
+        "kl_top_k": reference.k,
         "gates": spec.gates.dump(),
     }
-    report.write(ctx.output_dir(), summary_report, measurements, gate, setup)
+    report.write(ctx.output_dir(), summary_report, measurements, gate, setup, missing)
     metrics = {f"{m.variant}.perplexity": round(m.perplexity, 4) for m in measurements if math.isfinite(m.perplexity)}
+    for m in measurements:
+        if m.variant != baseline and report.finite(m.kl_divergence) is not None:
+            metrics[f"{m.variant}.klDivergence"] = round(m.kl_divergence, 6)
+            metrics[f"{m.variant}.top1Agreement"] = round(m.top1_agreement, 6)
     summary = ctx.publish(
         metrics=metrics,
         format="report",
-        extra={"gate": gate.dump(), "report": summary_report.dump()},
+        extra={"gate": gate.dump(), "report": summary_report.dump(), "missing": missing},
         report=summary_report,
     )
     if not gate.passed:
@@ -182,31 +230,39 @@ def prompt(tokenizer, records: list[dict], ref, first_window: list[int]) -> list
 # --------------------------------------------------------------------------------------------
 
 
-def measure(variant: Variant, windows: list[list[int]], prompt_ids: list[int], generate_tokens: int) -> Measurement:
+def measure(
+    variant: Variant, windows: list[list[int]], prompt_ids: list[int], generate_tokens: int,
+    reference: Reference, tokenizer,
+) -> Measurement:
+    """One variant: its scores on the windows (the baseline's are recorded in `reference`, the
+    others compared with them), size and throughput."""
     start = time.monotonic()
     if variant.format == "gguf":
-        m = measure_gguf(variant, windows, prompt_ids, generate_tokens)
+        m = measure_gguf(variant, windows, prompt_ids, generate_tokens, reference, tokenizer)
     else:
-        m = measure_hf(variant, windows, prompt_ids, generate_tokens)
+        m = measure_hf(variant, windows, prompt_ids, generate_tokens, reference)
     m.seconds = round(time.monotonic() - start, 2)
     return m
 
 
-def measure_hf(variant: Variant, windows: list[list[int]], prompt_ids: list[int], generate_tokens: int):
+def measure_hf(variant: Variant, windows: list[list[int]], prompt_ids: list[int], generate_tokens: int, reference):
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(variant.path, dtype="auto", device_map=device_map())
     model.eval()
     try:
+        scores = Scores(reference, variant.name)
+        scores.add_all(hf_logits(model, windows), windows)
         return Measurement(
             variant=variant.name,
             format="hf",
             size_bytes=weight_bytes(variant.path),
             parameters=logical_parameters(model),
             memory_bytes=int(model.get_memory_footprint()),
-            perplexity=hf_perplexity(model, windows),
+            perplexity=scores.perplexity(),
             tokens_per_second=hf_tokens_per_second(model, prompt_ids, generate_tokens),
+            **scores.divergence(),
         )
     finally:
         del model
@@ -230,21 +286,125 @@ def logical_parameters(model) -> int:
     return total
 
 
-def hf_perplexity(model, windows: list[list[int]]) -> float:
-    """exp(mean NLL) over all predicted tokens; the model's mean loss per batch, weighted by its token count."""
+def hf_logits(model, windows: list[list[int]]):
+    """Each window's logits [len(window), vocab], batched TOKENS_PER_BATCH tokens per forward."""
     import torch
 
-    device = model.device
     batch = max(1, TOKENS_PER_BATCH // len(windows[0]))
-    nll, count = 0.0, 0
     with torch.inference_mode():
         for i in range(0, len(windows), batch):
-            ids = torch.tensor(windows[i : i + batch], device=device)
-            loss = model(input_ids=ids, labels=ids).loss
-            n = ids.shape[0] * (ids.shape[1] - 1)
-            nll += loss.float().item() * n
-            count += n
-    return math.exp(nll / count)
+            logits = model(input_ids=torch.tensor(windows[i : i + batch], device=model.device)).logits
+            yield from logits
+
+
+class Reference:
+    """The baseline's next-token distributions, position by position over all windows: the
+    KL_TOP_K most likely tokens' ids and log-probabilities and the log of the rest's mass, in
+    memory-mapped files (see the module's docstring)."""
+
+    def __init__(self, folder: Path, positions: int):
+        self.folder, self.positions = folder, positions
+        self.k = 0  # set by the baseline's first window: min(KL_TOP_K, its vocabulary)
+        self.vocab: int | None = None
+        self.baseline: str | None = None
+
+    def record(self, at: int, logp) -> None:
+        import torch
+
+        if self.vocab is None:
+            self.vocab = logp.shape[-1]
+            exact = self.positions * self.vocab * 16 <= KL_FULL_BYTES
+            self.k = self.vocab if exact else min(KL_TOP_K, self.vocab)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            opened = np.lib.format.open_memmap
+            self.ids = opened(self.folder / "ids.npy", mode="w+", dtype=np.int64, shape=(self.positions, self.k))
+            self.logp = opened(self.folder / "logp.npy", mode="w+", dtype=np.float64, shape=(self.positions, self.k))
+            self.rest = opened(self.folder / "rest.npy", mode="w+", dtype=np.float64, shape=(self.positions,))
+        top = torch.topk(logp, self.k, dim=-1)  # sorted: column 0 is the argmax
+        n = logp.shape[0]
+        self.ids[at : at + n] = top.indices.cpu().numpy()
+        self.logp[at : at + n] = top.values.cpu().numpy()
+        self.rest[at : at + n] = _rest(logp, top.indices).cpu().numpy()
+
+    def compare(self, at: int, logq) -> tuple[float, int]:
+        """(sum over the window's positions of KL(baseline || variant), positions whose argmax agrees)."""
+        import torch
+
+        n = logq.shape[0]
+        ids = torch.from_numpy(np.asarray(self.ids[at : at + n])).to(logq.device)
+        logp = torch.from_numpy(np.asarray(self.logp[at : at + n])).to(logq.device)
+        rest_p = torch.from_numpy(np.asarray(self.rest[at : at + n])).to(logq.device)
+        kl = (logp.exp() * (logp - logq.gather(-1, ids))).sum(-1)
+        rest_q = _rest(logq, ids)
+        bucket = torch.where(torch.isfinite(rest_p), rest_p.exp() * (rest_p - rest_q), torch.zeros_like(rest_p))
+        agree = (logq.argmax(-1) == ids[:, 0]).sum()
+        return float((kl + bucket).sum()), int(agree)
+
+    def close(self) -> None:
+        for name in ("ids", "logp", "rest"):
+            if hasattr(self, name):
+                delattr(self, name)
+        for f in self.folder.glob("*.npy"):
+            f.unlink()
+
+
+def _rest(logp, top_ids):
+    """log of the probability mass outside `top_ids` (-inf when they are the whole vocabulary)."""
+    import torch
+
+    return torch.logsumexp(logp.scatter(-1, top_ids, float("-inf")), dim=-1)
+
+
+class Scores:
+    """One variant's pass over the windows: NLL for the perplexity; for the baseline its
+    distributions into `reference`, for the others KL and top-1 against it."""
+
+    def __init__(self, reference: Reference, variant: str):
+        self.reference, self.variant = reference, variant
+        self.is_baseline = reference.baseline is None
+        if self.is_baseline:
+            reference.baseline = variant
+        self.nll, self.count, self.kl, self.agree = 0.0, 0, 0.0, 0
+        self.note: str | None = None
+
+    def add_all(self, logits_per_window, windows: list[list[int]]) -> None:
+        for logits, window in zip(logits_per_window, windows, strict=True):
+            self.add(window, logits)
+
+    def add(self, window: list[int], logits) -> None:
+        """One window: logits [len(window), vocab] (a torch tensor or a numpy array)."""
+        import torch
+
+        if isinstance(logits, np.ndarray):
+            logits = torch.from_numpy(logits)
+        logp = torch.log_softmax(logits[:-1].double(), dim=-1)  # position i predicts token i + 1
+        target = torch.tensor(window[1:], device=logp.device)
+        self.nll -= float(logp.gather(-1, target[:, None]).sum())
+        at = self.count
+        self.count += len(window) - 1
+        ref = self.reference
+        if self.is_baseline:
+            ref.record(at, logp)
+        elif self.note is None:
+            if logp.shape[-1] != ref.vocab:
+                self.note = (
+                    f"KLD and top-1 n/a: logits over {logp.shape[-1]} tokens, the baseline {ref.baseline}'s over "
+                    f"{ref.vocab}; they need one vocabulary"
+                )
+                return
+            kl, agree = ref.compare(at, logp)
+            self.kl += kl
+            self.agree += agree
+
+    def perplexity(self) -> float:
+        return math.exp(self.nll / self.count)
+
+    def divergence(self) -> dict:
+        if self.is_baseline:
+            return {"kl_divergence": 0.0, "top1_agreement": 1.0}
+        if self.note is not None:
+            return {"note": self.note}
+        return {"kl_divergence": self.kl / self.count, "top1_agreement": self.agree / self.count}
 
 
 def hf_tokens_per_second(model, prompt_ids: list[int], n_tokens: int) -> float:
@@ -272,21 +432,48 @@ def hf_tokens_per_second(model, prompt_ids: list[int], n_tokens: int) -> float:
     return produced / (time.perf_counter() - start)
 
 
-def measure_gguf(variant: Variant, windows: list[list[int]], prompt_ids: list[int], generate_tokens: int):
+def measure_gguf(
+    variant: Variant, windows: list[list[int]], prompt_ids: list[int], generate_tokens: int, reference, tokenizer
+):
     backend = gguf_backend()
     path = backend.find_gguf(variant.path)
     if path is None:
         raise InvalidInput(f"variant {variant.name}: no .gguf file in {variant.path}")
     size = path.stat().st_size
+    scores = Scores(reference, variant.name)
+    scores.note = vocabulary_mismatch(path, tokenizer)
+    scores.add_all(backend.window_logits(path, windows), windows)
     return Measurement(
         variant=variant.name,
         format="gguf",
         size_bytes=size,
         parameters=gguf_parameters(path),
         memory_bytes=size,
-        perplexity=backend.perplexity(path, windows),
+        perplexity=scores.perplexity(),
         tokens_per_second=backend.tokens_per_second(path, prompt_ids, generate_tokens),
+        **scores.divergence(),
     )
+
+
+def vocabulary_mismatch(path: Path, tokenizer) -> str | None:
+    """Why the GGUF file's vocabulary is not the tokenizer's (the windows' ids would mean other
+    tokens), or None when every token of the file is the tokenizer's token of the same id."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return "KLD and top-1 n/a: the gguf package is missing, so the file's vocabulary cannot be checked"
+    field = GGUFReader(path).fields.get("tokenizer.ggml.tokens")
+    if field is None:
+        return "KLD and top-1 n/a: the file has no tokenizer.ggml.tokens to check against the baseline's tokenizer"
+    tokens = [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+    ours = tokenizer.convert_ids_to_tokens(list(range(min(len(tokens), len(tokenizer)))))
+    for i, (theirs, mine) in enumerate(zip(tokens, ours)):
+        if theirs != mine:
+            return (
+                f"KLD and top-1 n/a: token {i} is {theirs!r} in the file and {mine!r} in the baseline's tokenizer; "
+                "they need one vocabulary"
+            )
+    return None
 
 
 def gguf_parameters(path: Path) -> int | None:
@@ -298,23 +485,43 @@ def gguf_parameters(path: Path) -> int | None:
     return int(sum(int(t.n_elements) for t in GGUFReader(path).tensors))
 
 
+def _shown(x: float | None, fmt: str) -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
 # --------------------------------------------------------------------------------------------
 # Gates
 # --------------------------------------------------------------------------------------------
 
 
-def check_gates(gates: Gates, baseline: str, measurements: list[Measurement]) -> GateResult:
-    """maxPerplexityIncrease and minTokensPerSecond on the variants in appliesTo (default: all but the baseline)."""
+def check_gates(
+    gates: Gates, baseline: str, measurements: list[Measurement], missing: dict[str, str] | None = None
+) -> GateResult:
+    """The gates on the variants in appliesTo (default: all but the baseline). A number that could
+    not be measured fails its gate, saying why; a variant that was not evaluated (`missing`, with
+    its stage's reason) is listed as n/a and fails nothing: its own stage failed."""
+    missing = missing or {}
     by_name = {m.variant: m for m in measurements}
     base = by_name[baseline]
-    names = gates.applies_to or [m.variant for m in measurements if m.variant != baseline]
+    names = gates.applies_to or [m.variant for m in measurements if m.variant != baseline] + list(missing)
     checks: list[Check] = []
+    any_gate = any(
+        g is not None
+        for g in (gates.max_perplexity_increase, gates.min_tokens_per_second, gates.max_kl_divergence, gates.min_top1_agreement)
+    )
     for name in names:
+        if name in missing:
+            if any_gate:
+                checks.append(Check(name, "missing", None, None, None, f"{name}: n/a, not evaluated: {missing[name]}"))
+            continue
         m = by_name[name]
         if gates.max_perplexity_increase is not None:
             limit = gates.max_perplexity_increase
             inc = relative_increase(m.perplexity, base.perplexity)
-            if inc is None:
+            if inc is None and m.perplexity is None:
+                text = f"{name}: perplexity n/a ({m.note or 'not measured'}); gate maxPerplexityIncrease {limit:g}"
+                checks.append(Check(name, "maxPerplexityIncrease", None, limit, False, text))
+            elif inc is None:
                 text = (
                     f"{name}: perplexity {m.perplexity} against {baseline} ({base.perplexity}) is not a finite number; "
                     f"gate maxPerplexityIncrease {limit:g}"
@@ -334,9 +541,38 @@ def check_gates(gates: Gates, baseline: str, measurements: list[Measurement]) ->
             shown = tps if tps is None else round(tps, 1)
             text = f"{name}: {shown} tokens/s {'meets' if ok else 'is below'} gate minTokensPerSecond {limit:g}"
             checks.append(Check(name, "minTokensPerSecond", tps, limit, ok, text))
-    failed = [c for c in checks if not c.passed]
+        if gates.max_kl_divergence is not None:
+            limit = gates.max_kl_divergence
+            kl = report.finite(m.kl_divergence)
+            if kl is None:
+                why = m.note or f"KLD is {m.kl_divergence}"
+                text = f"{name}: KL divergence from {baseline} n/a ({why}); gate maxKLDivergence {limit:g}"
+                checks.append(Check(name, "maxKLDivergence", None, limit, False, text))
+            else:
+                word = "is within" if kl <= limit else "exceeds"
+                text = f"{name}: KL divergence from {baseline} {kl:.4f} {word} gate maxKLDivergence {limit:g}"
+                checks.append(Check(name, "maxKLDivergence", kl, limit, kl <= limit, text))
+        if gates.min_top1_agreement is not None:
+            limit = gates.min_top1_agreement
+            top1 = report.finite(m.top1_agreement)
+            if top1 is None:
+                why = m.note or f"top-1 agreement is {m.top1_agreement}"
+                text = f"{name}: top-1 agreement with {baseline} n/a ({why}); gate minTop1Agreement {limit:g}"
+                checks.append(Check(name, "minTop1Agreement", None, limit, False, text))
+            else:
+                word = "meets" if top1 >= limit else "is below"
+                text = f"{name}: top-1 agreement with {baseline} {top1:.4f} {word} gate minTop1Agreement {limit:g}"
+                checks.append(Check(name, "minTop1Agreement", top1, limit, top1 >= limit, text))
+    failed = [c for c in checks if c.passed is False]
     if failed:
         return GateResult(False, "; ".join(c.text for c in failed), checks)
     if not checks:
         return GateResult(True, "no quality gates set", checks)
-    return GateResult(True, "all quality gates passed: " + "; ".join(c.text for c in checks), checks)
+    measured = [c for c in checks if c.passed]
+    not_evaluated = [c for c in checks if c.passed is None]
+    if not measured:
+        return GateResult(True, "no variant the gates apply to was evaluated: " + "; ".join(c.text for c in not_evaluated), checks)
+    text = "all quality gates passed: " + "; ".join(c.text for c in measured)
+    if not_evaluated:
+        text = "quality gates passed on the variants evaluated: " + "; ".join(c.text for c in checks)
+    return GateResult(True, text, checks)

@@ -312,6 +312,27 @@ def perplexity(gguf_path: Path, windows: list[list[int]]) -> float:
     return float(np.exp(nll / count))
 
 
+def window_logits(gguf_path: Path, windows: list[list[int]]):
+    """Each window's logits [len(window), n_vocab] (float32), every position, from the same token
+    ids as perplexity() feeds (no BOS added): what evaluate compares with the baseline's."""
+    import numpy as np
+
+    llm = _load(Path(gguf_path), max(len(w) for w in windows), logits_all=True)
+    try:
+        n_vocab = llm.n_vocab()
+        for w in windows:
+            if max(w) >= n_vocab or min(w) < 0:
+                raise InvalidInput(
+                    f"token ids {min(w)}..{max(w)} fall outside {Path(gguf_path).name}'s vocabulary of {n_vocab}: "
+                    "the windows come from another tokenizer"
+                )
+            llm.reset()
+            llm.eval(w)
+            yield np.array(llm.scores[: len(w)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
 def greedy(gguf_path: Path, prompt_ids: list[int], n_tokens: int) -> tuple[list[int], float]:
     """Generate exactly n_tokens greedily after prompt_ids (EOS does not stop it): (ids, seconds).
 

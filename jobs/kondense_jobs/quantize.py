@@ -15,7 +15,16 @@ Methods (one registry, METHODS):
                      worker pools as (cpu_count + 1) // 2 and refuses to start on 2-core machines
                      ("Virtual pool 'model_loader:cpu' requests 2 workers but parent 'cpu' only
                      has 1"), and the transformers GPTQConfig path through it saved models that
-                     failed to reload (qweight shape mismatch).
+                     failed to reload (qweight shape mismatch). 4 or 8 bits only: vLLM's
+                     compressed-tensors WNA16 kernels take no others. actorder static by default.
+  awq                AWQModifier (activation-aware scales) then QuantizationModifier W4A16_ASYM,
+                     calibrated. GPU only: AWQ_NEEDS_GPU says why; without one it exits 14.
+  fp8-dynamic        QuantizationModifier with the FP8_DYNAMIC preset: no calibration data.
+  w8a8-int8          SmoothQuantModifier, then GPTQModifier with the W8A8 (INT8) preset, calibrated.
+                     The four llm-compressor methods share one function (llm_compressor) and write
+                     compressed-tensors that transformers and vLLM load; each keeps `ignore` (default
+                     lm_head and MoE routers/gates) in full precision. A modifier or preset that the
+                     installed llm-compressor lacks exits 12 naming its version.
   gguf               llama.cpp's converter and quantizer, in kondense_jobs.gguf.
 """
 
@@ -29,7 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 from kondense.api import QuantizeSpec, Summary
-from kondense.errors import InvalidInput, InvalidSpec, MissingDependency
+from kondense.errors import InsufficientResources, InvalidInput, InvalidSpec, MissingDependency
 from kondense_jobs import data
 from kondense_jobs.runtime import Context, require
 
@@ -38,7 +47,14 @@ log = logging.getLogger("kondense_jobs.quantize")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 GPTQ_DEFAULT_BITS = 4
 GPTQ_DEFAULT_GROUP_SIZE = 128
-GPTQ_IGNORE = ["lm_head"]
+SMOOTHING_STRENGTH = 0.8  # llm-compressor's W8A8 INT8 examples
+LLMC_TESTED = "0.14.0.1"  # the llm-compressor release these recipes are tested with
+AWQ_NEEDS_GPU = (
+    "method awq needs a GPU: llm-compressor {version}'s AWQModifier pins its cached activations in "
+    "page-locked memory (IntermediatesCache.pin_memory), which needs an NVIDIA driver, and none of its "
+    "options avoids that. To resolve, give this stage resources.gpus >= 1, or use method gptq (bits 4), "
+    "which runs on CPUs."
+)
 GGUF_DEFAULT_TYPE = "q8_0"
 
 
@@ -158,19 +174,57 @@ def _bitsandbytes(model_dir: Path, out: Path, config, layer_class: str, feature:
 
 
 # --------------------------------------------------------------------------------------------
-# GPTQ (llm-compressor)
+# llm-compressor: gptq, awq, fp8-dynamic, w8a8-int8 (compressed-tensors output)
 # --------------------------------------------------------------------------------------------
 
 
-def gptq_scheme(bits: int, group_size: int):
-    """compressed-tensors' preset W{bits}A16 with the group size asked for (-1: one scale per output channel)."""
-    from compressed_tensors.quantization import QuantizationStrategy, preset_name_to_scheme
+def llmcompressor_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
+        return version("llmcompressor")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def llmc_class(feature: str, module: str, name: str):
+    """`name` from llm-compressor's `module`; one this llm-compressor lacks is a MissingDependency naming its version."""
+    import importlib
+
+    require("llmcompressor", feature)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise MissingDependency(
+            f"{feature} needs {module}.{name}, which the installed llmcompressor {llmcompressor_version()} lacks. "
+            f"To resolve, use the kondense jobs image or pip install 'llmcompressor=={LLMC_TESTED}'."
+        ) from None
+
+
+def preset_scheme(feature: str, preset: str):
+    """compressed-tensors' preset scheme `preset` on Linear layers (a copy: callers may change it)."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    try:
+        return preset_name_to_scheme(preset, ["Linear"])
+    except (KeyError, ValueError):
+        raise MissingDependency(
+            f"{feature} needs the {preset} scheme, which the installed compressed-tensors (with llmcompressor "
+            f"{llmcompressor_version()}) lacks. To resolve, pip install 'llmcompressor=={LLMC_TESTED}'."
+        ) from None
+
+
+def gptq_scheme(bits: int, group_size: int, preset: str = "W{bits}A16"):
+    """compressed-tensors' preset W{bits}A16 with the group size asked for (-1: one scale per output channel)."""
+    from compressed_tensors.quantization import QuantizationStrategy
+
+    if bits not in (4, 8):
+        raise InvalidSpec(f"quantize.bits {bits} is not offered: vLLM's compressed-tensors kernels take 4 and 8 bits")
     if group_size == 0 or group_size < -1:
         raise InvalidSpec(
-            f"gptq: groupSize {group_size} is invalid; use -1 (one scale per output channel) or a positive column count"
+            f"quantize.groupSize {group_size} is invalid; use -1 (one scale per output channel) or a positive column count"
         )
-    scheme = preset_name_to_scheme(f"W{bits}A16", ["Linear"])
+    scheme = preset_scheme("quantize", preset.format(bits=bits))
     if group_size == -1:
         update = {"strategy": QuantizationStrategy.CHANNEL, "group_size": None}
     else:
@@ -179,14 +233,36 @@ def gptq_scheme(bits: int, group_size: int):
     return scheme
 
 
-def gptq_targets(model, ignore: list[str] = GPTQ_IGNORE) -> dict[str, int]:
-    """The Linear layers GPTQ quantizes -> their input width (columns)."""
-    import torch
+def check_ignore(model, patterns: list[str]) -> None:
+    """Each `ignore` pattern must be a valid regular expression (after 're:') and match a module of the model."""
+    import re
+
+    from compressed_tensors.utils import is_match
+
+    modules = list(model.named_modules())
+    for i, pattern in enumerate(patterns):
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                raise InvalidSpec(f"quantize.ignore[{i}]: {pattern!r} is not a regular expression ({e})") from None
+        if not any(is_match(name, module, pattern) for name, module in modules if name):
+            linears = [name for name, m in modules if type(m).__name__ == "Linear"][:3]
+            raise InvalidSpec(
+                f"quantize.ignore[{i}]: {pattern!r} matches no module of the model. Patterns are module names "
+                f"(e.g. {', '.join(linears) or 'lm_head'}), class names, or regular expressions after 're:' "
+                "matched from the start of the name (re:.*mlp[.]gate$). To resolve, fix or drop the pattern."
+            )
+
+
+def gptq_targets(model, ignore: list[str] | tuple[str, ...] = QuantizeSpec.DEFAULT_IGNORE) -> dict[str, int]:
+    """The Linear layers that llm-compressor quantizes (targets ["Linear"] less `ignore`) -> their input width."""
+    from compressed_tensors.utils import is_match
 
     return {
         name: module.in_features
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in ignore and name not in ignore
+        if name and is_match(name, module, "Linear", ignore)
     }
 
 
@@ -201,7 +277,7 @@ def check_group_size(targets: dict[str, int], group_size: int) -> None:
     divisor = max(d for d in (1, 2, 4, 8, 16, 32, 64, 128, 256) if common % d == 0)
     examples = ", ".join(f"{name} ({cols})" for name, cols in list(bad.items())[:3])
     raise InvalidSpec(
-        f"gptq: groupSize {group_size} does not divide the input width of {len(bad)} of {len(targets)} layers, "
+        f"quantize.groupSize {group_size} does not divide the input width of {len(bad)} of {len(targets)} layers, "
         f"e.g. {examples}. To resolve, set groupSize to a divisor of {common} (e.g. {divisor}) "
         "or to -1 for per-channel scales."
     )
@@ -214,7 +290,7 @@ def calibration_windows(ctx: Context, tokenizer, samples: int, seq_length: int) 
     windows = data.windows(stream, seq_length, limit=samples * seq_length)
     if not windows:
         if not stream:
-            raise InvalidInput("gptq: the training split holds no tokens to calibrate on")
+            raise InvalidInput("the training split holds no tokens to calibrate on")
         log.warning(
             "The training split has %d tokens, fewer than calibrationSeqLength %d: calibrating on one shorter sample",
             len(stream), seq_length,
@@ -228,48 +304,118 @@ def calibration_windows(ctx: Context, tokenizer, samples: int, seq_length: int) 
     return windows
 
 
-def gptq(ctx: Context, model_dir: Path, out: Path) -> dict[str, float]:
-    spec: QuantizeSpec = ctx.config
+def gptq_recipe(spec: QuantizeSpec, ignore: list[str]) -> tuple[list, dict[str, float], str]:
+    """GPTQ W{bits}A16: (recipe, metrics, description)."""
+    GPTQModifier = llmc_class("method gptq", "llmcompressor.modifiers.quantization", "GPTQModifier")
     bits = spec.bits or GPTQ_DEFAULT_BITS
     group_size = spec.group_size if spec.group_size is not None else GPTQ_DEFAULT_GROUP_SIZE
+    scheme = gptq_scheme(bits, group_size)
+    recipe = [GPTQModifier(config_groups={"group_0": scheme}, ignore=ignore, actorder=actorder(spec))]
+    what = f"W{bits}A16, groupSize {group_size}, actorder {spec.actorder or 'static'}"
+    return recipe, {"bits": bits, "groupSize": group_size}, what
+
+
+def awq_recipe(spec: QuantizeSpec, ignore: list[str]) -> tuple[list, dict[str, float], str]:
+    """AWQ's activation-aware smoothing, then round-to-nearest W4A16 (llm-compressor's two-modifier recipe)."""
+    AWQModifier = llmc_class("method awq", "llmcompressor.modifiers.transform", "AWQModifier")
+    QuantizationModifier = llmc_class("method awq", "llmcompressor.modifiers.quantization", "QuantizationModifier")
+    group_size = spec.group_size if spec.group_size is not None else GPTQ_DEFAULT_GROUP_SIZE
+    scheme = gptq_scheme(4, group_size, preset="W{bits}A16_ASYM")
+    recipe = [AWQModifier(), QuantizationModifier(config_groups={"group_0": scheme}, ignore=ignore)]
+    return recipe, {"bits": 4, "groupSize": group_size}, f"W4A16 asymmetric, groupSize {group_size}"
+
+
+def fp8_recipe(spec: QuantizeSpec, ignore: list[str]) -> tuple[list, dict[str, float], str]:
+    """FP8 weights (per channel) and per-token dynamic FP8 activations: no calibration data."""
+    QuantizationModifier = llmc_class("method fp8-dynamic", "llmcompressor.modifiers.quantization", "QuantizationModifier")
+    scheme = preset_scheme("method fp8-dynamic", "FP8_DYNAMIC")
+    return [QuantizationModifier(config_groups={"group_0": scheme}, ignore=ignore)], {"bits": 8}, "W8A8 FP8 dynamic"
+
+
+def w8a8_int8_recipe(spec: QuantizeSpec, ignore: list[str]) -> tuple[list, dict[str, float], str]:
+    """SmoothQuant moves activation outliers into the weights, then GPTQ quantizes them to INT8 (per channel);
+    activations are quantized per token at run time."""
+    SmoothQuantModifier = llmc_class("method w8a8-int8", "llmcompressor.modifiers.transform", "SmoothQuantModifier")
+    GPTQModifier = llmc_class("method w8a8-int8", "llmcompressor.modifiers.quantization", "GPTQModifier")
+    strength = spec.smoothing_strength if spec.smoothing_strength is not None else SMOOTHING_STRENGTH
+    scheme = preset_scheme("method w8a8-int8", "W8A8")
+    recipe = [
+        SmoothQuantModifier(smoothing_strength=strength),
+        GPTQModifier(config_groups={"group_0": scheme}, ignore=ignore, actorder=actorder(spec)),
+    ]
+    return recipe, {"bits": 8, "smoothingStrength": strength}, f"W8A8 INT8, SmoothQuant {strength}"
+
+
+def actorder(spec: QuantizeSpec):
+    return None if spec.actorder == "none" else "static"
+
+
+def require_gpu_for_awq() -> None:
+    """llm-compressor's AWQModifier cannot run on CPUs: see AWQ_NEEDS_GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise InsufficientResources(AWQ_NEEDS_GPU.format(version=llmcompressor_version()))
+
+
+LlmcRecipe = Callable[[QuantizeSpec, list[str]], tuple[list, dict[str, float], str]]
+# method -> (recipe builder, needs calibration data)
+LLMC_RECIPES: dict[str, tuple[LlmcRecipe, bool]] = {
+    "gptq": (gptq_recipe, True),
+    "awq": (awq_recipe, True),
+    "fp8-dynamic": (fp8_recipe, False),
+    "w8a8-int8": (w8a8_int8_recipe, True),
+}
+
+
+def llm_compressor(ctx: Context, model_dir: Path, out: Path) -> dict[str, float]:
+    """Every llm-compressor method: one `oneshot` over the method's recipe, saved as compressed-tensors."""
+    spec: QuantizeSpec = ctx.config
+    feature = f"method {spec.method}"
+    build, calibrated = LLMC_RECIPES[spec.method]
     # llm-compressor logs two lines per module (INFO and its METRIC level, 38): keep them for
     # KONDENSE_LOG_LEVEL=DEBUG only (its own LLM_COMPRESSOR_LOG_LEVEL wins when set).
     verbose = os.environ.get("KONDENSE_LOG_LEVEL") == "DEBUG"
     os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "INFO" if verbose else "ERROR")
-    require("llmcompressor", "method gptq")
-    datasets = require("datasets", "method gptq")
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
+    if spec.method == "awq":
+        require_gpu_for_awq()
+    oneshot = llmc_class(feature, "llmcompressor", "oneshot")
+    datasets = require("datasets", feature)
     from transformers import AutoModelForCausalLM
 
-    scheme = gptq_scheme(bits, group_size)
+    ignore = list(spec.ignore if spec.ignore is not None else QuantizeSpec.DEFAULT_IGNORE)
+    recipe, metrics, what = build(spec, ignore)
     tokenizer = load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
-    targets = gptq_targets(model)
+    if spec.ignore is not None:  # the defaults name modules that only some families have
+        check_ignore(model, spec.ignore)
+    targets = gptq_targets(model, ignore)
     if not targets:
-        raise InvalidInput(f"{model_dir}: no Linear layer to quantize (besides {', '.join(GPTQ_IGNORE)})")
-    check_group_size(targets, group_size)
-    windows = calibration_windows(ctx, tokenizer, spec.calibration_samples, spec.calibration_seq_length)
+        raise InvalidInput(f"{model_dir}: no Linear layer to quantize (ignore: {', '.join(ignore)})")
+    if "groupSize" in metrics:
+        check_group_size(targets, int(metrics["groupSize"]))
 
-    log.info(
-        "Quantizing %d modules with %d samples (W%dA16, groupSize %d)", len(targets), len(windows), bits, group_size
-    )
-    masks = [[1] * len(w) for w in windows]
-    calibration = datasets.Dataset.from_dict({"input_ids": windows, "attention_mask": masks})
-    oneshot(
-        model=model,
-        dataset=calibration,
-        recipe=GPTQModifier(config_groups={"group_0": scheme}, ignore=GPTQ_IGNORE),
-        max_seq_length=max(len(w) for w in windows),
-        num_calibration_samples=len(windows),
-        shuffle_calibration_samples=False,
-    )
+    kwargs: dict = {}
+    if calibrated:
+        windows = calibration_windows(ctx, tokenizer, spec.calibration_samples, spec.calibration_seq_length)
+        masks = [[1] * len(w) for w in windows]
+        kwargs = {
+            "dataset": datasets.Dataset.from_dict({"input_ids": windows, "attention_mask": masks}),
+            "max_seq_length": max(len(w) for w in windows),
+            "num_calibration_samples": len(windows),
+            "shuffle_calibration_samples": False,
+        }
+        metrics["calibrationSamples"] = len(windows)
+        log.info("Quantizing %d modules with %d samples (%s)", len(targets), len(windows), what)
+    else:
+        log.info("Quantizing %d modules without calibration data (%s)", len(targets), what)
+    oneshot(model=model, processor=tokenizer, recipe=recipe, **kwargs)
     quantized = sum(getattr(m, "quantization_scheme", None) is not None for m in model.modules())
     if quantized != len(targets):
         log.warning("llm-compressor quantized %d modules, expected %d", quantized, len(targets))
     model.save_pretrained(out, save_compressed=True)
     tokenizer.save_pretrained(out)
-    return {"quantizedModules": quantized, "calibrationSamples": len(windows), "bits": bits, "groupSize": group_size}
+    return {"quantizedModules": quantized, **metrics}
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,6 +435,9 @@ def gguf(ctx: Context, model_dir: Path, out: Path) -> dict[str, float]:
 METHODS: dict[str, Callable[[Context, Path, Path], dict[str, float]]] = {
     "bnb-nf4": bnb_nf4,
     "bnb-int8": bnb_int8,
-    "gptq": gptq,
+    "gptq": llm_compressor,
+    "awq": llm_compressor,
+    "fp8-dynamic": llm_compressor,
+    "w8a8-int8": llm_compressor,
     "gguf": gguf,
 }

@@ -1,6 +1,17 @@
 """The evaluate stage's report: report.json (everything), report.md (a table and the gates), plot.png.
 
 evaluate.py measures; this module only shapes and writes what was measured.
+
+report.json's keys are a stable interface (tests/jobs/test_evaluate.py pins them; add keys, never
+rename or drop them):
+
+    uri, baseline, setup, table              the summary (`table`: api.ReportRow, one per variant of `of`)
+    variants[]: variant, format, size_bytes, parameters, memory_bytes, perplexity, tokens_per_second,
+                kl_divergence, top1_agreement, note, seconds, perplexity_increase
+    missing[]:  variant, reason              variants `of` names that were not evaluated, and why
+    gate:       passed, message, checks[]: variant, gate, value, limit, passed (null: n/a), text
+
+Numbers that could not be measured are null, and `note` says why.
 """
 
 from __future__ import annotations
@@ -22,11 +33,15 @@ class Measurement:
 
     variant: str
     format: str  # hf | gguf
-    size_bytes: int  # weight files on disk
+    size_bytes: int | None  # weight files on disk
     parameters: int | None
     memory_bytes: int | None  # get_memory_footprint() for HF, the file size for GGUF
     perplexity: float | None
     tokens_per_second: float | None
+    # KL(baseline || variant) per predicted token, mean nats; the share of tokens whose argmax agrees
+    kl_divergence: float | None = None
+    top1_agreement: float | None = None
+    note: str | None = None  # why a number is n/a
     seconds: float = 0.0  # wall time spent measuring it
 
     def row(self) -> ReportRow:
@@ -36,6 +51,9 @@ class Measurement:
             parameters=self.parameters,
             perplexity=finite(self.perplexity),
             tokens_per_second=finite(self.tokens_per_second),
+            kl_divergence=finite(self.kl_divergence),
+            top1_agreement=finite(self.top1_agreement),
+            note=self.note,
         )
 
 
@@ -44,10 +62,10 @@ class Check:
     """One gate applied to one variant."""
 
     variant: str
-    gate: str  # maxPerplexityIncrease | minTokensPerSecond
+    gate: str  # maxPerplexityIncrease | minTokensPerSecond | maxKLDivergence | minTop1Agreement | missing
     value: float | None
-    limit: float
-    passed: bool
+    limit: float | None
+    passed: bool | None  # None: n/a, the variant was not evaluated (onMissingVariant: skip)
     text: str
 
 
@@ -68,8 +86,10 @@ def best_variant(measurements: list[Measurement], gate: GateResult, baseline: st
     """(variant, size ratio, reference): the smallest variant that passed every gate applied to
     it (lower perplexity breaks a tie), and its size over the teacher's, or over the baseline's
     when the teacher was not measured. None when no variant passed."""
-    failed = {c.variant for c in gate.checks if not c.passed}
-    candidates = [m for m in measurements if m.variant not in SOURCES and m.variant not in failed]
+    failed = {c.variant for c in gate.checks if c.passed is False}
+    candidates = [
+        m for m in measurements if m.variant not in SOURCES and m.variant not in failed and m.size_bytes is not None
+    ]
     if not candidates:
         return None
     best = min(candidates, key=lambda m: (m.size_bytes, finite(m.perplexity) or math.inf))
@@ -90,8 +110,11 @@ def relative_increase(value: float | None, base: float | None) -> float | None:
     return value / base - 1
 
 
-def document(report: Report, measurements: list[Measurement], gate: GateResult, setup: dict[str, Any]) -> dict:
-    """The report.json document: the summary table plus every measurement, the setup and the gates."""
+def document(
+    report: Report, measurements: list[Measurement], gate: GateResult, setup: dict[str, Any],
+    missing: dict[str, str] | None = None,
+) -> dict:
+    """The report.json document: the summary table plus every measurement, what is missing, the setup and the gates."""
     base = next((m.perplexity for m in measurements if m.variant == report.baseline), None)
     variants = []
     for m in measurements:
@@ -103,13 +126,17 @@ def document(report: Report, measurements: list[Measurement], gate: GateResult, 
         "baseline": report.baseline,
         "setup": setup,
         "variants": variants,
+        "missing": [{"variant": name, "reason": reason} for name, reason in (missing or {}).items()],
         "gate": {**gate.dump(), "checks": [asdict(c) for c in gate.checks]},
         "table": report.dump()["table"],
     }
 
 
-def write(out_dir: Path, report: Report, measurements: list[Measurement], gate: GateResult, setup: dict) -> list[Path]:
-    doc = document(report, measurements, gate, setup)
+def write(
+    out_dir: Path, report: Report, measurements: list[Measurement], gate: GateResult, setup: dict,
+    missing: dict[str, str] | None = None,
+) -> list[Path]:
+    doc = document(report, measurements, gate, setup, missing)
     paths = [out_dir / "report.json", out_dir / "report.md", out_dir / "plot.png"]
     paths[0].write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     paths[1].write_text(markdown(doc))
@@ -139,10 +166,12 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"Perplexity on {setup['windows']} held-out windows of {setup['seq_length']} tokens "
         f"({setup['tokens']} tokens, identical for every variant); throughput: greedy generation of "
-        f"{setup['generate_tokens']} new tokens after a {setup['prompt_tokens']}-token prompt.",
+        f"{setup['generate_tokens']} new tokens after a {setup['prompt_tokens']}-token prompt. "
+        f"KLD: mean KL(baseline || variant) of the next-token distributions, in nats per token; "
+        f"top-1: share of tokens where the variant's most likely next token is the baseline's.",
         "",
-        "| variant | format | size on disk | parameters | memory | perplexity | vs baseline | tokens/s |",
-        "|---|---|--:|--:|--:|--:|--:|--:|",
+        "| variant | format | size on disk | parameters | memory | perplexity | vs baseline | KLD | top-1 | tokens/s |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for v in doc["variants"]:
         name = f"{v['variant']} (baseline)" if v["variant"] == doc["baseline"] else v["variant"]
@@ -152,8 +181,16 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {v['format']} | {human_bytes(v['size_bytes'])} | {params} | "
             f"{human_bytes(v['memory_bytes'])} | "
-            f"{_num(v['perplexity'], '.2f')} | {vs} | {_num(v['tokens_per_second'], '.1f')} |"
+            f"{_num(v['perplexity'], '.2f')} | {vs} | {_num(v['kl_divergence'], '.4f')} | "
+            f"{_num(None if v['top1_agreement'] is None else v['top1_agreement'] * 100, '.2f')}{'' if v['top1_agreement'] is None else '%'} | "
+            f"{_num(v['tokens_per_second'], '.1f')} |"
         )
+    for m in doc["missing"]:
+        lines.append(f"| {m['variant']} | not evaluated | - | - | - | n/a | - | n/a | n/a | - |")
+    notes = [f"- {v['variant']}: {v['note']}" for v in doc["variants"] if v["note"]]
+    notes += [f"- {m['variant']}: not evaluated: {m['reason']}" for m in doc["missing"]]
+    if notes:
+        lines += ["", "n/a:", "", *notes]
     gate = doc["gate"]
     lines += ["", "## Quality gates", ""]
     if not gate["checks"]:
@@ -161,7 +198,8 @@ def markdown(doc: dict[str, Any]) -> str:
     else:
         lines.append(f"**{'Passed' if gate['passed'] else 'Failed'}**: {gate['message']}")
         lines.append("")
-        lines += [f"- {'PASS' if c['passed'] else 'FAIL'} {c['text']}" for c in gate["checks"]]
+        mark = {True: "PASS", False: "FAIL", None: "N/A"}
+        lines += [f"- {mark[c['passed']]} {c['text']}" for c in gate["checks"]]
     return "\n".join(lines) + "\n"
 
 

@@ -632,6 +632,18 @@ class DistillSpec(Model):
             "strategy fsdp is not for method gkd (its on-policy generation would gather the student for every token)",
             ".strategy",
         ),
+        Rule(
+            "!has(self.teacherLogits) || (self.method == 'logits' && self.alpha > 0.0)",
+            lambda d: d.teacher_logits is None or (d.method == "logits" and d.alpha > 0),
+            "teacherLogits is for method logits with alpha > 0 (the KD term is what reads them)",
+            ".teacherLogits",
+        ),
+        Rule(
+            "!has(self.teacherLogits) || !has(self.teacherLoad) || self.teacherLoad == 'auto'",
+            lambda d: d.teacher_logits is None or d.teacher_load == "auto",
+            "teacherLoad says how a teacher run online is held; with teacherLogits no teacher is loaded",
+            ".teacherLoad",
+        ),
     )
     model_config = with_rules(*RULES)
 
@@ -690,6 +702,14 @@ class DistillSpec(Model):
     max_new_tokens: int = Field(128, ge=1, le=8192, description="synthetic and gkd: tokens generated per prompt.")
     generation_temperature: float = Field(0.7, ge=0, le=5, description="synthetic and gkd: sampling temperature (0 = greedy).")
     top_p: float = Field(0.95, gt=0, le=1, description="synthetic: nucleus sampling threshold.")
+    teacher_logits: str | None = Field(
+        None,
+        pattern=STAGE_NAME_RE,
+        max_length=STAGE_NAME_MAX,
+        description="logits: train from the top-k teacher logits that this earlier teacherLogits stage stored, "
+        "with no teacher in memory, instead of running the teacher at every step. Its maxSeqLength must equal "
+        "this stage's. The KD term is then the KL at `temperature` over the teacher's top k plus one bucket for every other token.",
+    )
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step on `world_size` workers."""
@@ -702,19 +722,44 @@ class DistillSpec(Model):
 
 
 class QuantizeSpec(Model):
-    """Quantize a model. Fields that a method does not use are rejected."""
+    """Quantize a model. Fields that a method does not use are rejected.
 
-    # Fields that only one method reads.
-    METHOD_FIELDS: ClassVar[dict[str, str]] = {"type": "gguf", "bits": "gptq", "group_size": "gptq", "double_quant": "bnb-nf4"}
+    Which engines load each method's output, and where it runs fast (the Field descriptions say it
+    to `kubectl explain`; README.md has the table):
+      bnb-nf4, bnb-int8  transformers with bitsandbytes (vLLM loads bnb-nf4 too); any CUDA GPU.
+      gptq, awq          compressed-tensors W4A16/W8A16: vLLM (Marlin/Machete kernels, Ampere and newer)
+                         and transformers; not llama.cpp.
+      fp8-dynamic        compressed-tensors W8A8 FP8: vLLM (FP8 kernels need Ada/Hopper or newer; older
+                         GPUs fall back to weight-only FP8 Marlin) and transformers; not llama.cpp.
+      w8a8-int8          compressed-tensors W8A8 INT8: vLLM (INT8 kernels, Turing and newer) and
+                         transformers; not llama.cpp.
+      gguf               llama.cpp (and transformers, dequantized); CPUs and GPUs.
+    """
+
+    # Fields that only some methods read.
+    LLMC_METHODS: ClassVar[tuple[str, ...]] = ("gptq", "awq", "fp8-dynamic", "w8a8-int8")  # via llm-compressor
+    # Kept in full precision unless `ignore` says otherwise: the output head and MoE routers/gates
+    # (Qwen-MoE/DeepSeek mlp.gate, Mixtral block_sparse_moe.gate, Llama-4/GPT-OSS router).
+    DEFAULT_IGNORE: ClassVar[tuple[str, ...]] = ("lm_head", "re:.*mlp[.]gate$", "re:.*block_sparse_moe[.]gate$", "re:.*router$")
+    METHOD_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "type": ("gguf",),
+        "bits": ("gptq", "awq"),
+        "group_size": ("gptq", "awq"),
+        "actorder": ("gptq", "w8a8-int8"),
+        "smoothing_strength": ("w8a8-int8",),
+        "ignore": LLMC_METHODS,
+        "double_quant": ("bnb-nf4",),
+    }
     RULES: ClassVar = (
         *(
             Rule(
-                f"!has(self.{to_camel(name)}) || self.method == '{method}'",
-                lambda q, name=name, method=method: getattr(q, name) is None or q.method == method,
-                f"{to_camel(name)} is only for method {method}",
+                f"!has(self.{to_camel(name)}) || "
+                + (f"self.method in {list(methods)!r}" if len(methods) > 1 else f"self.method == {methods[0]!r}"),
+                lambda q, name=name, methods=methods: getattr(q, name) is None or q.method in methods,
+                f"{to_camel(name)} is only for method{'s' if len(methods) > 1 else ''} {', '.join(methods)}",
                 f".{to_camel(name)}",
             )
-            for name, method in METHOD_FIELDS.items()
+            for name, methods in METHOD_FIELDS.items()
         ),
         Rule(
             "!has(self.groupSize) || self.groupSize != 0",
@@ -722,17 +767,64 @@ class QuantizeSpec(Model):
             "groupSize must be -1 (per channel) or positive",
             ".groupSize",
         ),
+        Rule(
+            "self.method != 'awq' || !has(self.bits) || self.bits == 4",
+            lambda q: q.method != "awq" or q.bits in (None, 4),
+            "awq writes 4-bit weights (W4A16): bits must be 4; use method gptq for 8-bit weights",
+            ".bits",
+        ),
     )
     model_config = with_rules(*RULES)
 
-    method: Literal["bnb-nf4", "bnb-int8", "gptq", "gguf"] = Field(
-        description="bnb-nf4 / bnb-int8: bitsandbytes via transformers; gptq: GPTQ W{bits}A16 via llm-compressor "
-        "(compressed-tensors format, loads in vLLM and transformers); gguf: llama.cpp's converter and quantizer."
+    # Fields added after artifacts were made: unset, they move no digest (gptq's actorder was static).
+    NOT_IN_DIGEST: ClassVar[dict[str, tuple]] = {"actorder": (None,), "ignore": (None,), "smoothingStrength": (None,)}
+
+    method: Literal["bnb-nf4", "bnb-int8", "gptq", "awq", "fp8-dynamic", "w8a8-int8", "gguf"] = Field(
+        description="bnb-nf4 / bnb-int8: bitsandbytes via transformers (loads in transformers; vLLM loads "
+        "bnb-nf4 too; any CUDA GPU). "
+        "gptq: GPTQ W{bits}A16, calibrated. awq: AWQ W4A16 (activation-aware scales, then round-to-nearest), "
+        "calibrated; needs a GPU to quantize. Both write compressed-tensors that vLLM (4 and 8 bits; "
+        "Marlin/Machete kernels, Ampere or newer) and transformers load, not llama.cpp. "
+        "fp8-dynamic: W8A8 FP8 weights with per-token dynamic activation scales, no calibration data; loads in "
+        "vLLM and transformers; fast FP8 matmuls need Ada/Hopper (sm89+) or newer, older GPUs run it as "
+        "weight-only FP8. w8a8-int8: SmoothQuant then GPTQ to INT8 weights and dynamic INT8 activations, "
+        "calibrated; loads in vLLM (INT8 kernels, Turing or newer) and transformers. "
+        "gguf: llama.cpp's converter and quantizer; loads in llama.cpp (CPU and GPU) and, dequantized, transformers."
     )
-    bits: Literal[2, 3, 4, 8] | None = Field(None, description="gptq: weight bits (default 4).")
-    group_size: int | None = Field(None, ge=-1, le=4096, description="gptq: columns per quantization group, -1 for per-channel (default 128).")
-    calibration_samples: int = Field(128, ge=1, le=100000, description="gptq: calibration records drawn from the training split.")
-    calibration_seq_length: int = Field(512, ge=8, le=131072, description="gptq: tokens per calibration sample.")
+    bits: Literal[4, 8] | None = Field(
+        None,
+        description="gptq: weight bits, 4 or 8 (default 4); awq: 4 only. vLLM's compressed-tensors kernels take "
+        "4 and 8 bits, so 2/3-bit GPTQ is not offered.",
+    )
+    group_size: int | None = Field(
+        None, ge=-1, le=4096,
+        description="gptq, awq: columns per quantization group, -1 for per-channel (default 128). It must divide "
+        "the input width of every quantized layer: the stage refuses others (exit 10).",
+    )
+    actorder: Literal["static", "none"] | None = Field(
+        None,
+        description="gptq, w8a8-int8: GPTQ's activation ordering. static (default, llm-compressor's "
+        "recommendation): columns quantized in order of activation size, better accuracy at no runtime cost; "
+        "none: in storage order.",
+    )
+    ignore: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None,
+        max_length=64,
+        description="gptq, awq, fp8-dynamic, w8a8-int8: modules kept in full precision, by name, by class name "
+        "or by regular expression after 're:' (e.g. 're:.*mlp[.]gate$'). Default: lm_head and MoE routers/gates "
+        "(" + ", ".join(f"'{p}'" for p in DEFAULT_IGNORE) +
+        "). Each pattern given must match a module of the model: the stage refuses one that matches none (exit 10).",
+    )
+    smoothing_strength: float | None = Field(
+        None, gt=0, lt=1,
+        description="w8a8-int8: SmoothQuant's alpha, how much activation range moves into the weights (default 0.8).",
+    )
+    calibration_samples: int = Field(
+        128, ge=1, le=100000, description="gptq, awq, w8a8-int8: calibration records drawn from the training split."
+    )
+    calibration_seq_length: int = Field(
+        512, ge=8, le=131072, description="gptq, awq, w8a8-int8: tokens per calibration sample."
+    )
     double_quant: bool | None = Field(None, description="bnb-nf4: quantize the quantization constants too (default true).")
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="bnb: dtype of the matmuls on dequantized weights."
@@ -742,9 +834,42 @@ class QuantizeSpec(Model):
     )
 
 
+class TeacherLogitsSpec(Model):
+    """One pass of the teacher over the training windows, its top-k logits stored for logit distillation.
+
+    The artifact (chunks of windows: token ids, the top-k log-probabilities in fp16 and their
+    token ids) is content-addressed by the teacher, the dataset and these fields only, so every
+    distill stage that names it, and every edit of those stages, reuses one teacher pass.
+    """
+
+    # How the pass runs, not what it stores: never in the stage's content address.
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("batchSize",)
+
+    top_k: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="Largest teacher logits kept per token (at most the teacher's vocabulary). Each costs 4 bytes "
+        "per token (fp16 log-probability, 16-bit token id; 6 bytes with a vocabulary over 65536).",
+    )
+    max_seq_length: int = Field(
+        512, ge=8, le=131072, description="Tokens per window; a distill stage reading these logits uses the same."
+    )
+    precision: Precision = Field("auto", description="The teacher's forward pass: auto is bf16 on GPUs that support it, fp32 on CPU.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Windows per teacher forward pass.")
+    chunk_windows: int = Field(
+        256,
+        ge=1,
+        le=1048576,
+        description="Windows per chunk. Each chunk is committed to the store as it completes; a stage that was "
+        "stopped resumes after its last complete chunk.",
+    )
+
+
 # A variant: teacher, student or a stage's name; every one of them at most once.
 Variant = Annotated[str, Field(min_length=1, max_length=STAGE_NAME_MAX)]
 MAX_STAGES = 32
+StageKind = Literal["distill", "quantize", "evaluate", "teacher_logits"]
 MAX_VARIANTS = MAX_STAGES + len(SOURCES)
 
 
@@ -755,6 +880,21 @@ class Gates(Model):
         None, ge=0, description="Largest allowed relative perplexity increase against the baseline, e.g. 0.10 for +10%."
     )
     min_tokens_per_second: float | None = Field(None, ge=0, description="Smallest allowed generation throughput.")
+    max_kl_divergence: float | None = Field(
+        None,
+        ge=0,
+        alias="maxKLDivergence",
+        description="Largest allowed mean KL divergence KL(baseline || variant) of the next-token distributions, "
+        "in nats per token, e.g. 0.05. A variant whose KLD cannot be measured fails this gate.",
+    )
+    min_top1_agreement: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        alias="minTop1Agreement",
+        description="Smallest allowed share of held-out tokens where the variant's most likely next token is the "
+        "baseline's, e.g. 0.9.",
+    )
     applies_to: list[Variant] = Field(
         default_factory=list,
         max_length=MAX_VARIANTS,
@@ -764,6 +904,10 @@ class Gates(Model):
 
 class EvaluateSpec(Model):
     """Evaluate variants side by side on the held-out split."""
+
+    # How a missing variant is handled, not what is measured: the variants that were missing are in
+    # the digest themselves (plan.settle).
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("onMissingVariant",)
 
     RULES: ClassVar = (
         Rule(
@@ -794,16 +938,22 @@ class EvaluateSpec(Model):
         None, description="Variant the gates compare against (default: the first of `of`)."
     )
     gates: Gates = Field(default_factory=Gates, description="Quality gates.")
+    on_missing_variant: Literal["fail", "skip"] = Field(
+        "fail",
+        description="When a stage named in `of` failed (or could not run): fail leaves evaluate blocked; skip "
+        "evaluates the variants that exist and lists the missing ones in the report with their stage's reason. "
+        "The baseline is never skipped.",
+    )
     seq_length: int = Field(256, ge=8, le=131072, description="Perplexity window in tokens (identical for every variant).")
     max_eval_tokens: int = Field(65536, ge=64, description="Evaluate on at most this many held-out tokens.")
     generate_tokens: int = Field(32, ge=1, le=4096, description="Tokens generated to measure tokens/s.")
 
 
 class Stage(Model):
-    """One step of the pipeline. Exactly one of distill, quantize, evaluate."""
+    """One step of the pipeline. Exactly one of distill, quantize, evaluate, teacherLogits."""
 
     RULES: ClassVar = (
-        one_of("distill", "quantize", "evaluate"),
+        one_of("distill", "quantize", "evaluate", "teacher_logits"),
         Rule(
             f"!(self.name in {list(SOURCES)})",
             lambda s: s.name not in SOURCES,
@@ -814,6 +964,12 @@ class Stage(Model):
             "!has(self.evaluate) || !has(self.from)",
             lambda s: s.evaluate is None or s.from_ is None,
             "evaluate takes its inputs from evaluate.of, not from",
+            ".from",
+        ),
+        Rule(
+            "!has(self.teacherLogits) || !has(self.from)",
+            lambda s: s.teacher_logits is None or s.from_ is None,
+            "teacherLogits runs spec.teacher, not from",
             ".from",
         ),
     )
@@ -834,6 +990,11 @@ class Stage(Model):
     distill: DistillSpec | None = Field(None, description="Distil the teacher into the student.")
     quantize: QuantizeSpec | None = Field(None, description="Quantize the input model.")
     evaluate: EvaluateSpec | None = Field(None, description="Evaluate variants side by side.")
+    teacher_logits: TeacherLogitsSpec | None = Field(
+        None,
+        description="Run the teacher once over the training windows and store its top-k logits, for distill "
+        "stages that name this stage in distill.teacherLogits.",
+    )
     resources: Resources | None = Field(
         None,
         description="Fields set here override spec.resources for this stage (the others are inherited).",
@@ -841,16 +1002,20 @@ class Stage(Model):
     )
 
     @property
-    def kind(self) -> Literal["distill", "quantize", "evaluate"]:
+    def kind(self) -> StageKind:
+        if self.teacher_logits:
+            return "teacher_logits"
         return "distill" if self.distill else "quantize" if self.quantize else "evaluate"
 
     @property
-    def config(self) -> DistillSpec | QuantizeSpec | EvaluateSpec:
-        return self.distill or self.quantize or self.evaluate  # type: ignore[return-value]
+    def config(self) -> DistillSpec | QuantizeSpec | EvaluateSpec | TeacherLogitsSpec:
+        return self.distill or self.quantize or self.evaluate or self.teacher_logits  # type: ignore[return-value]
 
     @property
     def method(self) -> str:
-        """The distill or quantize method; `evaluate` for an evaluate stage."""
+        """The distill or quantize method; `evaluate` or `top-k` for the other kinds."""
+        if self.teacher_logits:
+            return "top-k"
         return self.distill.method if self.distill else self.quantize.method if self.quantize else "evaluate"
 
 
@@ -871,9 +1036,9 @@ def _each_stage(condition: str) -> str:
     return f"{_INDICES}.all(i, i < self.stages.size() ? ({condition}) : true)"
 
 
-def _earlier(name: str) -> str:
-    """`name` is the name of a stage before index i."""
-    return f"{_INDICES}.exists(j, j < i ? self.stages[j].name == {name} : false)"
+def _earlier(name: str, condition: str = "true") -> str:
+    """`name` is the name of a stage before index i (for which `condition` on self.stages[j] holds)."""
+    return f"{_INDICES}.exists(j, j < i ? self.stages[j].name == {name} && {condition} : false)"
 
 
 STAGE_REFERENCES = [
@@ -899,8 +1064,23 @@ STAGE_REFERENCES = [
     ),
     cel(
         "self.stages.all(s, !has(s.evaluate) || s.evaluate.of.all(v, "
-        "!self.stages.exists(t, t.name == v && has(t.evaluate))))",
+        "!self.stages.exists(t, t.name == v && (has(t.evaluate) || has(t.teacherLogits)))))",
         "evaluate.of must name models: teacher, student, distill or quantize stages",
+        ".stages",
+    ),
+    cel(
+        _each_stage(
+            f"!has({_S}.distill) || !has({_S}.distill.teacherLogits) || "
+            + _earlier(f"{_S}.distill.teacherLogits", "has(self.stages[j].teacherLogits)")
+        ),
+        "distill.teacherLogits must name an earlier teacherLogits stage",
+        ".stages",
+    ),
+    cel(
+        "self.stages.all(s, !has(s.distill) || !has(s.distill.teacherLogits) || !self.stages.exists(t, "
+        "t.name == s.distill.teacherLogits && has(t.teacherLogits) "
+        "&& t.teacherLogits.maxSeqLength != s.distill.maxSeqLength))",
+        "a distill stage's maxSeqLength must equal that of the teacherLogits stage it reads (its windows)",
         ".stages",
     ),
 ]
@@ -996,10 +1176,22 @@ class StageStatus(Model):
 
 class ReportRow(Model):
     variant: str = Field(description="teacher, student or a stage name.")
-    size_bytes: int = Field(description="Size on disk.")
+    size_bytes: int | None = Field(None, description="Size on disk (none for a variant not evaluated).")
     parameters: int | None = Field(None, description="Parameter count.")
     perplexity: float | None = Field(None, description="Perplexity on the held-out split.")
     tokens_per_second: float | None = Field(None, description="Generation throughput.")
+    kl_divergence: float | None = Field(
+        None,
+        alias="klDivergence",
+        description="Mean KL(baseline || variant) of the next-token distributions on the held-out tokens (nats).",
+    )
+    top1_agreement: float | None = Field(
+        None, alias="top1Agreement", description="Share of held-out tokens where the variant's argmax is the baseline's."
+    )
+    note: str | None = Field(None, description="Why a number is missing (n/a).")
+    missing: str | None = Field(
+        None, description="Not evaluated (evaluate.onMissingVariant: skip): the reason of the stage that failed."
+    )
 
 
 class Report(Model):
@@ -1066,12 +1258,19 @@ class StageRun(Model):
     pipeline: str
     namespace: str
     stage: str
-    stage_kind: Literal["distill", "quantize", "evaluate"]
+    stage_kind: StageKind
     distill: DistillSpec | None = None
     quantize: QuantizeSpec | None = None
     evaluate: EvaluateSpec | None = None
+    teacher_logits: TeacherLogitsSpec | None = None
+    missing: dict[str, str] = Field(
+        default_factory=dict,
+        description="evaluate with onMissingVariant skip: variants of `of` that do not exist, each with its "
+        "stage's reason; they have no entry in `models`.",
+    )
     models: dict[str, InputRef] = Field(
-        description="distill: teacher, student; quantize: model; evaluate: every variant by name, in order."
+        description="distill: teacher (or teacherLogits), student; quantize: model; evaluate: every variant "
+        "by name, in order; teacher_logits: teacher."
     )
     dataset: DatasetRef
     output: str = Field(description="Folder to publish into; manifest.json is written last.")
@@ -1080,7 +1279,7 @@ class StageRun(Model):
     resources: Resources
 
     @property
-    def config(self) -> DistillSpec | QuantizeSpec | EvaluateSpec:
+    def config(self) -> DistillSpec | QuantizeSpec | EvaluateSpec | TeacherLogitsSpec:
         return getattr(self, self.stage_kind)
 
 

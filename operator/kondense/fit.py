@@ -108,7 +108,8 @@ def plan_stages(
         if p.kind == "distill":
             d = stage.distill
             assert d is not None
-            teacher = by_shape["teacher"] if not (d.method == "logits" and d.alpha == 0) else None
+            online = not (d.method == "logits" and d.alpha == 0) and d.teacher_logits is None
+            teacher = by_shape["teacher"] if online else None  # none in memory: alpha 0, or stored logits
             estimate, fixes = memory.distill_plan(d, r, by_shape[p.inputs["student"]], teacher, host_bytes)
             c = estimate.choice
             assert c is not None
@@ -120,6 +121,11 @@ def plan_stages(
             assert q is not None
             shape = by_shape[p.inputs["model"]]
             fits.append(_single(p, r, lambda r, q=q, shape=shape: memory.quantize_plan(q, r, shape, host_bytes)))
+        elif p.kind == "teacher_logits":
+            t = stage.teacher_logits
+            assert t is not None
+            teacher = by_shape["teacher"]
+            fits.append(_single(p, r, lambda r, t=t: memory.teacher_logits_plan(t, r, teacher, host_bytes)))
         else:
             ev = stage.evaluate
             assert ev is not None

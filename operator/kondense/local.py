@@ -22,7 +22,7 @@ from kondense import events
 from kondense.api import CompressionPipeline, PipelineStatus, Report, StageStatus, Summary
 from kondense.errors import HINTS, InvalidSpec, Reason, outcome_for_exit
 from kondense.launch import stage_command
-from kondense.plan import StagePlan, decide, resolve, stage_run
+from kondense.plan import StagePlan, decide, missing_reasons, resolve, settle, stage_run
 from kondense.status import now_rfc3339, summarize
 from kondense.store import Store, open_store
 
@@ -110,6 +110,7 @@ class LocalRunner:
                     f"spec.stages[{p.index}].resources.nodes: {p.resources.nodes} nodes need a cluster (an Indexed Job); "
                     "on one machine use nodes 1 and set workers (or gpus) to run several workers"
                 )
+        self.current = self.plans  # with what each stage runs without (plan.settle), as stages fail
         self.by_name = {p.name: p for p in self.plans}
         self.stages = {p.name: StageStatus(name=p.name, input_digest=p.input_digest) for p in self.plans}
         self.status: PipelineStatus | None = None
@@ -126,7 +127,7 @@ class LocalRunner:
     def committed(self, store: Store) -> tuple[set[str], set[str]]:
         """Stages whose artifact for the current digest exists, and those whose gate failed."""
         done, gated = set(), set()
-        for p in self.plans:
+        for p in self.current:
             manifest = store.read_manifest(p.output)
             if manifest and manifest.input_digest == p.input_digest:
                 s = self.stages[p.name]
@@ -152,8 +153,21 @@ class LocalRunner:
             self.gate = (bool(extra["gate"]["passed"]), str(extra["gate"]["message"]))
 
     # -- processes -------------------------------------------------------------------------
+    def settle(self, failed: set[str]) -> None:
+        """The plans as they stand with `failed`: a stage that runs without an input says which."""
+        self.current = settle(self.plans, failed, self.spec.storage.uri, self.namespace, self.name)
+        self.by_name = {p.name: p for p in self.current}
+        for p in self.current:
+            self.stages[p.name].input_digest = p.input_digest
+
     def start(self, plan: StagePlan) -> Proc:
-        run = stage_run(self.spec, self.plans, plan.name, self.namespace, self.name)
+        failures = {
+            name: f"{s.reason}: {s.message}" if s.message else str(s.reason)
+            for name, s in self.stages.items()
+            if s.state == "Failed"
+        }
+        reasons = missing_reasons(self.current, failures)
+        run = stage_run(self.spec, self.current, plan.name, self.namespace, self.name, reasons)
         spec_path = self.state_dir / f"{plan.name}.json"
         spec_path.write_text(json.dumps(run.dump(), indent=2))
         termination = self.state_dir / f"{plan.name}.termination"
@@ -244,9 +258,10 @@ class LocalRunner:
         try:
             while True:
                 if changed:
+                    self.settle(failed)
                     committed, gated = self.committed(store)
                     failed |= gated - set(procs)
-                    d = decide(self.plans, committed, set(procs), failed, limit=self.parallel)
+                    d = decide(self.current, committed, set(procs), failed, limit=self.parallel)
                     for name in d.blocked:
                         s = self.stages[name]
                         s.state, s.reason, s.message = "Skipped", Reason.WAITING_FOR_INPUTS, "an input stage failed"
@@ -300,20 +315,31 @@ def format_durations(runner: LocalRunner) -> str:
 
 
 def format_table(report: Report) -> str:
-    """The comparison table: variant, size, parameters, perplexity, tokens/s."""
-    header = ("variant", "size", "params", "perplexity", "tokens/s")
+    """The comparison table: variant, size, parameters, perplexity, KLD and top-1 against the
+    baseline, tokens/s; a variant not evaluated or a number not measured says n/a and why."""
+    header = ("variant", "size", "params", "perplexity", "KLD", "top-1", "tokens/s")
     rows = [header]
     base = next((r.perplexity for r in report.table if r.variant == report.baseline), None)
+    notes = []
     for r in report.table:
+        name = r.variant + (" *" if r.variant == report.baseline else "")
+        if r.missing:
+            rows.append((name, "-", "-", "n/a", "n/a", "n/a", "-"))
+            notes.append(f"{r.variant}: not evaluated: {r.missing}")
+            continue
+        if r.note:
+            notes.append(f"{r.variant}: {r.note}")
         ppl = "-" if r.perplexity is None else f"{r.perplexity:.2f}"
         if base and r.perplexity and r.variant != report.baseline:
             ppl += f" ({(r.perplexity / base - 1) * 100:+.2f}%)"
         rows.append(
             (
-                r.variant + (" *" if r.variant == report.baseline else ""),
-                human_bytes(r.size_bytes),
+                name,
+                "-" if r.size_bytes is None else human_bytes(r.size_bytes),
                 "-" if r.parameters is None else f"{r.parameters / 1e6:.2f}M",
                 ppl,
+                "n/a" if r.kl_divergence is None else f"{r.kl_divergence:.4f}",
+                "n/a" if r.top1_agreement is None else f"{r.top1_agreement * 100:.2f}%",
                 "-" if r.tokens_per_second is None else f"{r.tokens_per_second:.1f}",
             )
         )
@@ -321,7 +347,8 @@ def format_table(report: Report) -> str:
     lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if report.baseline:
-        lines.append(f"* baseline for the quality gates: {report.baseline}")
+        lines.append(f"* baseline for the quality gates, KLD = KL(baseline || variant) per token, top-1 = argmax agrees: {report.baseline}")
+    lines += [f"n/a: {n}" for n in notes]
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from urllib.parse import urlparse
 
 from kondense import api
@@ -339,9 +340,10 @@ def build_service(job: dict) -> dict:
 
 
 def stage_job(spec: api.PipelineSpec, plans: list[StagePlan], plan: StagePlan, namespace: str, pipeline: str,
-              settings: Settings) -> dict:
-    """The Job of one planned stage, named and built exactly as the operator creates it."""
-    run = stage_run(spec, plans, plan.name, namespace, pipeline)
+              settings: Settings, reasons: Mapping[str, str] | None = None) -> dict:
+    """The Job of one planned stage, named and built exactly as the operator creates it; `reasons`:
+    why the inputs it runs without (plan.missing) are missing."""
+    run = stage_run(spec, plans, plan.name, namespace, pipeline, reasons)
     return build_job(run, plan, job_name(pipeline, plan), jobs_image(spec, settings), settings)
 
 
@@ -359,10 +361,10 @@ def jobs_image(spec: api.PipelineSpec, settings: Settings) -> str:
 
 
 def stage_objects(spec: api.PipelineSpec, plans: list[StagePlan], plan: StagePlan, namespace: str,
-                  pipeline: str, settings: Settings) -> list[dict]:
+                  pipeline: str, settings: Settings, reasons: Mapping[str, str] | None = None) -> list[dict]:
     """What the operator creates for one planned stage, in order: a multi-node stage's Service
     first (its pods find each other through it), then the Job."""
-    job = stage_job(spec, plans, plan, namespace, pipeline, settings)
+    job = stage_job(spec, plans, plan, namespace, pipeline, settings, reasons)
     return [build_service(job), job] if plan.resources.nodes > 1 else [job]
 
 

@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from kondense.api import DistillSpec, EvaluateSpec, QuantizeSpec, Resources
+from kondense.api import DistillSpec, EvaluateSpec, QuantizeSpec, Resources, TeacherLogitsSpec
 
 GIB = 1024**3
 RUNTIME_GIB = {"gpu": 1.0, "cpu": 0.25}  # per worker: CUDA context, NCCL and cuBLAS workspaces; malloc arenas, OpenMP
@@ -380,8 +380,12 @@ def more_gpus(estimate_for, resources: Resources) -> list[Fix]:
     return []
 
 
+CALIBRATED_METHODS = ("gptq", "awq", "w8a8-int8")
+
+
 def quantize_plan(spec: QuantizeSpec, resources: Resources, shape: Shape, host_bytes: float | None = None) -> Estimate:
-    seq = spec.calibration_seq_length if spec.method == "gptq" else 1
+    # Calibrated methods run the model on calibrationSeqLength tokens; fp8-dynamic, bnb and gguf on none.
+    seq = spec.calibration_seq_length if spec.method in CALIBRATED_METHODS else 1
     dtype = "fp32" if spec.method == "gguf" else "bf16" if resources.gpus else "fp32"
     if spec.method == "gguf":  # the converter runs on the CPU: host memory, not GPU
         resources = resources.model_copy(update={"gpus": 0})
@@ -390,6 +394,17 @@ def quantize_plan(spec: QuantizeSpec, resources: Resources, shape: Shape, host_b
 
 def evaluate_plan(spec: EvaluateSpec, resources: Resources, largest: Shape, host_bytes: float | None = None) -> Estimate:
     return inference(largest, "bf16" if resources.gpus else "fp32", spec.seq_length, resources, host_bytes)
+
+
+def teacher_logits_plan(
+    spec: TeacherLogitsSpec, resources: Resources, teacher: Shape, host_bytes: float | None = None
+) -> Estimate:
+    """The teacher's forward pass over batchSize windows: its activations and logits (with their
+    fp32 log-softmax) grow with the batch; no gradients."""
+    dtype = "bf16" if resources.gpus else "fp32"
+    one = inference(teacher, dtype, spec.max_seq_length, resources, host_bytes)
+    parts = {k: v * spec.batch_size if k in ("activations", "logits") else v for k, v in one.parts.items()}
+    return Estimate(parts, one.capacity, one.capacity_what)
 
 
 def shortfall(stage: str, estimate: Estimate, fixes: list[Fix]) -> list[str]:

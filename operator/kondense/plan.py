@@ -7,7 +7,8 @@ addresses) and `decide` (what is done, what can start), then act on the answer t
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, replace
 
 from pydantic.alias_generators import to_camel
 
@@ -20,6 +21,7 @@ DIGEST_VERSION = 1
 
 MODEL_PRODUCERS = {"distill"}  # stages whose output is a trainable HF model
 VARIANT_PRODUCERS = {"distill", "quantize"}  # stages whose output can be evaluated
+TEACHER_LOGITS = "teacher_logits"  # the stage kind whose artifact distill.teacherLogits reads
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,10 @@ class StagePlan:
     input_digest: str
     output: str
     resources: Resources
+    # Inputs the stage may run without (evaluate with onMissingVariant: skip: every variant but the
+    # baseline), and those it runs without, once `settle` knows they failed or cannot run.
+    optional: frozenset[str] = frozenset()
+    missing: tuple[str, ...] = ()
 
     @property
     def upstream(self) -> list[str]:
@@ -76,7 +82,31 @@ def semantic_errors(spec: PipelineSpec) -> list[str]:
             if stage.kind == "quantize":
                 what = "quantize takes a full-precision model (teacher, student or a distill stage)"
             check_ref(i, "from", stage.from_, MODEL_PRODUCERS, what)
+        if stage.distill and stage.distill.teacher_logits:
+            ref = stage.distill.teacher_logits
+            if ref in SOURCES:
+                errors.append(f"{_path(i, 'distill.teacherLogits')}: {ref!r} is a source; name a teacherLogits stage")
+            else:
+                check_ref(i, "distill.teacherLogits", ref, {TEACHER_LOGITS}, "name a teacherLogits stage")
+            errors += _window_errors(spec, i, kinds)
     return errors
+
+
+def _window_errors(spec: PipelineSpec, i: int, kinds: dict[str, tuple[int, str]]) -> list[str]:
+    """A distill stage trains on the windows of the teacherLogits stage it reads: same length."""
+    d = spec.stages[i].distill
+    assert d is not None and d.teacher_logits is not None
+    j, kind = kinds.get(d.teacher_logits, (i, ""))
+    if kind != TEACHER_LOGITS or j >= i:
+        return []  # check_ref said why
+    source = spec.stages[j].teacher_logits
+    assert source is not None
+    if source.max_seq_length == d.max_seq_length:
+        return []
+    return [
+        f"{_path(i, 'distill.maxSeqLength')}: {d.max_seq_length}, but stage {d.teacher_logits!r} stores windows of "
+        f"{source.max_seq_length} tokens (its teacherLogits.maxSeqLength); set both to the same"
+    ]
 
 
 def _resource_path(spec: PipelineSpec, i: int, name: str) -> str:
@@ -146,7 +176,12 @@ def _source_identity(ref: ModelRef) -> dict:
 
 def stage_inputs(spec: PipelineSpec, index: int) -> dict[str, str]:
     stage = spec.stages[index]
+    if stage.kind == TEACHER_LOGITS:
+        return {"teacher": "teacher"}
     if stage.kind == "distill":
+        assert stage.distill is not None
+        if stage.distill.teacher_logits:  # the teacher's stored logits instead of the teacher
+            return {"teacherLogits": stage.distill.teacher_logits, "student": default_input(spec, index)}
         return {"teacher": "teacher", "student": default_input(spec, index)}
     if stage.kind == "quantize":
         return {"model": default_input(spec, index)}
@@ -167,7 +202,16 @@ def _identity(stage: Stage, resources: Resources) -> dict:
     for key, neutral in getattr(stage.config, "NOT_IN_DIGEST", {}).items():
         if doc.get(key) in neutral:
             doc.pop(key)
+    for key in getattr(stage.config, "RUN_ONLY", ()):
+        doc.pop(key)
+    if stage.kind == "evaluate":  # gates added later, when unset, move no digest made before they existed
+        for key in ("maxKLDivergence", "minTop1Agreement"):
+            if doc["gates"].get(key) is None:
+                doc["gates"].pop(key, None)
     if stage.kind == "distill":
+        # Out of the config: unset, it moves no digest made before the field existed; set, the stage's
+        # name says nothing of the logits, whose own input digest stands in `inputs`.
+        doc.pop("teacherLogits")
         if stage.config.global_batch_size is not None:  # the micro-batch only splits the same global batch
             doc.pop("batchSize")
             doc.pop("gradientAccumulationSteps")
@@ -228,6 +272,10 @@ def resolve(spec: PipelineSpec, namespace: str, pipeline: str) -> list[StagePlan
         inputs = stage_inputs(spec, i)
         digest = input_digest(stage, inputs, digests, spec)
         digests[stage.name] = digest
+        optional: frozenset[str] = frozenset()
+        if stage.evaluate and stage.evaluate.on_missing_variant == "skip":
+            baseline = stage.evaluate.baseline or stage.evaluate.of[0]
+            optional = frozenset(v for v in stage.evaluate.of if v != baseline and v not in SOURCES)
         plans.append(
             StagePlan(
                 name=stage.name,
@@ -237,18 +285,69 @@ def resolve(spec: PipelineSpec, namespace: str, pipeline: str) -> list[StagePlan
                 input_digest=digest,
                 output=artifact_uri(spec.storage.uri, namespace, pipeline, stage.name, digest),
                 resources=effective_resources(spec, stage),
+                optional=optional,
             )
         )
     return plans
 
 
-def stage_run(spec: PipelineSpec, plans: list[StagePlan], name: str, namespace: str, pipeline: str) -> StageRun:
-    """The document a stage's process reads: inputs as URIs with the digests to expect."""
+def unavailable(plans: list[StagePlan], failed: Collection[str]) -> set[str]:
+    """The stages that failed and those that cannot run because a required input is unavailable."""
+    gone: set[str] = set()
+    for p in plans:  # DAG order
+        if p.name in failed or any(u in gone and u not in p.optional for u in p.upstream):
+            gone.add(p.name)
+    return gone
+
+
+def settle(plans: list[StagePlan], failed: Collection[str], storage_uri: str, namespace: str, pipeline: str) -> list[StagePlan]:
+    """The plans with each stage that may run without some inputs told which ones it runs without:
+    those that failed or cannot run. Their names go into its input digest (and so its artifact and
+    Job): a report made without a variant is not the report with it, and when that variant's
+    stage succeeds after a retry, the stage runs again under its full digest."""
+    gone = unavailable(plans, failed)
+    settled = []
+    for p in plans:
+        missing = tuple(u for u in p.upstream if u in p.optional and u in gone)
+        if missing:
+            doc = {"inputDigest": p.input_digest, "missing": sorted(missing)}
+            digest = "sha256:" + hashlib.sha256(dumps_canonical(doc).encode()).hexdigest()
+            p = replace(
+                p, missing=missing, input_digest=digest,
+                output=artifact_uri(storage_uri, namespace, pipeline, p.name, digest),
+            )
+        settled.append(p)
+    return settled
+
+
+def missing_reasons(plans: list[StagePlan], failures: Mapping[str, str]) -> dict[str, str]:
+    """Why each unavailable stage has no artifact: `failures` maps a failed stage to its reason
+    and message; a stage that could not run names the input that held it back."""
+    gone = unavailable(plans, failures)
+    why: dict[str, str] = {}
+    for p in plans:
+        if p.name in failures:
+            why[p.name] = f"stage {p.name} failed: {failures[p.name]}"
+        elif p.name in gone:
+            u = next(u for u in p.upstream if u in gone and u not in p.optional)
+            why[p.name] = f"stage {p.name} did not run: its input {why[u]}"
+    return why
+
+
+def stage_run(
+    spec: PipelineSpec, plans: list[StagePlan], name: str, namespace: str, pipeline: str,
+    reasons: Mapping[str, str] | None = None,
+) -> StageRun:
+    """The document a stage's process reads: inputs as URIs with the digests to expect, and the
+    inputs it runs without (plan.missing) with `reasons[stage]`, what the caller knows of why."""
     by_name = {p.name: p for p in plans}
     plan = by_name[name]
     stage = spec.stages[plan.index]
     models: dict[str, InputRef] = {}
+    missing = {src: (reasons or {}).get(src) or f"stage {src} did not succeed" for src in plan.missing}
     for role, src in plan.inputs.items():
+        if src in missing:
+            continue
         if src in SOURCES:
             ref: ModelRef = getattr(spec, src)
             models[role] = InputRef(uri=ref.uri, revision=ref.revision)
@@ -261,6 +360,7 @@ def stage_run(spec: PipelineSpec, plans: list[StagePlan], name: str, namespace: 
         stage=name,
         stage_kind=stage.kind,
         **{stage.kind: stage.config},
+        missing=missing,
         models=models,
         dataset=spec.dataset,
         output=plan.output,
@@ -297,21 +397,26 @@ def decide(
 
     `committed`, `running` and `failed` hold stage names whose facts are about the stage's
     CURRENT input digest; the caller matches digests (a Job label, a manifest) before.
+
+    A stage's `optional` inputs that failed or are blocked do not block it: it starts once the
+    others are done, if `settle` has told it which inputs it runs without (`missing`); until
+    then it waits, so that it never runs under the digest of a report with every variant.
     """
     d = Decision()
     state: dict[str, str] = {}
     for p in plans:  # plans are in DAG order: inputs come first
-        ups = [state[u] for u in p.upstream]
+        ups = {u: state[u] for u in p.upstream}
+        gone = {u for u, s in ups.items() if s in ("failed", "blocked") and u in p.optional}
         if p.name in committed:
             s = "done"
         elif p.name in running:
             s = "running"
         elif p.name in failed:
             s = "failed"
-        elif any(u in ("failed", "blocked") for u in ups):
+        elif any(s in ("failed", "blocked") for u, s in ups.items() if u not in gone):
             s = "blocked"
-        elif all(u == "done" for u in ups):
-            s = "start"
+        elif all(s == "done" for u, s in ups.items() if u not in gone):
+            s = "start" if gone == set(p.missing) else "waiting"
         else:
             s = "waiting"
         state[p.name] = s

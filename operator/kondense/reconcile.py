@@ -7,6 +7,8 @@ derived from the Jobs and their pods each time; a stage whose Job was garbage-co
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -28,7 +30,7 @@ from kondense.manifests import (
     pipeline_prefix,
     stage_objects,
 )
-from kondense.plan import StagePlan, decide, resolve, run_digest
+from kondense.plan import StagePlan, decide, missing_reasons, resolve, run_digest, settle
 from kondense.settings import Settings
 from kondense.status import FAILED, PROGRESSING, READY, SUCCEEDED, set_condition, summarize
 from kondense.validation import parse
@@ -249,6 +251,17 @@ def invalid(body: dict, error: InvalidSpec, now: str) -> Outcome:
     return Outcome(status, _changed(previous, status), events=[("Warning", Reason.INVALID_SPEC, str(error)[:1000])])
 
 
+@functools.lru_cache(maxsize=1024)
+def _planned(namespace: str, name: str, spec_json: str) -> tuple[api.PipelineSpec, tuple[StagePlan, ...]]:
+    """A pipeline's parsed spec and its plans, by the spec's content (never mutated by callers).
+    Every event of a pipeline's Jobs and pods reconciles it again, mostly with the same spec:
+    parsing and planning were half of a reconcile's CPU. Raises InvalidSpec (never cached)."""
+    doc = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name, "namespace": namespace},
+           "spec": json.loads(spec_json)}
+    spec = parse(doc).spec
+    return spec, tuple(resolve(spec, namespace, name))
+
+
 def _pipeline_of(body: dict) -> api.CompressionPipeline:
     """The pipeline in a watched body (its status aside); raises InvalidSpec."""
     return parse({k: body[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in body})
@@ -296,15 +309,24 @@ def reconcile(
     """
     meta = body["metadata"]
     name, namespace, generation = meta["name"], meta["namespace"], meta.get("generation")
-    spec = _pipeline_of(body).spec
+    spec, plans = _planned(namespace, name, json.dumps(body.get("spec"), sort_keys=True))
     jobs_image(spec, settings)  # InvalidSpec for an image that is not allowed, before anything is created
-    plans = resolve(spec, namespace, name)
     previous = _previous(body)
     old = {s.name: s for s in previous.stages} if previous else {}
 
     # Observe: the Job of each stage's CURRENT digest, and superseded ones.
     retry = (meta.get("annotations") or {}).get(ANNOTATION_RETRY)
     runs = {p.name: run_digest(spec, p, retry) for p in plans}
+    # The stages status recorded as failed (a Job's failure reaches status one reconcile later): a
+    # stage that may run without some inputs runs without those, under its own digest (plan.settle).
+    failures = {
+        p.name: f"{s.reason}: {s.message}" if s.message else str(s.reason)
+        for p in plans
+        if (s := old.get(p.name)) and s.state == "Failed" and s.input_digest == p.input_digest
+        and s.run_digest in (None, runs[p.name])
+    }
+    plans = settle(plans, failures, spec.storage.uri, namespace, name)
+    reasons = missing_reasons(plans, failures)
     current = {job_name(name, p): p for p in plans}
     by_job = _pods_by_job(pods)
     observed: dict[str, Observed] = {}
@@ -390,7 +412,7 @@ def reconcile(
     created, refused = [], set()
     for stage_name in decision.start:
         plan = next(p for p in plans if p.name == stage_name)
-        *companions, job = stage_objects(spec, plans, plan, namespace, name, settings)
+        *companions, job = stage_objects(spec, plans, plan, namespace, name, settings, reasons)
         job["metadata"].setdefault("annotations", {})[ANNOTATION_RUN_DIGEST] = runs[plan.name]
         try:
             for obj in companions:  # a multi-node stage's Service, before the Job that needs it

@@ -1,7 +1,7 @@
 """Parse and check a CompressionPipeline the way the API server and the planner would.
 
 Every message names its field path in the wire form, e.g.
-`spec.stages[2].quantize.bits: must be one of 2, 3, 4, 8`.
+`spec.stages[2].quantize.bits: must be one of 4, 8`.
 """
 
 from __future__ import annotations
@@ -62,24 +62,27 @@ def format_errors(exc: ValidationError, prefix: str = "") -> list[str]:
 
 def errors_of(doc: Any) -> list[str]:
     """Every problem of a parsed document, schema first, then references between stages."""
-    if not isinstance(doc, dict):
-        return ["the document must be a YAML mapping (a CompressionPipeline)"]
-    problems = []
-    if doc.get("apiVersion") != API_VERSION or doc.get("kind") != KIND:
-        problems.append(f"apiVersion/kind: expected {API_VERSION} {KIND}, got {doc.get('apiVersion')} {doc.get('kind')}")
-        return problems
-    try:
-        pipeline = CompressionPipeline.model_validate(doc)
-    except ValidationError as e:
-        return format_errors(e)
-    return semantic_errors(pipeline.spec)
+    return _checked(doc)[1]
 
 
 def parse(doc: Any) -> CompressionPipeline:
-    problems = errors_of(doc)
-    if problems:
+    pipeline, problems = _checked(doc)
+    if problems or pipeline is None:
         raise InvalidSpec("\n".join(problems))
-    return CompressionPipeline.model_validate(doc)
+    return pipeline
+
+
+def _checked(doc: Any) -> tuple[CompressionPipeline | None, list[str]]:
+    """The pipeline (validated once) and its problems."""
+    if not isinstance(doc, dict):
+        return None, ["the document must be a YAML mapping (a CompressionPipeline)"]
+    if doc.get("apiVersion") != API_VERSION or doc.get("kind") != KIND:
+        return None, [f"apiVersion/kind: expected {API_VERSION} {KIND}, got {doc.get('apiVersion')} {doc.get('kind')}"]
+    try:
+        pipeline = CompressionPipeline.model_validate(doc)
+    except ValidationError as e:
+        return None, format_errors(e)
+    return pipeline, semantic_errors(pipeline.spec)
 
 
 def load_file(path: Path) -> CompressionPipeline:

@@ -130,3 +130,43 @@ def test_ctrl_c_stops_cleanly_and_the_next_run_resumes_from_the_checkpoint(tmp_p
     status = json.loads((tmp_path / ".kondense/default/resume/status.json").read_text())["status"]
     metrics = status["stages"][0]["metrics"]
     assert metrics["resumedFromStep"] >= 5 and metrics["steps"] == 60, metrics
+
+
+def test_a_failed_quantize_stage_leaves_a_report_of_the_other_variants(tmp_path):
+    """evaluate.onMissingVariant: skip: the stage that fails is in the report with its reason,
+    the others are measured; a second run retries the failed stage and keeps the report."""
+    from kondense import demo
+
+    inputs = demo.build_inputs(demo.inputs_cache())
+    base = to_uri(str(tmp_path / "base"))
+    demo.stage_inputs(inputs, base)
+    doc = yaml.safe_load(demo.template().replace(demo.PLACEHOLDER, base))
+    doc["metadata"]["name"] = "partial"
+    doc["spec"]["stages"] = [
+        # Fails at once (InvalidSpec: the pattern matches no module of the model).
+        {"name": "broken", "quantize": {"method": "gptq", "ignore": ["no_such_module"], "calibrationSamples": 8}},
+        {"name": "eval", "evaluate": {"of": ["student", "teacher", "broken"], "onMissingVariant": "skip",
+                                      "seqLength": 64, "maxEvalTokens": 1024, "generateTokens": 4,
+                                      "gates": {"maxKLDivergence": 100.0}}},
+    ]
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    r = kondense("run", str(path), cwd=tmp_path)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # the pipeline failed: one stage did
+    status = json.loads((tmp_path / ".kondense/default/partial/status.json").read_text())["status"]
+    states = {s["name"]: (s["state"], s.get("reason")) for s in status["stages"]}
+    assert states == {"broken": ("Failed", "InvalidSpec"), "eval": ("Succeeded", "Succeeded")}, states
+    rows = {row["variant"]: row for row in status["report"]["table"]}
+    assert list(rows) == ["student", "teacher", "broken"]
+    assert rows["broken"]["missing"].startswith("stage broken failed: InvalidSpec: quantize.ignore[0]: 'no_such_module'")
+    assert rows["student"]["klDivergence"] == 0 and rows["teacher"]["klDivergence"] > 0
+    assert 0 <= rows["teacher"]["top1Agreement"] < 1  # the random student and the teacher barely agree
+    assert "n/a: broken: not evaluated: stage broken failed: InvalidSpec" in r.stdout
+    report_dir = FileStore.path(status["report"]["uri"])
+    assert "| broken | not evaluated |" in (report_dir / "report.md").read_text()
+
+    # Again: the failed stage is retried (and fails again), the report without it is up to date.
+    again = kondense("run", str(path), cwd=tmp_path)
+    assert again.returncode == 1 and "Stages run: broken in" in again.stdout, again.stdout[-3000:]
+    printed = kondense("report", str(path), cwd=tmp_path)
+    assert printed.returncode == 0 and "n/a: broken: not evaluated: stage broken failed" in printed.stdout, printed.stderr

@@ -148,11 +148,23 @@ def run_stage():
 def _kill_at_first_checkpoint(run: StageRun, spec: Path, tmp_path: Path, work_dir: Path | None = None) -> list[int]:
     """Start the stage's command, SIGKILL it and every process it started (as a lost node would) once
     a checkpoint is committed; return the committed steps. The stage must not have published."""
+    from kondense.store import FileStore
+
+    checkpoints = FileStore.path(run.output + ".checkpoints")
+    found = _kill_when_committed(run, spec, tmp_path, checkpoints, "step-*/manifest.json", work_dir)
+    return sorted(int(p.parent.name[5:]) for p in found)
+
+
+def _kill_when_committed(
+    run: StageRun, spec: Path, tmp_path: Path, folder: Path, pattern: str, work_dir: Path | None = None
+) -> list[Path]:
+    """Start the stage's command, SIGKILL it and every process it started (as a lost node would) once
+    `folder` holds a file matching `pattern` (a commit marker); return the matches after the kill.
+    The stage must not have published."""
     import psutil
 
     from kondense.store import FileStore
 
-    checkpoints = FileStore.path(run.output + ".checkpoints")
     stage_args = ["--spec", str(spec), "--termination-log", str(tmp_path / "t1"), "--cache-dir", str(tmp_path / "cache")]
     if work_dir is not None:
         stage_args += ["--work-dir", str(work_dir)]
@@ -164,9 +176,9 @@ def _kill_at_first_checkpoint(run: StageRun, spec: Path, tmp_path: Path, work_di
         )
         try:
             deadline = time.monotonic() + 300
-            while not list(checkpoints.glob("step-*/manifest.json")):
+            while not list(folder.glob(pattern)):
                 assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.monotonic() < deadline, "no checkpoint committed in 300 s"
+                assert time.monotonic() < deadline, f"nothing committed in {folder} in 300 s"
                 time.sleep(0.02)
         finally:  # torchrun starts its workers in sessions of their own: kill the tree, not a process group
             root = psutil.Process(proc.pid)
@@ -175,10 +187,16 @@ def _kill_at_first_checkpoint(run: StageRun, spec: Path, tmp_path: Path, work_di
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (FileStore.path(run.output) / "manifest.json").exists(), "the first run finished before the kill"
-    return sorted(int(p.parent.name[5:]) for p in checkpoints.glob("step-*/manifest.json"))
+    return list(folder.glob(pattern))
 
 
 @pytest.fixture(scope="session")
 def kill_at_first_checkpoint():
     """kill_at_first_checkpoint(run, spec_path, tmp_path, work_dir=None) -> committed steps."""
     return _kill_at_first_checkpoint
+
+
+@pytest.fixture(scope="session")
+def kill_when_committed():
+    """kill_when_committed(run, spec_path, tmp_path, folder, pattern, work_dir=None) -> matches after the kill."""
+    return _kill_when_committed

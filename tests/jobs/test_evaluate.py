@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from kondense.api import DatasetRef, EvaluateSpec, Gates, InputRef, QuantizeSpec
+from kondense.api import DatasetRef, EvaluateSpec, Gates, InputRef, QuantizeSpec, Report
 from kondense.events import parse_line
 from kondense.store import FileStore
 
@@ -158,15 +158,160 @@ def test_gguf_variant_on_the_same_windows(tmp_path, tmp_path_factory, make_run, 
 
 
 # --------------------------------------------------------------------------------------------
+# Divergence from the baseline: KL(baseline || variant) and top-1 agreement
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def perturbed(tmp_path_factory, tiny_teacher):
+    """The teacher with gaussian noise on every weight: close to it, not the same."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("perturbed")
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.3 * p.std())
+    model.save_pretrained(out)
+    for f in tiny_teacher.iterdir():
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_divergence(tiny_teacher, tiny_dataset):
+    """Full-vocabulary KL(teacher || model) and top-1 agreement from the logits, in float64: (model_dir) -> (kl, top1)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kondense_jobs import data
+
+    ref = DatasetRef(uri=f"file://{tiny_dataset}", eval_split=0.1)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher)
+    stream = data.token_stream(tokenizer, data.texts(data.load(tiny_dataset, ref).eval, ref))
+    ids = torch.tensor(data.windows(stream, SEQ, limit=MAX_TOKENS))
+
+    def logp(model_dir):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        with torch.inference_mode():
+            return torch.log_softmax(model(input_ids=ids).logits[:, :-1].double(), dim=-1)
+
+    base = logp(tiny_teacher)
+
+    def compute(model_dir) -> tuple[float, float]:
+        other = logp(model_dir)
+        kl = (base.exp() * (base - other)).sum(-1).mean().item()
+        return kl, (base.argmax(-1) == other.argmax(-1)).double().mean().item()
+
+    return compute
+
+
+@pytest.mark.slow
+def test_kld_is_zero_against_itself_and_positive_for_a_perturbed_model(
+    tmp_path, make_run, run_stage, tiny_teacher, tiny_dataset, perturbed, reference_divergence
+):
+    models = {"teacher": tiny_teacher, "copy": tiny_teacher, "perturbed": perturbed}
+    run, code, summary, output = evaluate(
+        tmp_path, make_run, run_stage, tiny_dataset, models, gates=Gates(max_kl_divergence=0.001, min_top1_agreement=0.5)
+    )
+    assert code == 13, output[-3000:]  # the perturbed model fails the KLD gate
+    manifest = json.loads((FileStore.path(run.output) / "manifest.json").read_text())
+    rows = {r.variant: r for r in Report.model_validate(manifest["extra"]["report"]).table}
+    assert (rows["teacher"].kl_divergence, rows["teacher"].top1_agreement) == (0.0, 1.0)  # the baseline itself
+    assert rows["copy"].kl_divergence == pytest.approx(0.0, abs=1e-12) and rows["copy"].top1_agreement == 1.0
+    kl, top1 = reference_divergence(perturbed)
+    assert kl > 0.001
+    # 2016 positions x 1024 tokens fit KL_FULL_BYTES: the whole distributions, exact.
+    assert rows["perturbed"].kl_divergence == pytest.approx(kl, rel=1e-6)
+    assert rows["perturbed"].top1_agreement == pytest.approx(top1, abs=1e-9) and top1 < 1
+    ours = rows["perturbed"].kl_divergence
+    assert summary.reason == "QualityGateFailed"
+    assert summary.message == f"perturbed: KL divergence from teacher {ours:.4f} exceeds gate maxKLDivergence 0.001"
+    doc = json.loads((FileStore.path(run.output) / "report.json").read_text())
+    assert {c["variant"]: c["passed"] for c in doc["gate"]["checks"] if c["gate"] == "maxKLDivergence"} == {
+        "copy": True, "perturbed": False
+    }
+    assert doc["setup"]["kl_top_k"] == 1024  # the whole vocabulary
+    md = (FileStore.path(run.output) / "report.md").read_text()
+    assert f"| {ours:.4f} | {rows['perturbed'].top1_agreement * 100:.2f}% |" in md
+    metrics = manifest["metrics"]
+    assert metrics["perturbed.klDivergence"] == round(ours, 6) and "teacher.klDivergence" not in metrics
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python or kondense_jobs.gguf not installed")
+def test_gguf_exports_diverge_little_from_their_source(tmp_path, tmp_path_factory, make_run, run_stage, tiny_teacher, tiny_dataset):
+    f32 = quantized(tmp_path_factory, make_run, run_stage, tiny_teacher, tiny_dataset, QuantizeSpec(method="gguf", type="f32"), "f32")
+    q8 = quantized(tmp_path_factory, make_run, run_stage, tiny_teacher, tiny_dataset, QuantizeSpec(method="gguf", type="q8_0"), "q8")
+    models = {"teacher": tiny_teacher, "f32": f32, "q8": q8}
+    run, code, summary, output = evaluate(
+        tmp_path, make_run, run_stage, tiny_dataset, models, gates=Gates(max_kl_divergence=0.01, min_top1_agreement=0.95)
+    )
+    assert code == 0, output[-3000:]
+    rows = {r.variant: r for r in summary.report.table}
+    print({n: (r.kl_divergence, r.top1_agreement) for n, r in rows.items()})
+    assert rows["f32"].kl_divergence < 1e-5 and rows["f32"].top1_agreement > 0.995  # the same weights, another runtime
+    assert rows["f32"].kl_divergence < rows["q8"].kl_divergence < 0.01
+    assert rows["q8"].top1_agreement > 0.95
+    assert rows["f32"].note is None and rows["q8"].note is None  # one vocabulary, checked token by token
+
+
+@pytest.mark.slow
+def test_missing_variants_are_listed_with_their_reason(tmp_path, make_run, run_stage, tiny_teacher, tiny_student, tiny_dataset):
+    """onMissingVariant: skip, as the StageRun says it: the variants that exist are evaluated, the
+    missing one is in every form of the report with the reason of its stage."""
+    why = "stage q4 failed: OOMKilled: the container ran out of memory"
+    spec = EvaluateSpec(of=["teacher", "q4", "student"], seq_length=SEQ, max_eval_tokens=MAX_TOKENS, generate_tokens=8,
+                        on_missing_variant="skip", gates=Gates(max_kl_divergence=100.0))
+    models = {"teacher": tiny_teacher, "student": tiny_student}
+    run, path = make_run(tmp_path, "evaluate", spec, models, dataset=tiny_dataset, stage="eval", missing={"q4": why})
+    code, summary, output = run_stage("evaluate", path, tmp_path)
+    assert code == 0, output[-3000:]
+    table = summary.report.table
+    assert [(r.variant, r.missing) for r in table] == [("teacher", None), ("q4", why), ("student", None)]
+    assert table[1].perplexity is None and table[1].kl_divergence is None and table[1].size_bytes is None
+    assert summary.report.best is None  # teacher and student aside, nothing was evaluated
+    out = FileStore.path(run.output)
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["missing"] == [{"variant": "q4", "reason": why}]
+    assert [v["variant"] for v in doc["variants"]] == ["teacher", "student"]
+    assert [(c["variant"], c["passed"]) for c in doc["gate"]["checks"]] == [("student", True), ("q4", None)]
+    assert doc["gate"]["message"].startswith("quality gates passed on the variants evaluated: ")
+    md = (out / "report.md").read_text()
+    assert "| q4 | not evaluated |" in md and f"- q4: not evaluated: {why}" in md and f"- N/A q4: n/a, not evaluated: {why}" in md
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["extra"]["missing"] == {"q4": why}
+
+    # report.json's keys are an interface (documented in kondense_jobs/report.py): pinned here.
+    assert list(doc) == ["uri", "baseline", "setup", "variants", "missing", "gate", "table"]
+    assert list(doc["variants"][0]) == [
+        "variant", "format", "size_bytes", "parameters", "memory_bytes", "perplexity", "tokens_per_second",
+        "kl_divergence", "top1_agreement", "note", "seconds", "perplexity_increase",
+    ]
+    assert list(doc["missing"][0]) == ["variant", "reason"]
+    assert list(doc["gate"]) == ["passed", "message", "checks"]
+    assert list(doc["gate"]["checks"][0]) == ["variant", "gate", "value", "limit", "passed", "text"]
+    assert set(doc["setup"]) == {"seq_length", "windows", "tokens", "prompt_tokens", "generate_tokens", "kl_top_k", "gates"}
+    assert set(doc["table"][0]) <= {
+        "variant", "sizeBytes", "parameters", "perplexity", "tokensPerSecond", "klDivergence", "top1Agreement", "note", "missing"
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # Gates, pure
 # --------------------------------------------------------------------------------------------
 
 
-def _m(variant: str, ppl: float, tps: float = 100.0, size: int = 1):
+def _m(variant: str, ppl: float, tps: float = 100.0, size: int = 1, **divergence):
     from kondense_jobs.report import Measurement
 
     return Measurement(variant=variant, format="hf", size_bytes=size, parameters=1, memory_bytes=1, perplexity=ppl,
-                       tokens_per_second=tps)
+                       tokens_per_second=tps, **divergence)
 
 
 @pytest.mark.parametrize(
@@ -216,14 +361,56 @@ def _m(variant: str, ppl: float, tps: float = 100.0, size: int = 1):
             "a: perplexity 110.0 is +10.00% over base (100.0); gate maxPerplexityIncrease 0.01; "
             "a: 10 tokens/s is below gate minTokensPerSecond 50",
         ),
+        (
+            Gates(max_kl_divergence=0.05),
+            [_m("base", 100), _m("q", 101, kl_divergence=0.0123)],
+            True,
+            "all quality gates passed: q: KL divergence from base 0.0123 is within gate maxKLDivergence 0.05",
+        ),
+        (
+            Gates(max_kl_divergence=0.05),
+            [_m("base", 100), _m("q4", 130, kl_divergence=0.2817)],
+            False,
+            "q4: KL divergence from base 0.2817 exceeds gate maxKLDivergence 0.05",
+        ),
+        (
+            Gates(max_kl_divergence=0.05),
+            [_m("base", 100), _m("gguf", 101, note="KLD and top-1 n/a: logits over 32000 tokens, the baseline base's over 32064")],
+            False,
+            "gguf: KL divergence from base n/a (KLD and top-1 n/a: logits over 32000 tokens, the baseline base's over 32064); "
+            "gate maxKLDivergence 0.05",
+        ),
+        (
+            Gates(min_top1_agreement=0.9),
+            [_m("base", 100), _m("q4", 130, top1_agreement=0.8123)],
+            False,
+            "q4: top-1 agreement with base 0.8123 is below gate minTop1Agreement 0.9",
+        ),
     ],
-    ids=["none", "within", "over", "equal-or-better", "applies-to", "too-slow", "nan", "several"],
+    ids=["none", "within", "over", "equal-or-better", "applies-to", "too-slow", "nan", "several", "kld-within",
+         "kld-over", "kld-n/a", "top1-below"],
 )
 def test_gates(gates, measurements, passed, message):
     from kondense_jobs.evaluate import check_gates
 
     result = check_gates(gates, "base", measurements)
     assert (result.passed, result.message) == (passed, message)
+
+
+def test_a_missing_variant_is_listed_by_the_gates_and_fails_none():
+    from kondense_jobs.evaluate import check_gates
+
+    missing = {"q4": "stage q4 failed: OOMKilled"}
+    result = check_gates(Gates(max_kl_divergence=0.05), "base", [_m("base", 100), _m("q", 101, kl_divergence=0.01)], missing)
+    assert result.passed and [(c.variant, c.passed) for c in result.checks] == [("q", True), ("q4", None)]
+    assert result.message == (
+        "quality gates passed on the variants evaluated: q: KL divergence from base 0.0100 is within gate "
+        "maxKLDivergence 0.05; q4: n/a, not evaluated: stage q4 failed: OOMKilled"
+    )
+    assert check_gates(Gates(), "base", [_m("base", 100)], missing).message == "no quality gates set"
+    failing = check_gates(Gates(max_kl_divergence=0.05, applies_to=["q4", "q"]), "base",
+                          [_m("base", 100), _m("q", 101, kl_divergence=0.5)], missing)
+    assert not failing.passed and failing.message == "q: KL divergence from base 0.5000 exceeds gate maxKLDivergence 0.05"
 
 
 @pytest.mark.parametrize(
@@ -241,3 +428,56 @@ def test_best_variant_is_the_smallest_that_passed_its_gates(measurements, failin
 
     checks = [Check(m.variant, "maxPerplexityIncrease", 0, 0, m.variant not in failing, "") for m in measurements]
     assert best_variant(measurements, GateResult(not failing, "", checks), "base") == best
+
+
+def test_a_variant_that_could_not_be_measured_fails_its_gates_with_the_reason():
+    from kondense_jobs.evaluate import check_gates
+    from kondense_jobs.report import GateResult, Measurement, best_variant
+
+    broken = Measurement("gguf", "gguf", None, None, None, None, None, note="not measured: llama.cpp cannot load it")
+    result = check_gates(Gates(max_perplexity_increase=0.1, max_kl_divergence=0.1), "base", [_m("base", 100), broken])
+    assert not result.passed and result.message == (
+        "gguf: perplexity n/a (not measured: llama.cpp cannot load it); gate maxPerplexityIncrease 0.1; "
+        "gguf: KL divergence from base n/a (not measured: llama.cpp cannot load it); gate maxKLDivergence 0.1"
+    )
+    # never the smallest: it has no size (and no TypeError comparing None)
+    assert best_variant([_m("base", 100, size=10), broken], GateResult(True, "", []), "base") == ("base", 1.0, "base")
+
+
+@pytest.mark.parametrize("budget, k", [(1 << 30, 512), (0, 64)], ids=["whole-distributions", "top-k-and-a-bucket"])
+def test_divergence_against_the_stored_baseline(tmp_path, monkeypatch, budget, k):
+    """Reference + Scores on random logits against full float64 KL(p || q) and argmax agreement:
+    exact when the whole distributions are kept, a close lower bound with top-k and one bucket."""
+    import torch
+
+    from kondense_jobs import evaluate as ev
+
+    monkeypatch.setattr(ev, "KL_FULL_BYTES", budget)
+    monkeypatch.setattr(ev, "KL_TOP_K", 64)
+    generator = torch.Generator().manual_seed(0)
+    windows = [[int(t) for t in torch.randint(0, 512, (33,), generator=generator)] for _ in range(3)]
+    base = [torch.randn(33, 512, generator=generator) * 3 for _ in windows]
+    other = [b + torch.randn(33, 512, generator=generator) * 0.5 for b in base]
+    reference = ev.Reference(tmp_path / "ref", 3 * 32)
+    baseline, same, variant = ev.Scores(reference, "base"), ev.Scores(reference, "same"), ev.Scores(reference, "q")
+    baseline.add_all(base, windows)
+    same.add_all(base, windows)
+    variant.add_all(other, windows)
+    assert reference.k == k
+    p = torch.cat([torch.log_softmax(b[:-1].double(), -1) for b in base])
+    q = torch.cat([torch.log_softmax(o[:-1].double(), -1) for o in other])
+    full = (p.exp() * (p - q)).sum(-1).mean().item()
+    top1 = (p.argmax(-1) == q.argmax(-1)).double().mean().item()
+    assert baseline.divergence() == {"kl_divergence": 0.0, "top1_agreement": 1.0}
+    assert same.divergence() == {"kl_divergence": 0.0, "top1_agreement": 1.0}
+    got = variant.divergence()
+    assert got["top1_agreement"] == pytest.approx(top1, abs=1e-12) and 0.3 < top1 < 1
+    if k == 512:
+        assert got["kl_divergence"] == pytest.approx(full, rel=1e-9)
+    else:
+        assert 0.8 * full < got["kl_divergence"] < full
+    nll = -sum(torch.log_softmax(b[:-1].double(), -1).gather(-1, torch.tensor(w[1:])[:, None]).sum().item()
+               for b, w in zip(base, windows))
+    assert baseline.perplexity() == pytest.approx(math.exp(nll / 96), rel=1e-12)
+    reference.close()
+    assert not list((tmp_path / "ref").glob("*.npy"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ def demo_doc() -> dict:
 @pytest.mark.parametrize(
     "mutate, expected",
     [
-        (lambda d: d["spec"]["stages"][3]["quantize"].update(bits=5), "spec.stages[3].quantize.bits: must be one of 2, 3, 4, 8"),
+        (lambda d: d["spec"]["stages"][3]["quantize"].update(bits=5), "spec.stages[3].quantize.bits: must be one of 4, 8"),
         (lambda d: d["spec"]["stages"][0]["distill"].update(temprature=2), "spec.stages[0].distill.temprature: unknown field"),
         (lambda d: d["spec"]["stages"][0]["distill"].update(alpha=1.5), "spec.stages[0].distill.alpha: must be <= 1"),
         (lambda d: d["spec"]["stages"][0]["distill"].update(method="magic"), "spec.stages[0].distill.method: must be one of logits, synthetic, gkd"),
@@ -252,3 +253,33 @@ def test_the_planner_refuses_what_needs_other_stages_or_effective_resources(case
 def test_the_crd_admits_the_examples(path):
     pytest.importorskip("celpy")
     assert crd_errors(yaml.safe_load(path.read_text())) == []
+
+
+# -- quantize methods: compatibility in the descriptions, digests of stages made before the new fields ------
+
+
+def test_quantize_method_description_says_where_each_output_loads_and_runs_fast():
+    from kondense.api import QuantizeSpec
+
+    text = QuantizeSpec.model_fields["method"].description
+    for method in typing.get_args(QuantizeSpec.model_fields["method"].annotation):
+        assert f"{method}:" in text or f"{method} /" in text or f"/ {method}:" in text, method
+    for words in ("vLLM", "transformers", "llama.cpp", "Ada/Hopper", "needs a GPU to quantize", "no calibration data"):
+        assert words in text, words
+    assert "4 and 8 bits" in QuantizeSpec.model_fields["bits"].description
+    for name in QuantizeSpec.DEFAULT_IGNORE:
+        assert name in QuantizeSpec.model_fields["ignore"].description
+
+
+def test_new_quantize_fields_unset_leave_a_gptq_stage_digest_as_before():
+    from kondense.api import QuantizeSpec, Resources, Stage
+    from kondense.plan import _identity
+
+    def identity(**fields):
+        stage = Stage(name="gptq", quantize=QuantizeSpec(method="gptq", bits=4, **fields))
+        return _identity(stage, Resources())
+
+    before = {"method", "bits", "groupSize", "calibrationSamples", "calibrationSeqLength", "doubleQuant", "computeDtype", "type"}
+    assert set(identity()) == before
+    assert identity(actorder="none")["actorder"] == "none"
+    assert identity(ignore=["lm_head"])["ignore"] == ["lm_head"]

@@ -39,7 +39,7 @@ def test_validate_accepts_the_examples(tmp_path):
 @pytest.mark.parametrize(
     "mutate, expected",
     [
-        (lambda d: d["spec"]["stages"][3]["quantize"].update(bits=5), "spec.stages[3].quantize.bits: must be one of 2, 3, 4, 8"),
+        (lambda d: d["spec"]["stages"][3]["quantize"].update(bits=5), "spec.stages[3].quantize.bits: must be one of 4, 8"),
         (lambda d: d["spec"]["stages"].append({"name": "x", "from": "eval", "quantize": {"method": "gguf"}}),
          "spec.stages[6].from: 'eval' is a evaluate stage"),
         (lambda d: d["spec"].update(stages=[{"name": "a", "from": "b", "quantize": {"method": "gguf"}},
@@ -89,3 +89,28 @@ def test_missing_credentials(tmp_path, monkeypatch):
 def test_report_of_an_unfinished_pipeline(tmp_path):
     r = kondense("report", str(write(tmp_path, demo(tmp_path))), cwd=tmp_path)
     assert r.returncode == 2 and "report.json does not exist" in r.stderr
+
+
+def test_report_of_a_report_json_prints_kld_top1_and_what_is_missing(tmp_path):
+    """`kondense report <uri>`: the table with KLD and top-1 per variant, n/a and why for the rest."""
+    import json
+
+    rows = [
+        {"variant": "distill", "sizeBytes": 5 * 2**20, "parameters": 1_480_000, "perplexity": 272.3,
+         "tokensPerSecond": 606.0, "klDivergence": 0.0, "top1Agreement": 1.0},
+        {"variant": "gguf", "sizeBytes": 2**20, "parameters": 1_480_000, "perplexity": 272.26,
+         "tokensPerSecond": 5016.4, "klDivergence": 0.00123, "top1Agreement": 0.9876},
+        {"variant": "q4", "missing": "stage q4 failed: OOMKilled: out of memory"},
+        {"variant": "odd", "sizeBytes": 2**20, "perplexity": 280.0, "note": "KLD and top-1 n/a: another vocabulary"},
+    ]
+    (tmp_path / "report.json").write_text(json.dumps({"uri": f"file://{tmp_path}", "baseline": "distill", "table": rows}))
+    r = kondense("report", f"file://{tmp_path}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["variant", "size", "params", "perplexity", "KLD", "top-1", "tokens/s"]
+    assert lines[2].split() == ["distill", "*", "5.0", "MiB", "1.48M", "272.30", "0.0000", "100.00%", "606.0"]
+    assert lines[3].split() == ["gguf", "1.0", "MiB", "1.48M", "272.26", "(-0.01%)", "0.0012", "98.76%", "5016.4"]
+    assert lines[4].split() == ["q4", "-", "-", "n/a", "n/a", "n/a", "-"]
+    assert lines[5].split()[-3:] == ["n/a", "n/a", "-"]
+    assert "n/a: q4: not evaluated: stage q4 failed: OOMKilled: out of memory" in lines
+    assert "n/a: odd: KLD and top-1 n/a: another vocabulary" in lines

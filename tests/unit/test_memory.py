@@ -207,3 +207,19 @@ def test_pods_of_a_multi_node_stage_wait_for_each_other_longer_than_torchruns_60
     assert conf == f"read_timeout={RDZV_WAIT_SECONDS},join_timeout={RDZV_WAIT_SECONDS}" and RDZV_WAIT_SECONDS >= 600
     assert argv[argv.index("--max-restarts") + 1] == "0"
     assert argv[-5:] == ["--module", "kondense_jobs", "distill", "--spec", "s.json"]
+
+
+@pytest.mark.parametrize(
+    "method, calibrated",
+    [("gptq", True), ("awq", True), ("w8a8-int8", True), ("fp8-dynamic", False), ("bnb-nf4", False)],
+)
+def test_quantize_plan_runs_calibrated_methods_on_calibration_windows(method, calibrated):
+    from kondense.api import QuantizeSpec
+
+    r = Resources(gpus=1, gpu_memory_gib=80)
+    short, long = (
+        memory.quantize_plan(QuantizeSpec(method=method, calibration_seq_length=seq), r, LLAMA_8B) for seq in (512, 4096)
+    )
+    assert short.parts["weights"] == long.parts["weights"] == pytest.approx(LLAMA_8B.total_parameters * 2)
+    assert (long.parts["activations"] > short.parts["activations"]) == calibrated
+    assert (long.parts["logits"] == 4096 * LLAMA_8B.vocab * 6) == calibrated

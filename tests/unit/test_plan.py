@@ -8,7 +8,7 @@ import pytest
 
 from kondense.api import DistillSpec, PipelineSpec
 from kondense.errors import InvalidSpec
-from kondense.plan import decide, resolve, semantic_errors, stage_run
+from kondense.plan import decide, missing_reasons, resolve, semantic_errors, settle, stage_run
 
 BASE = {
     "teacher": {"uri": "s3://models/teacher"},
@@ -207,3 +207,159 @@ def test_a_stage_replaces_the_pod_fields_it_sets_keeps_the_others_and_they_stay_
     assert nf4.env_from == distill.env_from and nf4.gpu_resource == "nvidia.com/mig-3g.40gb"
     assert [v.dump() for v in distill.env] == [hf] and distill.scratch_size == "500Gi"
     assert digests(s) == digests(spec()), "how a stage's pod runs is not in its content address"
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline teacher logits: one teacher pass, addressed by what determines it
+# ---------------------------------------------------------------------------------------------
+
+OFFLINE = [
+    {"name": "teacher-logits", "teacherLogits": {"topK": 64, "maxSeqLength": 256}},
+    {"name": "small", "distill": {"method": "logits", "teacherLogits": "teacher-logits", "maxSeqLength": 256}},
+    {"name": "smaller", "distill": {"method": "logits", "teacherLogits": "teacher-logits", "maxSeqLength": 256,
+                                    "learningRate": 1e-4, "temperature": 4.0}},
+    {"name": "nf4", "from": "small", "quantize": {"method": "bnb-nf4"}},
+]
+
+
+def offline(**changes) -> PipelineSpec:
+    return spec(stages=copy.deepcopy(OFFLINE), **changes)
+
+
+def test_distill_stages_read_one_teacher_pass_and_no_teacher():
+    s = offline()
+    plans = {p.name: p for p in resolve(s, "ns", "p")}
+    assert plans["teacher-logits"].inputs == {"teacher": "teacher"}
+    for student in ("small", "smaller"):
+        assert plans[student].inputs == {"teacherLogits": "teacher-logits", "student": "student"}
+        assert plans[student].upstream == ["teacher-logits"]
+    run = stage_run(s, list(plans.values()), "small", "ns", "p")
+    assert set(run.models) == {"teacherLogits", "student"}
+    ref = run.models["teacherLogits"]
+    assert ref.uri == plans["teacher-logits"].output and ref.input_digest == plans["teacher-logits"].input_digest
+    first = decide(list(plans.values()), committed=set())
+    assert first.start == ["teacher-logits"] and first.waiting == ["small", "smaller", "nf4"]
+    assert decide(list(plans.values()), committed={"teacher-logits"}).start == ["small", "smaller"]
+
+
+@pytest.mark.parametrize(
+    "changes, moves",
+    [
+        ({"stages__1__distill__learningRate": 1e-3}, ["small", "nf4"]),
+        ({"stages__2__distill__temperature": 1.0}, ["smaller"]),
+        ({"stages__0__teacherLogits__batchSize": 32}, []),  # how the pass runs, not what it stores
+        ({"stages__0__teacherLogits__topK": 128}, ["teacher-logits", "small", "smaller", "nf4"]),
+        ({"stages__0__teacherLogits__precision": "bf16"}, ["teacher-logits", "small", "smaller", "nf4"]),
+        ({"teacher": {"uri": "s3://models/other"}}, ["teacher-logits", "small", "smaller", "nf4"]),
+        ({"dataset": {"uri": "s3://data/other.jsonl"}}, ["teacher-logits", "small", "smaller", "nf4"]),
+        ({"student": {"uri": "s3://models/other-student"}}, ["small", "smaller", "nf4"]),
+    ],
+    ids=["student-lr", "student-temperature", "pass-batch", "top-k", "precision", "teacher", "dataset", "student"],
+)
+def test_the_teacher_pass_is_addressed_by_teacher_dataset_and_its_own_fields_only(changes, moves):
+    before, after = digests(offline()), digests(offline(**changes))
+    assert [n for n in before if before[n] != after[n]] == moves
+
+
+def test_renaming_the_teacher_pass_keeps_the_students_content_address():
+    renamed = copy.deepcopy(OFFLINE)
+    renamed[0]["name"] = "logits"
+    for stage in renamed[1:3]:
+        stage["distill"]["teacherLogits"] = "logits"
+    before, after = digests(offline()), digests(spec(stages=renamed))
+    assert before["small"] == after["small"] and before["teacher-logits"] == after["logits"]
+
+
+def test_an_online_distill_digest_is_what_it_was_before_teacher_logits_existed():
+    # The field unset leaves the content address as it was: committed students stay reusable.
+    from kondense.plan import DIGEST_VERSION
+    from kondense.store import dumps_canonical
+    import hashlib
+
+    s = spec()
+    stage = s.stages[0]
+    doc = stage.distill.model_dump(mode="json", by_alias=True)
+    for key in ("teacherLogits", "strategy", "teacherLoad", "globalBatchSize"):
+        doc.pop(key)
+    expected = {
+        "v": DIGEST_VERSION, "kind": "distill", "config": doc,
+        "inputs": {"teacher": {"uri": "s3://models/teacher", "revision": None},
+                   "student": {"uri": "s3://models/student", "revision": None}},
+        "dataset": s.dataset.model_dump(mode="json", by_alias=True),
+    }
+    assert digests(s)["distill"] == "sha256:" + hashlib.sha256(dumps_canonical(expected).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate.onMissingVariant: skip runs evaluate on the variants that exist
+# --------------------------------------------------------------------------------------------
+
+
+def skipping(policy: str = "skip", baseline: str | None = None) -> list:
+    evaluate = {"of": ["teacher", "distill", "nf4", "gguf"], "onMissingVariant": policy}
+    if baseline:
+        evaluate["baseline"] = baseline
+    return resolve(spec(stages__3__evaluate=evaluate), "ns", "p")
+
+
+def test_a_failed_variant_blocks_evaluate_by_default():
+    plans = settle(skipping("fail"), {"nf4"}, "s3://bucket/prefix", "ns", "p")
+    d = decide(plans, committed={"distill", "gguf"}, failed={"nf4"})
+    assert d.blocked == ["eval"] and d.start == [] and d.finished
+
+
+def test_with_skip_evaluate_starts_on_the_variants_that_exist_once_settled():
+    plans = skipping()
+    eval_plan = plans[3]
+    assert eval_plan.optional == {"distill", "nf4", "gguf"}  # all but the baseline (teacher, a source anyway)
+    # Unsettled (the caller has not told the plan which inputs failed): it waits rather than run
+    # under the digest of the report with every variant.
+    d = decide(plans, committed={"distill", "gguf"}, failed={"nf4"})
+    assert d.start == [] and d.waiting == ["eval"] and not d.blocked
+    settled = settle(plans, {"nf4"}, "s3://bucket/prefix", "ns", "p")
+    d = decide(settled, committed={"distill", "gguf"}, failed={"nf4"})
+    assert d.start == ["eval"] and not d.blocked
+    # Its own content address: the report without nf4 is not the report with it.
+    ev = settled[3]
+    assert ev.missing == ("nf4",) and ev.input_digest != eval_plan.input_digest
+    assert ev.output.startswith("s3://bucket/prefix/ns/p/eval-") and ev.output.endswith(ev.input_digest[7:19])
+    assert settled[:3] == plans[:3]
+    # Still waits for the variants that may yet come.
+    assert decide(settled, committed={"distill"}, running={"gguf"}, failed={"nf4"}).waiting == ["eval"]
+
+
+def test_with_skip_a_variant_blocked_by_a_failed_stage_is_missing_too():
+    plans = settle(skipping(), {"distill"}, "s3://bucket/prefix", "ns", "p")
+    assert plans[3].missing == ("distill", "nf4", "gguf")
+    d = decide(plans, committed=set(), failed={"distill"})
+    assert d.blocked == ["nf4", "gguf"] and d.start == ["eval"]
+    why = missing_reasons(plans, {"distill": "OOMKilled: the pod ran out of memory"})
+    assert why["distill"] == "stage distill failed: OOMKilled: the pod ran out of memory"
+    assert why["nf4"] == "stage nf4 did not run: its input stage distill failed: OOMKilled: the pod ran out of memory"
+    run = stage_run(spec(), plans, "eval", "ns", "p", why)
+    assert set(run.models) == {"teacher"}  # the missing ones have no input to fetch
+    assert run.missing == {name: why[name] for name in ("distill", "nf4", "gguf")}
+
+
+def test_with_skip_a_missing_baseline_still_blocks_evaluate():
+    plans = settle(skipping(baseline="distill"), {"distill"}, "s3://bucket/prefix", "ns", "p")
+    assert plans[3].missing == ("nf4", "gguf")
+    d = decide(plans, committed=set(), failed={"distill"})
+    assert d.blocked == ["nf4", "gguf", "eval"] and d.start == []
+
+
+def test_a_settled_stage_runs_again_under_its_full_digest_once_the_variant_succeeds():
+    partial = settle(skipping(), {"nf4"}, "s3://bucket/prefix", "ns", "p")
+    full = settle(skipping(), set(), "s3://bucket/prefix", "ns", "p")
+    assert full == skipping()
+    # The partial report is committed under the partial digest only; after a retry of nf4 the plan
+    # is the full one again, whose artifact does not exist yet: evaluate starts.
+    d = decide(full, committed={"distill", "nf4", "gguf"})
+    assert d.start == ["eval"] and partial[3].input_digest != full[3].input_digest
+
+
+def test_on_missing_variant_and_unset_divergence_gates_do_not_move_the_evaluate_digest():
+    before = digests(spec())
+    assert digests(spec(stages__3__evaluate={"of": ["teacher", "distill", "nf4", "gguf"], "onMissingVariant": "skip"})) == before
+    gated = digests(spec(stages__3__evaluate={"of": ["teacher", "distill", "nf4", "gguf"], "gates": {"maxKLDivergence": 0.1}}))
+    assert [n for n in before if before[n] != gated[n]] == ["eval"]

@@ -574,3 +574,54 @@ def test_what_waits_on_a_stage_refused_for_good_is_skipped_in_the_same_reconcile
     states = {s.name: s.state for s in out.status.stages}
     assert states["distill"] == "Failed" and states["ce-only"] == "Pending"  # ce-only does not need distill
     assert {n for n, s in states.items() if s == "Skipped"} == {"gguf", "gptq", "nf4", "eval"}, states
+
+
+def test_with_on_missing_variant_skip_evaluate_runs_without_a_failed_variant_and_says_why():
+    import json
+
+    from kondense.manifests import ANNOTATION_RUN
+
+    body = demo_body()
+    body["spec"]["stages"][5]["evaluate"]["onMissingVariant"] = "skip"
+    complete = job([("Complete", "", "")], succeeded=1)["status"]
+
+    def stage_of(o):
+        return o["metadata"]["labels"]["kondense.io/stage"]
+
+    out, rec = run(body)
+    jobs = {stage_of(o): {**o, "status": complete} for o in rec.created if o["kind"] == "Job"}
+    out, rec = at(body, out, NOW, jobs=list(jobs.values()))
+    jobs |= {stage_of(o): {**o, "status": complete} for o in rec.created if o["kind"] == "Job"}
+    jobs["gguf"] = {**jobs["gguf"], "status": job([("Failed", "BackoffLimitExceeded", "")], failed=3)["status"]}
+    # The reconcile that sees gguf fail records it; evaluate waits for the status to say so.
+    out, rec = at(body, out, NOW, jobs=list(jobs.values()))
+    states = {s.name: s.state for s in out.status.stages}
+    assert states["gguf"] == "Failed" and states["eval"] == "Pending" and not rec.created
+    out, rec = at(body, out, NOW, jobs=list(jobs.values()))
+    [evaluate] = [o for o in rec.created if o["kind"] == "Job"]
+    assert stage_of(evaluate) == "eval"
+    stage_run = json.loads(evaluate["spec"]["template"]["metadata"]["annotations"][ANNOTATION_RUN])
+    gguf = next(s for s in out.status.stages if s.name == "gguf")
+    assert stage_run["missing"] == {"gguf": f"stage gguf failed: {gguf.reason}: {gguf.message}"}
+    assert "gguf" not in stage_run["models"] and {"distill", "nf4", "gptq"} <= set(stage_run["models"])
+    # Its own content address, which status records, and a stable reconcile from there.
+    eval_status = next(s for s in out.status.stages if s.name == "eval")
+    assert eval_status.input_digest == stage_run["inputDigest"] == evaluate["metadata"]["annotations"][ANNOTATION_DIGEST]
+    jobs["eval"] = {**evaluate, "status": {"active": 1, "startTime": NOW}}
+    out2, rec = at(body, out, NOW, jobs=list(jobs.values()))
+    assert not rec.created and not rec.deleted
+    assert next(s for s in out2.status.stages if s.name == "eval").state == "Running"
+
+
+def test_with_the_default_a_failed_variant_blocks_evaluate():
+    body = demo_body()
+    complete = job([("Complete", "", "")], succeeded=1)["status"]
+    out, rec = run(body)
+    jobs = {o["metadata"]["labels"]["kondense.io/stage"]: {**o, "status": complete} for o in rec.created}
+    out, rec = at(body, out, NOW, jobs=list(jobs.values()))
+    jobs |= {o["metadata"]["labels"]["kondense.io/stage"]: {**o, "status": complete} for o in rec.created}
+    jobs["gguf"] = {**jobs["gguf"], "status": job([("Failed", "BackoffLimitExceeded", "")], failed=3)["status"]}
+    for _ in range(2):
+        out, rec = at(body, out, NOW, jobs=list(jobs.values()))
+        assert not rec.created
+    assert next(s for s in out.status.stages if s.name == "eval").state == "Skipped"

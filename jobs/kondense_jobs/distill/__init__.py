@@ -63,13 +63,17 @@ METHODS = {"logits": logits.build, "synthetic": synthetic.build, "gkd": gkd.buil
 def fetch_inputs(ctx: Context, world: World) -> Inputs:
     """Models and data, with the tokenizers compared and the memory planned before any weight is loaded.
 
-    Logits with alpha 0 (the CE-only baseline) never uses the teacher, so it is not even fetched.
+    Logits with alpha 0 (the CE-only baseline) never uses the teacher, so it is not even fetched;
+    with teacherLogits the teacher's stored top-k logits are fetched instead of the teacher.
     The node's first worker fetches into the shared cache; the others wait, then find it there.
     """
     spec: DistillSpec = ctx.config
+    offline = spec.teacher_logits is not None
     with world.local_main_first():
         student_dir = ctx.model_dir("student")
-        teacher_dir = None if spec.method == "logits" and spec.alpha == 0 else ctx.model_dir("teacher")
+        unused = (spec.method == "logits" and spec.alpha == 0) or offline
+        teacher_dir = None if unused else ctx.model_dir("teacher")
+        stored = ctx.model_dir("teacherLogits") if offline else None
         dataset = ctx.dataset_path()
     tokenizer = check_vocabularies(teacher_dir, student_dir, spec.method)
     precision = resolve_precision(spec.precision)
@@ -78,7 +82,8 @@ def fetch_inputs(ctx: Context, world: World) -> Inputs:
     check_strategy(teacher_dir, plan)
     split = data.load(dataset, ctx.run.dataset)
     return Inputs(
-        spec, student_dir, teacher_dir, tokenizer, split, seq, precision, plan, world, MemoryProbe(), ctx.work_dir / "trainer"
+        spec, student_dir, teacher_dir, tokenizer, split, seq, precision, plan, world, MemoryProbe(), ctx.work_dir / "trainer",
+        stored,
     )
 
 
@@ -96,7 +101,8 @@ def run(ctx: Context) -> Summary:
     log.info(
         "Fetched teacher %s and student %s (shared vocabulary of %d tokens), %d training records; precision %s; "
         "%d worker(s) on %d node(s), student %s, teacher %s",
-        job.teacher_dir.name if job.teacher_dir else "(unused: alpha 0)", job.student_dir.name,
+        job.teacher_dir.name if job.teacher_dir else "(stored top-k logits)" if job.teacher_logits else "(unused: alpha 0)",
+        job.student_dir.name,
         len(job.tokenizer), len(job.split.train), job.precision, world.size, world.nodes,
         job.plan.strategy if world.distributed else "on one worker", job.plan.teacher_load,
     )

@@ -46,6 +46,7 @@ class Inputs:
     world: World
     probe: MemoryProbe  # started by the first model load
     trainer_dir: Path  # the Trainer's scratch output_dir (its checkpoint-<N> folders)
+    teacher_logits: Path | None = None  # a teacherLogits artifact (distill.teacherLogits): no teacher run
 
 
 @dataclass(frozen=True)
