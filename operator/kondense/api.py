@@ -222,6 +222,15 @@ class DatasetRef(Model):
         "use the first `promptTokens` tokens of the text as the prompt.",
     )
     prompt_tokens: int = Field(32, ge=1, le=4096, description="Prompt length taken from text when a record has no prompt.")
+    messages_field: str = Field(
+        "messages",
+        min_length=1,
+        description="Record field holding a chat conversation, a list of {role, content} strings, rendered with the "
+        "tokenizer's chat template (instruct models). It takes the place of the text field: logits trains on the "
+        "whole conversation; synthetic and gkd prompt with the turns up to the last user turn (plus the "
+        "template's generation prompt), gkd's completion being the assistant turn after it. Records with it need "
+        "a tokenizer with a chat_template.",
+    )
     eval_split: float = Field(
         0.05, gt=0, lt=1, description="Fraction of records held out for evaluation (the same split in every stage)."
     )
@@ -702,6 +711,14 @@ class DistillSpec(Model):
     max_new_tokens: int = Field(128, ge=1, le=8192, description="synthetic and gkd: tokens generated per prompt.")
     generation_temperature: float = Field(0.7, ge=0, le=5, description="synthetic and gkd: sampling temperature (0 = greedy).")
     top_p: float = Field(0.95, gt=0, le=1, description="synthetic: nucleus sampling threshold.")
+    generation_chunk: int = Field(
+        256,
+        ge=1,
+        le=1_000_000,
+        description="synthetic: prompts per chunk of teacher generation. Each chunk is split over the workers and "
+        "committed to the store as it completes; a restarted stage reuses every committed chunk and regenerates at "
+        "most the one it was stopped in.",
+    )
     teacher_logits: str | None = Field(
         None,
         pattern=STAGE_NAME_RE,
