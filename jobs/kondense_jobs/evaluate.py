@@ -101,7 +101,7 @@ def run(ctx: Context) -> Summary:
         variants.append(Variant(name, path, format_of(name, path)))
     tokenizer = shared_tokenizer(variants, baseline)
     split = data.load(ctx.dataset_path(), ctx.run.dataset)
-    stream = data.token_stream(tokenizer, data.texts(split.eval, ctx.run.dataset))
+    stream = data.token_stream(tokenizer, data.texts(split.eval, ctx.run.dataset, tokenizer))
     windows = data.windows(stream, spec.seq_length, limit=spec.max_eval_tokens)
     if not windows:
         raise InvalidInput(

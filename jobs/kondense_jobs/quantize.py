@@ -286,7 +286,7 @@ def check_group_size(targets: dict[str, int], group_size: int) -> None:
 def calibration_windows(ctx: Context, tokenizer, samples: int, seq_length: int) -> list[list[int]]:
     """Up to `samples` windows of `seq_length` tokens from the training split (records joined with EOS)."""
     split = data.load(ctx.dataset_path(), ctx.run.dataset)
-    stream = data.token_stream(tokenizer, data.texts(split.train, ctx.run.dataset))
+    stream = data.token_stream(tokenizer, data.texts(split.train, ctx.run.dataset, tokenizer))
     windows = data.windows(stream, seq_length, limit=samples * seq_length)
     if not windows:
         if not stream:

@@ -176,7 +176,7 @@ def fetch_inputs(ctx: Context) -> Pass:
             f"{positions} ({teacher_dir}/config.json); set maxSeqLength to at most {positions}"
         )
     split = data.load(ctx.dataset_path(), ctx.run.dataset)
-    windows = data.windows(data.token_stream(tokenizer, data.texts(split.train, ctx.run.dataset)), spec.max_seq_length)
+    windows = data.windows(data.token_stream(tokenizer, data.texts(split.train, ctx.run.dataset, tokenizer)), spec.max_seq_length)
     if not windows:
         raise InvalidInput(
             f"dataset: the training split holds fewer than maxSeqLength={spec.max_seq_length} tokens; lower "

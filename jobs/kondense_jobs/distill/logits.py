@@ -201,7 +201,7 @@ def build(ctx: Context, job: Inputs) -> Built:
     torch = require("torch", "distillation")
     transformers = require("transformers", "distillation")
     spec = job.spec
-    rows = data.windows(data.token_stream(job.tokenizer, data.texts(job.split.train, ctx.run.dataset)), job.seq)
+    rows = data.windows(data.token_stream(job.tokenizer, data.texts(job.split.train, ctx.run.dataset, job.tokenizer)), job.seq)
     if not rows:
         raise InvalidInput(
             f"dataset: the training split holds fewer than maxSeqLength={job.seq} tokens; lower maxSeqLength"
