@@ -80,7 +80,8 @@ def fetch_inputs(ctx: Context, world: World) -> Inputs:
     seq = sequence_length(spec, *[d for d in (teacher_dir, student_dir) if d is not None])
     plan = plan_memory(ctx, spec, teacher_dir, student_dir)
     check_strategy(teacher_dir, plan)
-    split = data.load(dataset, ctx.run.dataset)
+    # logits trains on the tokens artifact (data.tokens, in its build step): no record is loaded here
+    split = None if spec.method == "logits" else data.load(dataset, ctx.run.dataset)
     return Inputs(
         spec, student_dir, teacher_dir, tokenizer, split, seq, precision, plan, world, MemoryProbe(), ctx.work_dir / "trainer",
         stored,
@@ -99,11 +100,13 @@ def run(ctx: Context) -> Summary:
     # 1. Fetch inputs.
     job = fetch_inputs(ctx, world)
     log.info(
-        "Fetched teacher %s and student %s (shared vocabulary of %d tokens), %d training records; precision %s; "
+        "Fetched teacher %s and student %s (shared vocabulary of %d tokens), %s; precision %s; "
         "%d worker(s) on %d node(s), student %s, teacher %s",
         job.teacher_dir.name if job.teacher_dir else "(stored top-k logits)" if job.teacher_logits else "(unused: alpha 0)",
         job.student_dir.name,
-        len(job.tokenizer), len(job.split.train), job.precision, world.size, world.nodes,
+        len(job.tokenizer),
+        f"{len(job.split.train)} training records" if job.split is not None else "training windows from the tokens",
+        job.precision, world.size, world.nodes,
         job.plan.strategy if world.distributed else "on one worker", job.plan.teacher_load,
     )
 

@@ -13,6 +13,8 @@ the KD term is `topk_kd_loss` (top k plus one tail bucket; its gap is documented
 
 from __future__ import annotations
 
+import numpy as np
+
 from kondense.errors import InvalidInput
 
 from kondense_jobs import data
@@ -183,7 +185,10 @@ def trainer_class():
 
 
 class Windows:
-    """Map-style dataset of equal-length token windows; labels are the inputs (the model shifts)."""
+    """Map-style dataset of equal-length token windows; labels are the inputs (the model shifts).
+
+    `rows` is a tensor, or an (n, L) view of the tokens artifact's memory map: a row is then
+    converted to int64 when the Trainer asks for it, so only the batches in flight are in memory."""
 
     def __init__(self, rows):
         self.rows = rows
@@ -192,17 +197,23 @@ class Windows:
         return self.rows.shape[0]
 
     def __getitem__(self, i):
-        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+        row = self.rows[i]
+        if isinstance(row, np.ndarray):
+            import torch
+
+            row = torch.from_numpy(data.long_rows(row))
+        return {"input_ids": row, "labels": row}
 
 
 def build(ctx: Context, job: Inputs) -> Built:
     if job.teacher_logits is not None:
         return build_offline(ctx, job)
-    torch = require("torch", "distillation")
     transformers = require("transformers", "distillation")
     spec = job.spec
-    rows = data.windows(data.token_stream(job.tokenizer, data.texts(job.split.train, ctx.run.dataset, job.tokenizer)), job.seq)
-    if not rows:
+    with job.world.local_main_first():  # a node's first worker builds or fetches the tokens, the others reuse them
+        stream = data.tokens(ctx, job.tokenizer).train
+    rows = data.windows(stream, job.seq)
+    if not len(rows):
         raise InvalidInput(
             f"dataset: the training split holds fewer than maxSeqLength={job.seq} tokens; lower maxSeqLength"
         )
@@ -212,7 +223,7 @@ def build(ctx: Context, job: Inputs) -> Built:
     trainer = trainer_class()(
         model=student,
         args=args,
-        train_dataset=Windows(torch.tensor(rows, dtype=torch.long)),
+        train_dataset=Windows(rows),
         data_collator=transformers.default_data_collator,
         processing_class=job.tokenizer,
         teacher=teacher,

@@ -39,7 +39,7 @@ class Inputs:
     student_dir: Path
     teacher_dir: Path | None  # None: logits with alpha 0, the teacher is unused
     tokenizer: Any
-    split: data.Split
+    split: data.Split | None  # None for logits: it trains on the tokens artifact (data.tokens)
     seq: int
     precision: str
     plan: memory.Choice  # strategy and teacher load the memory plan chose
