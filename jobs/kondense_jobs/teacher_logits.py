@@ -149,7 +149,7 @@ class Pass:
 
     teacher_dir: Path
     tokenizer: object
-    windows: list[list[int]]
+    windows: np.ndarray  # (n, L) view of the tokens artifact's train stream
     seq: int
     vocabulary: int  # ids below this are the tokenizer's tokens: the top k is taken among them
 
@@ -175,9 +175,8 @@ def fetch_inputs(ctx: Context) -> Pass:
             f"teacherLogits.maxSeqLength: {spec.max_seq_length} is more than the teacher's max_position_embeddings "
             f"{positions} ({teacher_dir}/config.json); set maxSeqLength to at most {positions}"
         )
-    split = data.load(ctx.dataset_path(), ctx.run.dataset)
-    windows = data.windows(data.token_stream(tokenizer, data.texts(split.train, ctx.run.dataset, tokenizer)), spec.max_seq_length)
-    if not windows:
+    windows = data.windows(data.tokens(ctx, tokenizer).train, spec.max_seq_length)
+    if not len(windows):
         raise InvalidInput(
             f"dataset: the training split holds fewer than maxSeqLength={spec.max_seq_length} tokens; lower "
             "teacherLogits.maxSeqLength"
@@ -226,7 +225,7 @@ def top_k(teacher, rows, k: int, vocabulary: int):
     torch = require("torch", "teacher logits")
     with torch.no_grad():
         device = next(teacher.parameters()).device
-        logits = teacher(input_ids=torch.tensor(rows, dtype=torch.long, device=device)).logits
+        logits = teacher(input_ids=torch.from_numpy(data.long_rows(rows)).to(device)).logits
         logprobs = torch.log_softmax(logits[:, :-1, :vocabulary].float(), dim=-1)
         values, ids = logprobs.topk(k, dim=-1)
     return values.cpu(), ids.cpu()
