@@ -340,6 +340,36 @@ class RecordIndex:
             return fh.read(offset).count(b"\n") + 1
 
 
+def held_out(path: Path, ref: DatasetRef, count: int | None = None) -> list[dict]:
+    """The first `count` records of the eval split (all by default), read by offset: no other record is loaded."""
+    index = RecordIndex(path)
+    numbers = split_order(len(index), ref)[1][:count]
+    records = index.read(numbers)
+    check_records(records, ref, numbers)
+    return records
+
+
+class ListRows:
+    """An (n, L) array's rows as lists of ints, each converted when read: for consumers that take
+    lists (llama.cpp), without a copy of all windows."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list[int]:
+        return _as_list(self.rows[i])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (_as_list(row) for row in self.rows)
+
+
+def _as_list(row) -> list[int]:
+    return row.tolist() if hasattr(row, "tolist") else list(row)
+
+
 # ---------------------------------------------------------------------------------------------
 # The tokens artifact
 # ---------------------------------------------------------------------------------------------

@@ -100,15 +100,15 @@ def run(ctx: Context) -> Summary:
         path = ctx.model_dir(name)
         variants.append(Variant(name, path, format_of(name, path)))
     tokenizer = shared_tokenizer(variants, baseline)
-    split = data.load(ctx.dataset_path(), ctx.run.dataset)
-    stream = data.token_stream(tokenizer, data.texts(split.eval, ctx.run.dataset, tokenizer))
-    windows = data.windows(stream, spec.seq_length, limit=spec.max_eval_tokens)
-    if not windows:
+    stream = data.tokens(ctx, tokenizer).eval
+    windows = data.windows(stream, spec.seq_length, limit=spec.max_eval_tokens)  # (n, L) view, no copy
+    if not len(windows):
         raise InvalidInput(
             f"the held-out split has {len(stream)} tokens, fewer than seqLength {spec.seq_length}. "
             "To resolve, lower evaluate.seqLength or raise dataset.evalSplit."
         )
-    prompt_ids = prompt(tokenizer, split.eval, ctx.run.dataset, windows[0])
+    first = data.held_out(ctx.dataset_path(), ctx.run.dataset, count=1)
+    prompt_ids = prompt(tokenizer, first, ctx.run.dataset, windows[0].tolist())
     log.info(
         "Fetched %d variants; evaluating on %d windows of %d tokens", len(variants), len(windows), spec.seq_length
     )
@@ -293,7 +293,7 @@ def hf_logits(model, windows: list[list[int]]):
     batch = max(1, TOKENS_PER_BATCH // len(windows[0]))
     with torch.inference_mode():
         for i in range(0, len(windows), batch):
-            logits = model(input_ids=torch.tensor(windows[i : i + batch], device=model.device)).logits
+            logits = model(input_ids=torch.from_numpy(data.long_rows(windows[i : i + batch])).to(model.device)).logits
             yield from logits
 
 
@@ -378,7 +378,7 @@ class Scores:
         if isinstance(logits, np.ndarray):
             logits = torch.from_numpy(logits)
         logp = torch.log_softmax(logits[:-1].double(), dim=-1)  # position i predicts token i + 1
-        target = torch.tensor(window[1:], device=logp.device)
+        target = torch.from_numpy(data.long_rows(window[1:])).to(logp.device)
         self.nll -= float(logp.gather(-1, target[:, None]).sum())
         at = self.count
         self.count += len(window) - 1
@@ -442,7 +442,7 @@ def measure_gguf(
     size = path.stat().st_size
     scores = Scores(reference, variant.name)
     scores.note = vocabulary_mismatch(path, tokenizer)
-    scores.add_all(backend.window_logits(path, windows), windows)
+    scores.add_all(backend.window_logits(path, data.ListRows(windows)), windows)
     return Measurement(
         variant=variant.name,
         format="gguf",
