@@ -283,19 +283,19 @@ def check_group_size(targets: dict[str, int], group_size: int) -> None:
     )
 
 
-def calibration_windows(ctx: Context, tokenizer, samples: int, seq_length: int) -> list[list[int]]:
-    """Up to `samples` windows of `seq_length` tokens from the training split (records joined with EOS)."""
-    split = data.load(ctx.dataset_path(), ctx.run.dataset)
-    stream = data.token_stream(tokenizer, data.texts(split.train, ctx.run.dataset, tokenizer))
+def calibration_windows(ctx: Context, tokenizer, samples: int, seq_length: int):
+    """Up to `samples` windows of `seq_length` tokens from the training split (records joined with EOS):
+    an (n, seq_length) view of the tokens artifact's train stream."""
+    stream = data.tokens(ctx, tokenizer).train
     windows = data.windows(stream, seq_length, limit=samples * seq_length)
-    if not windows:
-        if not stream:
+    if not len(windows):
+        if not len(stream):
             raise InvalidInput("the training split holds no tokens to calibrate on")
         log.warning(
             "The training split has %d tokens, fewer than calibrationSeqLength %d: calibrating on one shorter sample",
             len(stream), seq_length,
         )
-        windows = [stream]
+        windows = stream[None, :]
     elif len(windows) < samples:
         log.warning(
             "The training split yields %d windows of %d tokens, fewer than calibrationSamples %d",
@@ -397,7 +397,8 @@ def llm_compressor(ctx: Context, model_dir: Path, out: Path) -> dict[str, float]
 
     kwargs: dict = {}
     if calibrated:
-        windows = calibration_windows(ctx, tokenizer, spec.calibration_samples, spec.calibration_seq_length)
+        # datasets copies the samples into Arrow anyway: int64 lists of the few calibration windows
+        windows = data.long_rows(calibration_windows(ctx, tokenizer, spec.calibration_samples, spec.calibration_seq_length)).tolist()
         masks = [[1] * len(w) for w in windows]
         kwargs = {
             "dataset": datasets.Dataset.from_dict({"input_ids": windows, "attention_mask": masks}),
