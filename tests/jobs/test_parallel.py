@@ -141,3 +141,35 @@ def test_a_refusal_on_the_workers_keeps_its_exit_code_under_the_launcher(tmp_pat
     assert summary.reason == "InsufficientResources"
     assert "per worker" in summary.message and "1Mi / 2 workers" in summary.message
     assert not (FileStore.path(run.output) / "manifest.json").exists()
+
+
+
+def quantized_bytes(model_dir, bits: int) -> tuple[int, int]:
+    """The fp32 model's bytes, and what bitsandbytes leaves of them: the decoder layers' nn.Linear
+    weights at `bits` bits each (lm_head and embeddings stay as they are)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    full = sum(t.nelement() * 4 for t in (*model.parameters(), *model.buffers()))
+    linear = sum(m.weight.nelement() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    return full, full - linear * 4 + linear * bits // 8
+
+
+@pytest.mark.parametrize("load, bits", [("int8", 8), ("nf4", 4)])
+def test_a_quantized_teacher_is_held_in_its_bits_and_still_teaches(tmp_path, make_run, run_stage, models, one_worker, load, bits):
+    """int8/nf4 (bitsandbytes on CPU): the teacher's linear layers are held in 8 or 4 bits, and its
+    targets are nearly the full-precision teacher's: the first step's loss moves far less than it
+    does without the KD term."""
+    code, summary, output = distill(tmp_path, make_run, run_stage, models, load, 1, teacher_load=load)
+    assert code == 0, output[-3000:]
+    assert f"teacher {load}" in output
+    full, expected = quantized_bytes(models[0]["teacher"], bits)
+    assert one_worker.metrics["teacherMemoryMiB"] * 2**20 == pytest.approx(full, rel=1e-3)
+    assert summary.metrics["teacherMemoryMiB"] * 2**20 == pytest.approx(expected, rel=1e-3)
+    code, ce_only, output = distill(tmp_path, make_run, run_stage, models, f"{load}-ce", 1, alpha=0.0)
+    assert code == 0, output[-3000:]
+    # The first step's loss on the same batch from the same student: alpha x KD + (1 - alpha) x CE,
+    # so it differs from the full teacher's only by what quantization did to the teacher's targets.
+    first = {name: s.metrics["initialLoss"] for name, s in (("full", one_worker), (load, summary), ("ce", ce_only))}
+    gap, kd_share = abs(first[load] - first["full"]), abs(first["ce"] - first["full"])
+    assert gap < kd_share / 5, f"first-step loss {first}: the {load} teacher moves it {gap:.2e}, dropping KD {kd_share:.2e}"

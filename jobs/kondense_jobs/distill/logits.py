@@ -18,7 +18,7 @@ import numpy as np
 from kondense.errors import InvalidInput
 
 from kondense_jobs import data
-from kondense_jobs.distill.setup import Built, Inputs, load_student, load_teacher, training_args
+from kondense_jobs.distill.setup import Built, Inputs, load_student, load_teacher, teacher_metrics, training_args
 from kondense_jobs.runtime import Context, require
 
 
@@ -235,7 +235,7 @@ def build(ctx: Context, job: Inputs) -> Built:
         trainer,
         f"logit KD (T={spec.temperature:g}, alpha={spec.alpha:g}{skipped})",
         spec.global_batch(job.world.size) * job.seq,
-        {"trainWindows": float(len(rows))},
+        {"trainWindows": float(len(rows)), **teacher_metrics(teacher)},
     )
 
 

@@ -215,9 +215,25 @@ def load_teacher(job: Inputs):
     elif load == "replicated" and torch.cuda.is_available():
         kwargs["device_map"] = {"": world.local_rank} if world.distributed else "auto"
     if load != "sharded":
-        teacher = transformers.AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-        return teacher.eval().requires_grad_(False)
-    return _sharded_teacher(model_dir, kwargs["dtype"], world)
+        teacher = transformers.AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).eval().requires_grad_(False)
+    else:
+        teacher = _sharded_teacher(model_dir, kwargs["dtype"], world)
+    log.info("Teacher held %s: %.1f MiB of weights on this worker", load, held_bytes(teacher) / 2**20)
+    return teacher
+
+
+def teacher_metrics(teacher) -> dict[str, float]:
+    """The summary's figure for the teacher as held (none when the method ran without one)."""
+    return {} if teacher is None else {"teacherMemoryMiB": round(held_bytes(teacher) / 2**20, 3)}
+
+
+def held_bytes(model) -> int:
+    """Bytes of the weights and buffers this worker holds: its shard under FSDP2 (DTensor's local
+    part), the packed 4- or 8-bit data of a bitsandbytes layer (without its small scales)."""
+    from torch.distributed.tensor import DTensor
+
+    tensors = [t.to_local() if isinstance(t, DTensor) else t for t in (*model.parameters(), *model.buffers())]
+    return sum(t.nelement() * t.element_size() for t in tensors)
 
 
 def _sharded_teacher(model_dir: Path, dtype, world: World):
