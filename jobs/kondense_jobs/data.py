@@ -437,6 +437,7 @@ def write_tokens(dataset: Path, ref: DatasetRef, tokenizer, folder: Path, digest
     train, held_out = split_order(len(index), ref)
     dtype = id_dtype(len(tokenizer))
     eos = tokenizer.eos_token_id
+    encode = encoder(tokenizer)
     # Batches of records by their JSON size: bounded memory whatever the record sizes.
     sizes = np.diff(np.append(index.starts, index.bounds[-1]))
     meta = {"format": TOKENS_FORMAT, "digest": digest, "dtype": dtype.name, "eos": eos, "vocabulary": len(tokenizer)}
@@ -448,7 +449,7 @@ def write_tokens(dataset: Path, ref: DatasetRef, tokenizer, folder: Path, digest
                 records = index.read(batch)
                 check_records(records, ref, batch)
                 flat: list[int] = []
-                for ids in tokenizer(texts(records, ref, tokenizer), add_special_tokens=False, return_attention_mask=False)["input_ids"]:
+                for ids in encode(texts(records, ref, tokenizer)):
                     flat += ids
                     if eos is not None:
                         flat.append(eos)
@@ -463,6 +464,20 @@ def write_tokens(dataset: Path, ref: DatasetRef, tokenizer, folder: Path, digest
         meta[part] = {"tokens": count, "records": int(len(numbers))}
     (folder / TOKENS_META).write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def encoder(tokenizer):
+    """texts -> ids per text, as tokenizer(texts, add_special_tokens=False)["input_ids"] gives them.
+
+    A fast tokenizer's Rust backend is called directly when it can be (tokenizers' encode_batch_fast
+    skips the character offsets the wrapper computes and drops): ~1.3x the tokens/s on 2 cores. Only
+    when the backend itself truncates and pads nothing; tests/jobs/test_data.py checks the ids are the
+    wrapper's token for token."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    if fast is not None and backend.truncation is None and backend.padding is None:
+        return lambda batch: [e.ids for e in fast(batch, add_special_tokens=False)]
+    return lambda batch: tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]
 
 
 def _batches(numbers: np.ndarray, sizes: np.ndarray) -> Iterator[np.ndarray]:
