@@ -25,7 +25,7 @@ The artifact is content-addressed: `address()` digests the dataset files' bytes,
 fields that shape the stream (all but uri and the prompt fields) and the tokenizer's full
 serialization (tokenizer.json, tokenizer_config.json, any chat template file: the same vocabulary
 with another normalizer or template is another artifact). It lives at
-`<storage.uri>/tokens/<digest12>/`, shared by every stage and pipeline of that storage: the first
+`<storage.uri>/_tokens/<digest12>/`, shared by every stage and pipeline of that storage: the first
 stage to need it builds and publishes it (files first, manifest.json last: the commit point); the
 others read it in place (file:// stores) or fetch it once into `<cache>/tokens/` (s3://). A
 folder without a manifest is an interrupted build and is rebuilt over. Builders write into a
@@ -60,6 +60,8 @@ log = logging.getLogger("kondense_jobs")
 
 TOKENS_FORMAT = 1  # bump when the artifact's layout or the record -> text rendering changes
 TOKENS_META = "tokens.json"
+# Under storage.uri, beside the <namespace>/<pipeline> folders; "_" is not allowed in a namespace name.
+TOKENS_PREFIX = "_tokens"
 PARTS = ("train", "eval")
 BATCH_BYTES = 1024 * 1024  # records read and tokenized per batch (by their JSON size)
 # The tokenizer's serialization: what decides how a text becomes ids (and EOS).
@@ -495,7 +497,7 @@ def tokens(ctx: Context, tokenizer) -> Tokens:
     """The run's dataset tokenized with `tokenizer`: reused when any stage made it, else built and published."""
     dataset, ref = ctx.dataset_path(), ctx.run.dataset
     digest = address(dataset, ref, tokenizer)
-    uri = join(ctx.run.storage.uri, "tokens", digest[7:19])
+    uri = join(ctx.run.storage.uri, TOKENS_PREFIX, digest[7:19])
     cache = ctx.cache_dir / "tokens" / digest[7:19]
     started = time.monotonic()
     found = _committed(ctx.store, uri, digest, cache)

@@ -161,7 +161,7 @@ def test_the_address_names_dataset_split_and_whole_tokenizer(tmp_path, tiny_data
 def test_a_partial_artifact_is_never_read_and_is_rebuilt(make_run, tmp_path, tiny_dataset, tokenizer, builds, list_path):
     ctx = context(make_run, tmp_path, tiny_dataset)
     digest = data.address(tiny_dataset, ctx.run.dataset, tokenizer)
-    folder = FileStore.path(ctx.run.storage.uri) / "tokens" / digest[7:19]
+    folder = FileStore.path(ctx.run.storage.uri) / data.TOKENS_PREFIX / digest[7:19]
     folder.mkdir(parents=True)  # an interrupted build: files, no manifest.json
     (folder / "train.bin").write_bytes(b"\xff" * 64)
     (folder / "eval.bin").write_bytes(b"")
