@@ -39,7 +39,8 @@ from kondense.api import Summary, TeacherLogitsSpec
 from kondense.errors import InvalidInput, InvalidSpec
 from kondense.store import FileEntry, dumps_canonical, join
 
-from kondense_jobs import data
+from kondense_jobs import chunks, data
+from kondense_jobs.chunks import chunk_dir
 from kondense_jobs.runtime import Context, library_versions, require
 
 log = logging.getLogger("kondense_jobs.teacher_logits")
@@ -47,10 +48,6 @@ log = logging.getLogger("kondense_jobs.teacher_logits")
 FORMAT = "kondense.teacher-logits/v1"
 META = "teacher-logits.json"
 ARRAYS = ("input_ids", "top_ids", "top_logprobs")
-
-
-def chunk_dir(index: int) -> str:
-    return f"chunks/{index:05d}"
 
 
 def vocabulary_digest(tokenizer) -> str:
@@ -184,29 +181,23 @@ def fetch_inputs(ctx: Context) -> Pass:
     return Pass(teacher_dir, tokenizer, windows, spec.max_seq_length, vocabulary)
 
 
-class Chunks:
-    """The stage's chunks in the store: which are committed for this input digest, committing one."""
+class Chunks(chunks.Chunks):
+    """The stage's chunks beside its artifact, each one's files keyed by their path in the artifact."""
 
     def __init__(self, ctx: Context):
-        self.ctx, self.store, self.run = ctx, ctx.store, ctx.run
+        super().__init__(ctx, ctx.run.output, {f"{name}.npy" for name in ARRAYS}, "teacher-logits-chunk")
 
     def committed(self, index: int) -> dict | None:
         """The chunk's files (paths relative to the artifact) and metrics when it is committed, else None."""
-        manifest = self.store.read_manifest(join(self.run.output, chunk_dir(index)))
-        if manifest is None or manifest.input_digest != self.run.input_digest:
-            return None
-        if {f"{name}.npy" for name in ARRAYS} != set(manifest.files):
-            return None
-        files = {f"{chunk_dir(index)}/{rel}": entry for rel, entry in manifest.files.items()}
-        return {"files": files, "metrics": manifest.metrics}
+        manifest = super().committed(index)
+        return None if manifest is None else self._entry(index, manifest)
 
     def commit(self, index: int, folder: Path, metrics: dict[str, float]) -> dict:
-        uri = join(self.run.output, chunk_dir(index))
-        manifest = self.store.publish(
-            folder, uri, stage=self.run.stage, stage_kind=self.run.stage_kind, input_digest=self.run.input_digest,
-            format="teacher-logits-chunk", metrics=metrics,
-        )
-        return {"files": {f"{chunk_dir(index)}/{rel}": e for rel, e in manifest.files.items()}, "metrics": metrics}
+        return self._entry(index, super().commit(index, folder, metrics))
+
+    @staticmethod
+    def _entry(index: int, manifest) -> dict:
+        return {"files": {f"{chunk_dir(index)}/{rel}": e for rel, e in manifest.files.items()}, "metrics": manifest.metrics}
 
 
 def load_teacher(teacher_dir: Path, precision: str):
