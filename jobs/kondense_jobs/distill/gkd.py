@@ -7,20 +7,25 @@ only there: DistillationTrainer is always on-policy. Knobs: lmbda -> lmbda, beta
 generationTemperature -> temperature (in GKD that is the *sampling* temperature; its divergence
 is taken at T = 1, so spec.temperature is not used; 0 switches the student's sampling to
 greedy), seq_kd off. The records are given pre-tokenized ({input_ids, completion_mask}: prompt
-tokens then the rest of the text), a form TRL's DataCollatorForChatML accepts as is, so no chat
-template is needed.
+tokens then the rest of the text), a form TRL's DataCollatorForChatML accepts as is. A chat record
+(the messages field) is cut by `data.chat_prompt`: the prompt is the conversation up to its last
+user turn through the tokenizer's chat template with its generation prompt, the completion the
+assistant turn after it as the template renders it (end-of-turn tokens included), or nothing
+when the conversation ends on the user: then only on-policy batches teach from it.
 """
 
 from __future__ import annotations
 
 import warnings
 
+from kondense_jobs import data
 from kondense_jobs.distill.setup import Built, Inputs, load_student, load_teacher, training_args
 from kondense_jobs.runtime import Context, require
 
 
 def gkd_records(records: list[dict], ref, tokenizer, seq: int) -> list[dict]:
-    """Pre-tokenized {prompt, input_ids, completion_mask}: the prompt, then the rest of the text.
+    """Pre-tokenized {prompt, input_ids, completion_mask}: the prompt, then the rest of the text
+    (of a chat record: the templated turns up to the last user turn, then the assistant's reply).
 
     The rest of the text is what the off-policy batches (a fraction 1 - lmbda) train on. TRL's
     collator reads "prompt" only when completion_mask is absent, but it must be present.
@@ -28,8 +33,13 @@ def gkd_records(records: list[dict], ref, tokenizer, seq: int) -> list[dict]:
     eos = tokenizer.eos_token_id
     out = []
     for r in records:
-        text, prompt = r[ref.text_field], r.get(ref.prompt_field)
-        if isinstance(prompt, str) and prompt:
+        text, prompt = r.get(ref.text_field), r.get(ref.prompt_field)
+        chat = data.is_chat(r, ref)
+        if chat:  # template text: its special tokens are written out, none added
+            prompt, rest = data.chat_prompt(r, ref, tokenizer)
+            p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            c_ids = tokenizer(rest, add_special_tokens=False)["input_ids"] if rest else []
+        elif isinstance(prompt, str) and prompt:
             p_ids = tokenizer(prompt)["input_ids"]
             rest = text[len(prompt) :] if text.startswith(prompt) else text
             c_ids = tokenizer(rest, add_special_tokens=False)["input_ids"]
@@ -37,7 +47,7 @@ def gkd_records(records: list[dict], ref, tokenizer, seq: int) -> list[dict]:
             ids = tokenizer(text)["input_ids"]
             p_ids, c_ids = ids[: ref.prompt_tokens], ids[ref.prompt_tokens :]
         p_ids = p_ids[-max(1, seq // 2) :]
-        if eos is not None and len(p_ids) + len(c_ids) < seq:
+        if eos is not None and (not chat or not c_ids) and len(p_ids) + len(c_ids) < seq:  # a template ends its own turns
             c_ids = c_ids + [eos]
         c_ids = c_ids[: seq - len(p_ids)]
         mask = [0] * len(p_ids) + [1] * len(c_ids)
