@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kondense import memory
@@ -228,6 +229,26 @@ def chat_dataset(tmp_path_factory, corpus_texts) -> Path:
             {"role": "assistant", "content": " ".join(words[6:40]) or "."},
         ]})
     return write_jsonl(tmp_path_factory.mktemp("chat-data") / "chat.jsonl", rows)
+
+
+def test_the_tokens_logits_train_on_are_the_whole_rendered_conversations(tmp_path, chat_tokenizer, chat_dataset):
+    """The logits method (and teacherLogits, quantize, evaluate) read the tokens artifact: its train
+    stream is the templated conversations, EOS-joined, exactly as data.texts renders them."""
+    ref = DatasetRef(uri=f"file://{chat_dataset}", eval_split=0.1)
+    meta = data.write_tokens(chat_dataset, ref, chat_tokenizer, tmp_path / "tokens")
+    train = np.fromfile(tmp_path / "tokens" / "train.bin", dtype=meta["dtype"]).tolist()
+    rendered = data.texts(data.load(chat_dataset, ref).train, ref, chat_tokenizer)
+    assert rendered[0].startswith("<|user|>\n") and "<|assistant|>\n" in rendered[0]
+    assert train == data.token_stream(chat_tokenizer, rendered)
+
+
+def test_tokens_of_chat_records_without_a_chat_template_are_refused(tmp_path, tiny_tokenizer_dir, chat_dataset):
+    from transformers import AutoTokenizer
+
+    ref = DatasetRef(uri=f"file://{chat_dataset}", eval_split=0.1)
+    with pytest.raises(InvalidInput, match="records hold chat messages in 'messages'.*has no chat template"):
+        data.write_tokens(chat_dataset, ref, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), tmp_path / "tokens")
+    assert not (tmp_path / "tokens" / data.TOKENS_META).exists()
 
 
 def test_chat_records_without_a_chat_template_fail_the_stage_before_generating(
