@@ -1,14 +1,16 @@
 """`kondense plan`: will each stage fit, and if not, what would make it fit.
 
 Reads each model's config.json only (never weights), walks the stages in DAG order and asks
-kondense.memory for a per-worker estimate. A distill stage's output has its student's shape;
-a quantize stage's has its input's; evaluate is sized by its largest variant.
+kondense.memory for a per-worker estimate. A distill stage's output has its student's shape
+(in the precision it is published in); a quantize stage's has its input's; evaluate is sized by
+its largest variant. A quantize stage has a second row, its host memory: llm-compressor keeps the
+model and the offloaded activations there and one layer on the GPU.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources as package_files
 from pathlib import Path
 from urllib.parse import urlparse
@@ -84,7 +86,10 @@ def shapes(spec: PipelineSpec, plans: list[StagePlan], sources: dict[str, memory
     out = dict(sources)
     for p in plans:
         if p.kind == "distill":
-            out[p.name] = out[p.inputs["student"]]
+            d = spec.stages[p.index].distill
+            assert d is not None
+            published = memory.compute_dtype(d.precision, p.resources.gpus)  # the student is saved as it trained
+            out[p.name] = replace(out[p.inputs["student"]], dtype=published)
         elif p.kind == "quantize":
             out[p.name] = out[p.inputs["model"]]
     return out
@@ -120,7 +125,9 @@ def plan_stages(
             q = stage.quantize
             assert q is not None
             shape = by_shape[p.inputs["model"]]
-            fits.append(_single(p, r, lambda r, q=q, shape=shape: memory.quantize_plan(q, r, shape, host_bytes)))
+            estimate = memory.quantize_plan(q, r, shape, host_bytes)
+            fixes = memory.quantize_fixes(q, r, shape, host_bytes)
+            fits.append(StageFit(p.name, p.kind, estimate, fixes, memory.quantize_how(q, r)))
         elif p.kind == "teacher_logits":
             t = stage.teacher_logits
             assert t is not None
@@ -144,6 +151,8 @@ def format_plan(fits: list[StageFit], origins: dict[str, str]) -> str:
     lines = [f"{role}: {origin}" for role, origin in origins.items()]
     lines.append("")
     parts = ["weights", "gradients", "optimizer", "activations", "logits", "teacher", "runtime"]
+    if any("hessians" in f.estimate.parts for f in fits):  # GPTQ's, on the GPU
+        parts.insert(3, "hessians")
     header = ["stage", "workers", "strategy", *parts, "total", "of", "verdict"]
     rows = [header]
     for f in fits:
@@ -153,15 +162,26 @@ def format_plan(fits: list[StageFit], origins: dict[str, str]) -> str:
             [
                 f.name, workers, f.strategy,
                 *[_gib(e.parts.get(k)) for k in parts],
-                _gib(e.total), _gib(e.capacity), "fits" if f.fits else "DOES NOT FIT",
+                _gib(e.total), _gib(e.capacity), "fits" if e.gpu_fits else "DOES NOT FIT",
             ]
         )
+        if e.host is not None:  # the same stage's host memory, against resources.memory
+            h = e.host
+            rows.append(
+                [
+                    "", "host", "host memory",
+                    *[_gib(h.parts.get(k)) for k in parts],
+                    _gib(h.total), _gib(h.capacity), "fits" if h.fits else "DOES NOT FIT",
+                ]
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for n, row in enumerate(rows):
         lines.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("GiB per worker (one GPU, or a CPU worker's share of memory); totals include +10% fragmentation.")
+    if any(f.estimate.host is not None for f in fits):
+        lines.append("host: the same stage's host memory (the model, offloaded activations) against resources.memory.")
     for f in fits:
         if not f.fits:
             lines += ["", *memory.shortfall(f.name, f.estimate, f.fixes)]

@@ -40,6 +40,7 @@ FRAGMENTATION = 1.10
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "nf4": 0.5625}
 DDP_BUCKET_BYTES = 4.0  # DDP's fp32 gradient buckets
 GATHERED_LAYERS = 2  # fsdp: the layer computing and the one prefetched
+CONFIG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 PLAIN_MLP = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi"}  # two MLP matrices, not three
 
 
@@ -58,6 +59,7 @@ class Shape:
     max_positions: int | None = None
     parameters: int | None = None  # exact count when known (safetensors headers); else from the formula
     name: str = "model"
+    dtype: str | None = None  # the checkpoint's dtype (config.json torch_dtype/dtype): what dtype="auto" loads
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], name: str = "model", parameters: int | None = None) -> Shape:
@@ -81,6 +83,7 @@ class Shape:
             max_positions=cfg.get("max_position_embeddings") or cfg.get("n_positions"),
             parameters=parameters,
             name=name,
+            dtype=CONFIG_DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "")),
         )
 
     @property
@@ -96,6 +99,16 @@ class Shape:
     @property
     def total_parameters(self) -> int:
         return self.parameters or self.embedding_parameters + self.layers * self.layer_parameters + self.hidden
+
+    @property
+    def linear_inputs(self) -> list[tuple[int, int]]:
+        """(in_features, out_features) of one decoder layer's Linear modules: q, k, v and o read the
+        hidden state (o reads the heads' concatenation, hidden wide), gate and up read it too, down
+        reads the MLP width; a plain MLP has no gate."""
+        kv = self.hidden // self.heads * self.kv_heads
+        h, i = self.hidden, self.intermediate
+        attention = [(h, h), (h, kv), (h, kv), (h, h)]
+        return attention + ([(h, i)] * (2 if self.gated else 1)) + [(i, h)]
 
 
 @dataclass(frozen=True)
@@ -119,18 +132,35 @@ class Estimate:
     workers: int = 1
     nodes: int = 1
     notes: list[str] = field(default_factory=list)
+    # A stage whose GPUs and host both hold a share (quantize: layers on the GPU, the model and the
+    # offloaded activations in host memory): the host's side, checked against resources.memory.
+    host: Estimate | None = None
 
     @property
     def total(self) -> float:
         return sum(self.parts.values()) * FRAGMENTATION
 
     @property
-    def fits(self) -> bool:
+    def gpu_fits(self) -> bool:
+        """The per-worker side alone (a GPU, or a CPU worker's share), whatever the host's side says."""
         return self.total <= self.capacity
 
-    def table(self) -> str:
+    @property
+    def fits(self) -> bool:
+        """Both sides fit: the per-worker part its GPU (or CPU share), and the host part the pod's memory."""
+        return self.total <= self.capacity and (self.host is None or self.host.fits)
+
+    def table(self, unit: str = "per worker") -> str:
         shown = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.parts.items() if v)
-        return f"{self.total / GIB:.2f} GiB per worker ({shown}; +10% fragmentation) of {self.capacity / GIB:.1f} GiB ({self.capacity_what})"
+        line = f"{self.total / GIB:.2f} GiB {unit} ({shown}; +10% fragmentation) of {self.capacity / GIB:.1f} GiB ({self.capacity_what})"
+        if self.host is not None:
+            line += f"; and {self.host.table('in host memory')}"
+        return line
+
+    def totals(self) -> str:
+        """The short form a fix is shown with: "12.3 GiB per worker", and the host's part when there is one."""
+        out = f"{self.total / GIB:.1f} GiB per worker"
+        return out if self.host is None else f"{out}, {self.host.total / GIB:.1f} GiB in host memory"
 
 
 def capacity(resources: Resources, host_bytes: float | None = None) -> tuple[float, str]:
@@ -380,16 +410,151 @@ def more_gpus(estimate_for, resources: Resources) -> list[Fix]:
     return []
 
 
-CALIBRATED_METHODS = ("gptq", "awq", "w8a8-int8")
+CALIBRATED_METHODS = ("gptq", "awq", "w8a8-int8")  # llm-compressor runs them on calibration windows
+HESSIAN_METHODS = ("gptq", "w8a8-int8")  # GPTQModifier: an fp32 Hessian per Linear of the layer being calibrated
+LLMC_METHODS = (*CALIBRATED_METHODS, "fp8-dynamic")
+BNB_METHODS = {"bnb-nf4": "nf4", "bnb-int8": "int8"}
+HESSIAN_BYTES = 4.0  # llm-compressor's GPTQ_PRECISION is float32
+TOKEN_ID_BYTES = 16.0  # input_ids and attention_mask, int64, kept with the offloaded intermediates
+
+
+def quantize_how(spec: QuantizeSpec, resources: Resources) -> str:
+    """How a quantize stage holds its model, in the words `kondense plan` prints as the strategy."""
+    if spec.method == "gguf":
+        return "llama.cpp, host only"
+    if spec.method in BNB_METHODS:
+        return f"whole model on {resources.gpus} GPUs" if resources.gpus > 1 else "whole model, one process"
+    pipeline = "sequential" if spec.method in CALIBRATED_METHODS else "data-free"
+    return f"{pipeline}, layer by layer" + ("" if resources.gpus else " on CPU")
 
 
 def quantize_plan(spec: QuantizeSpec, resources: Resources, shape: Shape, host_bytes: float | None = None) -> Estimate:
-    # Calibrated methods run the model on calibrationSeqLength tokens; fp8-dynamic, bnb and gguf on none.
-    seq = spec.calibration_seq_length if spec.method in CALIBRATED_METHODS else 1
-    dtype = "fp32" if spec.method == "gguf" else "bf16" if resources.gpus else "fp32"
-    if spec.method == "gguf":  # the converter runs on the CPU: host memory, not GPU
-        resources = resources.model_copy(update={"gpus": 0})
-    return inference(shape, dtype, seq, resources, host_bytes)
+    """A quantize stage, per method: what one GPU holds and what the host holds (the `host` part).
+
+    llm-compressor (gptq, awq, w8a8-int8 calibrated; fp8-dynamic data-free) loads the model into
+    host memory in its checkpoint dtype and runs the sequential pipeline: one subgraph (a decoder
+    layer; the embeddings before the first, the norm and lm_head after the last) is onloaded to
+    the first GPU at a time; the calibration windows' activations between layers are offloaded to
+    host memory and onloaded one window at a time. Only the first GPU is used, so more GPUs do not
+    lower the per-GPU figure. Per GPU: the largest subgraph's weights; for GPTQ (gptq, w8a8-int8)
+    the fp32 Hessians of the layer's Linear modules (in_features^2 x 4 bytes each) and the
+    compression of the widest one (gptq_module_peak; llm-compressor's "auto" batching compresses
+    more same-shaped modules at once only into GPU memory that is free anyway); one window through one layer
+    (its input and output, the block's temporaries, the fp32 upcast GPTQ takes of a Linear's input);
+    the runtime. Host: the whole model in its dtype, the offloaded intermediates (input and output
+    of the current layer for every calibration window, plus their token ids; awq also caches its
+    mappings' inputs, two more hidden-wide tensors per window), the CPU runtime. fp8-dynamic needs
+    no data: the host holds the model, a GPU one subgraph at a time. Saving compresses module by
+    module in place (compressed-tensors' compress_model).
+
+    bitsandbytes (bnb-nf4, bnb-int8) loads the whole model onto the GPUs (device_map auto spreads it
+    over the pod's GPUs) and quantizes each Linear as its weights load: the GPUs hold the quantized
+    model (Linear weights at 0.5625 or 1 byte per parameter, the rest in its dtype) plus one layer
+    still in its dtype, never the whole 16-bit model. Host: save_pretrained copies the quantized
+    tensors to host memory as it writes them (counted as the whole quantized model, an upper bound).
+
+    gguf runs on the CPU only: llama.cpp's converter is lazy (its default), reading the memory-mapped
+    safetensors one tensor at a time, so it holds the largest tensor (the embedding or lm_head) as
+    read, as an fp32 working copy and as converted, 3 x 4 bytes per value; llama.cpp's quantizer
+    then works tensor by tensor too. The mapped files are page cache, which the kernel reclaims.
+
+    With resources.gpus 0 every part is host memory: one estimate against resources.memory (or the
+    host's memory), no `host` part.
+    """
+    gpus = resources.gpus
+    dtype = shape.dtype or ("bf16" if gpus else "fp32")
+    b = DTYPE_BYTES[dtype]
+    host_cap, host_what = capacity(resources.model_copy(update={"gpus": 0, "workers": None}), host_bytes)
+    runtime_cpu = RUNTIME_GIB["cpu"] * GIB
+    whole = shape.total_parameters * b
+
+    if spec.method == "gguf":
+        largest = max(shape.vocab * shape.hidden, *(i * o for i, o in shape.linear_inputs))
+        parts = {"weights": largest * 4.0 * 3, "runtime": runtime_cpu}
+        return Estimate(parts, host_cap, host_what)
+
+    if spec.method in BNB_METHODS:
+        linear = _linear_parameters(shape)
+        quantized = linear * DTYPE_BYTES[BNB_METHODS[spec.method]] + (shape.total_parameters - linear) * b
+        device = {"weights": quantized / max(1, gpus) + shape.layer_parameters * b}
+        if not gpus:
+            return Estimate({**device, "runtime": runtime_cpu}, host_cap, host_what)
+        host = Estimate({"weights": quantized, "runtime": runtime_cpu}, host_cap, host_what)
+        cap, what = capacity(resources.model_copy(update={"workers": None}), host_bytes)
+        return Estimate({**device, "runtime": RUNTIME_GIB["gpu"] * GIB}, cap, what, host=host)
+
+    # llm-compressor: the sequential (calibrated) or data-free pipeline
+    h, i = shape.hidden, shape.intermediate
+    subgraph = max(shape.layer_parameters, shape.vocab * shape.hidden) * b
+    device: dict[str, float] = {"weights": subgraph}
+    offloaded = 0.0
+    if spec.method in CALIBRATED_METHODS:
+        seq = sequence_length(spec.calibration_seq_length, shape)
+        if spec.method in HESSIAN_METHODS:
+            hessians = sum(n_in * n_in for n_in, _ in shape.linear_inputs) * HESSIAN_BYTES
+            device["hessians"] = hessians + max(gptq_module_peak(n_in, n_out) for n_in, n_out in shape.linear_inputs)
+        device["activations"] = seq * ((10 * h + 4 * i + 2 * h) * b + max(h, i) * 4.0)
+        per_window = seq * (2 * h * b + TOKEN_ID_BYTES + (2 * h * b if spec.method == "awq" else 0.0))
+        offloaded = spec.calibration_samples * per_window
+    if not gpus:  # the "onloaded" layer is the model's own: counted once, with the model
+        parts = {"weights": whole, **{k: v for k, v in device.items() if k != "weights"}}
+        parts["activations"] = parts.get("activations", 0.0) + offloaded
+        return Estimate({**parts, "runtime": runtime_cpu}, host_cap, host_what)
+    host = Estimate({"weights": whole, "activations": offloaded, "runtime": runtime_cpu}, host_cap, host_what)
+    cap, what = capacity(resources.model_copy(update={"workers": None}), host_bytes)
+    return Estimate({**device, "runtime": RUNTIME_GIB["gpu"] * GIB}, cap, what, host=host)
+
+
+def gptq_module_peak(n_in: int, n_out: int, block: int = 128) -> float:
+    """Bytes GPTQ works in to compress one Linear, llm-compressor 0.14's own count (gptq/helpers.py
+    max_batch_size): the larger of its quantization phase (the Hessian reused as its inverse, the
+    weight, its fp32 working copy and the error update, four column blocks) and its activation
+    ordering phase (the Hessian and both permuted copies, two weights), in fp32."""
+    weight, hessian = n_in * n_out, n_in * n_in
+    return max(hessian + 3 * weight + 4 * n_out * block, 3 * hessian + 2 * weight) * HESSIAN_BYTES
+
+
+def quantize_fixes(spec: QuantizeSpec, resources: Resources, shape: Shape, host_bytes: float | None = None) -> list[Fix]:
+    """What would make a quantize stage fit, cheapest first: fewer calibration samples (the offloaded
+    intermediates shrink with them), a shorter calibrationSeqLength (what one GPU holds shrinks), more
+    GPUs (bitsandbytes only: llm-compressor uses the first), more memory for the pod."""
+    current = quantize_plan(spec, resources, shape, host_bytes)
+    if current.fits:
+        return []
+    out: list[Fix] = []
+
+    def plan(s: QuantizeSpec = spec, r: Resources = resources) -> Estimate:
+        return quantize_plan(s, r, shape, host_bytes)
+
+    shorter: tuple[QuantizeSpec, Fix] | None = None
+    if spec.method in CALIBRATED_METHODS:
+        n = spec.calibration_samples
+        while n > 1 and not plan(spec.model_copy(update={"calibration_samples": n})).fits:
+            n //= 2
+        e = plan(spec.model_copy(update={"calibration_samples": n}))
+        if n < spec.calibration_samples and e.fits:
+            out.append(Fix(f"quantize.calibrationSamples: {n}", e, 1))
+        seq = spec.calibration_seq_length
+        while seq > 128 and not plan(spec.model_copy(update={"calibration_seq_length": seq})).gpu_fits:
+            seq //= 2
+        s = spec.model_copy(update={"calibration_seq_length": seq})
+        if seq < spec.calibration_seq_length and plan(s).gpu_fits:
+            shorter = (s, Fix(f"quantize.calibrationSeqLength: {seq}", plan(s), 1))
+            if shorter[1].estimate.fits:
+                out.append(shorter[1])
+    if spec.method in BNB_METHODS:
+        out += more_gpus(lambda r: plan(r=r), resources)
+    # more memory for the pod: the host part (on CPU, the whole estimate), rounded up to a GiB
+    host = current.host if current.host is not None else current
+    if not host.fits:
+        gib = math.ceil(host.total / GIB)
+        more = resources.model_copy(update={"memory": f"{gib}Gi"})
+        fix = Fix(f"resources.memory: {gib}Gi", plan(r=more), 3)
+        if not fix.estimate.fits and shorter is not None:  # the GPU's side too: with the shorter windows
+            fix = Fix(f"{fix.field}, {shorter[1].field}", plan(shorter[0], more), 3)
+        if fix.estimate.fits:
+            out.append(fix)
+    return out
 
 
 def evaluate_plan(spec: EvaluateSpec, resources: Resources, largest: Shape, host_bytes: float | None = None) -> Estimate:
@@ -412,7 +577,12 @@ def shortfall(stage: str, estimate: Estimate, fixes: list[Fix]) -> list[str]:
     lines = [f"{stage} needs {estimate.table()}."]
     if fixes:
         lines.append("Changes that would make it fit, cheapest first:")
-        lines += [f"  - {fix.field}  ->  {fix.estimate.total / GIB:.1f} GiB per worker" for fix in fixes]
+        lines += [f"  - {fix.field}  ->  {fix.estimate.totals()}" for fix in fixes]
+    elif estimate.host is not None:
+        lines.append(
+            "Nothing up to 8 GPUs, more memory, fewer calibration samples or a shorter calibrationSeqLength makes it fit: "
+            "one GPU must hold the largest layer (with GPTQ, its Hessians too)."
+        )
     else:
         lines.append("Nothing up to 8 GPUs x 8 nodes (with fsdp, a sharded or quantized teacher, a smaller batch) makes it fit.")
     return lines

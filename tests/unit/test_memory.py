@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -209,17 +210,100 @@ def test_pods_of_a_multi_node_stage_wait_for_each_other_longer_than_torchruns_60
     assert argv[-5:] == ["--module", "kondense_jobs", "distill", "--spec", "s.json"]
 
 
-@pytest.mark.parametrize(
-    "method, calibrated",
-    [("gptq", True), ("awq", True), ("w8a8-int8", True), ("fp8-dynamic", False), ("bnb-nf4", False)],
-)
-def test_quantize_plan_runs_calibrated_methods_on_calibration_windows(method, calibrated):
+# ---------------------------------------------------------------------------------------------
+# Quantize: one layer on the GPU, the model and the offloaded activations in host memory
+# ---------------------------------------------------------------------------------------------
+
+LLAMA_70B_BF16 = memory.Shape.from_config({**fit.catalogue()["llama-3.1-70b"], "torch_dtype": "bfloat16"}, "model")
+GPU_80 = Resources(gpus=1, gpu_memory_gib=80)
+
+
+def test_shape_reads_the_checkpoint_dtype():
+    assert LLAMA_70B_BF16.dtype == "bf16" and LLAMA_70B.dtype is None
+    assert memory.Shape.from_config({**fit.catalogue()["llama-3.2-1b"], "dtype": "float32"}).dtype == "fp32"
+
+
+def test_gptq_on_one_gpu_holds_about_one_layer_and_the_host_the_whole_model():
     from kondense.api import QuantizeSpec
 
-    r = Resources(gpus=1, gpu_memory_gib=80)
+    e = memory.quantize_plan(QuantizeSpec(method="gptq"), GPU_80, LLAMA_70B_BF16)
+    whole = LLAMA_70B_BF16.total_parameters * 2
+    assert e.fits and e.host is not None and e.host.fits  # no resources.memory: the host side is not bounded
+    # per GPU: the largest subgraph (the 2 GiB embedding; a layer is 1.6 GiB), GPTQ's fp32 Hessians, one window
+    h, i = LLAMA_70B_BF16.hidden, LLAMA_70B_BF16.intermediate
+    assert e.parts["hessians"] >= (6 * h * h + i * i) * 4
+    assert 5 * GIB < e.total < 24 * GIB and e.total < whole / 5  # one layer and its GPTQ work, not 131 GiB
+    # host: the whole bf16 model (~131 GiB) plus 128 windows x 512 tokens x hidden, in and out
+    assert e.host.parts["weights"] == whole and whole / GIB == pytest.approx(131.4, abs=0.5)
+    assert e.host.parts["activations"] == pytest.approx(128 * 512 * (2 * h * 2 + 16))
+    assert 131 * GIB < e.host.total < 150 * GIB
+
+
+def test_gptq_of_a_70b_model_is_refused_with_64gi_of_host_memory_naming_resources_memory():
+    from kondense.api import QuantizeSpec
+
+    q, r = QuantizeSpec(method="gptq"), GPU_80.model_copy(update={"memory": "64Gi"})
+    e = memory.quantize_plan(q, r, LLAMA_70B_BF16)
+    assert e.gpu_fits and not e.fits
+    assert e.host.capacity == 64 * GIB and e.host.capacity_what == "resources.memory 64Gi"
+    fixes = memory.quantize_fixes(q, r, LLAMA_70B_BF16)
+    needed = math.ceil(e.host.total / GIB)
+    assert [f.field for f in fixes] == [f"resources.memory: {needed}Gi"]  # fewer samples cannot shrink the model
+    words = "\n".join(memory.shortfall("gptq", e, fixes))
+    assert "in host memory" in words and "of 64.0 GiB (resources.memory 64Gi)" in words
+    assert f"resources.memory: {needed}Gi  ->  " in words and "GiB in host memory" in words
+
+
+def test_fewer_calibration_samples_is_offered_when_the_intermediates_are_what_overflows():
+    from kondense.api import QuantizeSpec
+
+    q = QuantizeSpec(method="gptq", calibration_samples=4096, calibration_seq_length=4096)
+    r = Resources(gpus=1, gpu_memory_gib=80, memory="40Gi")
+    e = memory.quantize_plan(q, r, LLAMA_8B)
+    assert e.host.parts["activations"] > 100 * GIB and not e.fits
+    fixes = memory.quantize_fixes(q, r, LLAMA_8B)
+    assert fixes[0].field.startswith("quantize.calibrationSamples: ") and fixes[0].estimate.fits
+    assert int(fixes[0].field.rsplit(" ", 1)[1]) < 4096
+    assert all(f.estimate.fits for f in fixes) and fixes[-1].field.startswith("resources.memory: ")
+
+
+def test_a_tiny_model_fits_anywhere():
+    from kondense.api import QuantizeSpec
+
+    tiny = memory.Shape.from_config({"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 1024, "num_attention_heads": 4,
+                                     "intermediate_size": 256, "torch_dtype": "float32"})
+    for method in ("gptq", "w8a8-int8", "fp8-dynamic", "bnb-nf4", "gguf"):
+        for r in (Resources(gpus=0, memory="2Gi"), Resources(gpus=1, gpu_memory_gib=8, memory="2Gi")):
+            assert memory.quantize_plan(QuantizeSpec(method=method), r, tiny).fits, (method, r)
+
+
+@pytest.mark.parametrize(
+    "method, gpu_parts",
+    [("gptq", {"weights", "hessians", "activations", "runtime"}), ("w8a8-int8", {"weights", "hessians", "activations", "runtime"}),
+     ("awq", {"weights", "activations", "runtime"}), ("fp8-dynamic", {"weights", "runtime"}), ("bnb-nf4", {"weights", "runtime"})],
+)
+def test_what_each_method_holds_on_the_gpu(method, gpu_parts):
+    from kondense.api import QuantizeSpec
+
     short, long = (
-        memory.quantize_plan(QuantizeSpec(method=method, calibration_seq_length=seq), r, LLAMA_8B) for seq in (512, 4096)
+        memory.quantize_plan(QuantizeSpec(method=method, calibration_seq_length=seq), GPU_80, LLAMA_8B) for seq in (512, 4096)
     )
-    assert short.parts["weights"] == long.parts["weights"] == pytest.approx(LLAMA_8B.total_parameters * 2)
-    assert (long.parts["activations"] > short.parts["activations"]) == calibrated
-    assert (long.parts["logits"] == 4096 * LLAMA_8B.vocab * 6) == calibrated
+    assert {k for k, v in short.parts.items() if v} == gpu_parts
+    assert (long.total > short.total) == (method in memory.CALIBRATED_METHODS)
+    layer_or_embedding = max(LLAMA_8B.layer_parameters, LLAMA_8B.vocab * LLAMA_8B.hidden) * 2
+    if method in memory.LLMC_METHODS:  # sequential / data-free: one subgraph on the GPU, however many GPUs
+        assert short.parts["weights"] == layer_or_embedding
+        assert memory.quantize_plan(QuantizeSpec(method=method), Resources(gpus=4), LLAMA_8B).total == short.total
+    else:  # bitsandbytes: the whole model, quantized as it loads (NF4 linears, 16-bit rest, one 16-bit layer)
+        assert 0.25 * LLAMA_8B.total_parameters * 2 < short.parts["weights"] < 0.5 * LLAMA_8B.total_parameters * 2
+        assert memory.quantize_plan(QuantizeSpec(method=method), Resources(gpus=2), LLAMA_8B).total < short.total
+
+
+def test_gguf_and_cpu_stages_are_host_memory_only():
+    from kondense.api import QuantizeSpec
+
+    gguf = memory.quantize_plan(QuantizeSpec(method="gguf"), GPU_80.model_copy(update={"memory": "32Gi"}), LLAMA_8B)
+    assert gguf.host is None and gguf.capacity_what == "resources.memory 32Gi"
+    cpu = memory.quantize_plan(QuantizeSpec(method="gptq"), Resources(gpus=0, memory="64Gi"), LLAMA_8B)
+    assert cpu.host is None and cpu.parts["weights"] == LLAMA_8B.total_parameters * 4  # no dtype: fp32 on CPU
+    assert cpu.parts["hessians"] > 0 and cpu.parts["activations"] > 128 * 512 * LLAMA_8B.hidden * 4 * 2

@@ -363,3 +363,84 @@ def test_on_missing_variant_and_unset_divergence_gates_do_not_move_the_evaluate_
     assert digests(spec(stages__3__evaluate={"of": ["teacher", "distill", "nf4", "gguf"], "onMissingVariant": "skip"})) == before
     gated = digests(spec(stages__3__evaluate={"of": ["teacher", "distill", "nf4", "gguf"], "gates": {"maxKLDivergence": 0.1}}))
     assert [n for n in before if before[n] != gated[n]] == ["eval"]
+
+
+# ---------------------------------------------------------------------------------------------
+# `kondense plan` of quantize stages: a GPU row and a host-memory row
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_main(tmp_path, capsys, doc: dict, teacher: dict, student: dict) -> tuple[int, str, str]:
+    """`kondense plan` in-process on `doc`, the models' config.json given on the command line (no store)."""
+    import json
+
+    import yaml
+
+    from kondense.cli import main
+
+    paths = {}
+    for role, cfg in (("teacher", teacher), ("student", student)):
+        paths[role] = tmp_path / f"{role}.json"
+        paths[role].write_text(json.dumps(cfg))
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(yaml.safe_dump(doc))
+    code = main(["plan", str(pipeline), "--config", f"teacher={paths['teacher']}", "--config", f"student={paths['student']}"])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def flagship_doc() -> dict:
+    from pathlib import Path
+
+    import yaml
+
+    return yaml.safe_load((Path(__file__).resolve().parents[2] / "crds/examples/llama-70b-to-8b.yaml").read_text())
+
+
+def catalogue(name: str, **changes) -> dict:
+    from kondense.fit import catalogue as table
+
+    return {**table()[name], **changes}
+
+
+def rows(out: str, stage: str) -> tuple[str, str]:
+    """The stage's row and the row after it."""
+    lines = out.splitlines()
+    i = next(n for n, line in enumerate(lines) if line.startswith(stage + " "))
+    return lines[i], lines[i + 1]
+
+
+def test_plan_shows_the_host_memory_of_quantize_stages(tmp_path, capsys):
+    code, out, err = plan_main(tmp_path, capsys, flagship_doc(), catalogue("llama-3.1-70b"), catalogue("llama-3.1-8b"))
+    assert code == 0, out + err
+    assert "hessians" in next(line for line in out.splitlines() if line.startswith("stage "))  # GPTQ's column
+    gptq, host = rows(out, "gptq")
+    assert "sequential, layer by layer" in gptq and gptq.endswith("fits")
+    assert host.split()[:3] == ["host", "host", "memory"] and host.split()[-2:] == ["200.0", "fits"]  # spec.resources.memory 200Gi
+    # the host holds the whole bf16 8B student (~15 GiB); the GPU one subgraph and GPTQ's Hessians
+    host_total, gpu_total = float(host.split()[-3]), float(gptq.split()[-3])
+    assert 15 < host_total < 25 and gpu_total < host_total / 2
+    _, after_gguf = rows(out, "gguf")
+    assert not after_gguf.split()[:1] == ["host"]  # gguf is host memory only: one row
+    assert "host: the same stage's host memory" in out
+
+
+def test_plan_exits_14_when_the_host_cannot_hold_the_model_naming_resources_memory(tmp_path, capsys):
+    doc = flagship_doc()
+    doc["spec"]["stages"] = [
+        {"name": "gptq-70b", "from": "teacher", "quantize": {"method": "gptq"}, "resources": {"gpus": 1, "memory": "64Gi"}}
+    ]
+    teacher = catalogue("llama-3.1-70b", torch_dtype="bfloat16")
+    code, out, err = plan_main(tmp_path, capsys, doc, teacher, catalogue("llama-3.1-8b"))
+    assert code == 14, out + err
+    gptq, host = rows(out, "gptq-70b")
+    assert gptq.split()[-2:] == ["80.0", "fits"]  # one layer fits the GPU...
+    assert host.split()[-4:] == ["64.0", "DOES", "NOT", "FIT"]  # ...the whole model does not fit 64Gi
+    assert "gptq-70b needs" in out and "GiB in host memory" in out and "(resources.memory 64Gi)" in out
+    fix = next(line for line in out.splitlines() if line.strip().startswith("- resources.memory: "))
+    assert 131 < int(fix.split("resources.memory: ")[1].split("Gi")[0]) < 160
+    assert "InsufficientResources: gptq-70b" in err
+
+    doc["spec"]["stages"][0]["resources"]["memory"] = fix.split("resources.memory: ")[1].split()[0]
+    code, out, err = plan_main(tmp_path, capsys, doc, teacher, catalogue("llama-3.1-8b"))
+    assert code == 0, out + err  # the fix the plan named is enough
