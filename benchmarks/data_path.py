@@ -170,6 +170,7 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="kondense-data-path-") as tmp:
         root = Path(tmp)
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the start", flush=True)
         started = time.perf_counter()
         tokenizer, big, small = write_corpus(root, args.tokens, args.list_tokens, args.vocab)
         print(f"corpus written in {time.perf_counter() - started:.0f} s", flush=True)
@@ -179,6 +180,7 @@ def main() -> int:
             ("tokens (new)", "corpus", run_worker("tokens", big, tokenizer, root / "c", args.seq)),
             ("tokens (new)", "corpus", run_worker("tokens", big, tokenizer, root / "c", args.seq)),
         ]
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at the end: tokens/s move with other processes")
     print(f"\n{'path':<14} {'data':<7} {'artifact':<9} {'tokens':>11} {'RSS growth':>11} {'bytes/token':>12} {'tokens/s':>11}")
     for name, which, r in runs:
         artifact = "-" if r["built"] is None else "built" if r["built"] else "reused"
