@@ -93,7 +93,7 @@ def choose_engine(world: World) -> tuple[str, str]:
     """("vllm" or "transformers", why)."""
     torch = require("torch", "distillation")
     if importlib.util.find_spec("vllm") is None:
-        return "transformers", "vllm is not installed (pip install vllm==0.33.0 on GPU nodes)"
+        return "transformers", "vllm is not installed (pip install 'kondense[vllm]' on GPU nodes)"
     if not torch.cuda.is_available():
         return "transformers", "no CUDA device (vLLM runs on GPUs)"
     if world.size > 1:
