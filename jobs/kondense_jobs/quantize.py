@@ -26,6 +26,14 @@ Methods (one registry, METHODS):
                      lm_head and MoE routers/gates) in full precision. A modifier or preset that the
                      installed llm-compressor lacks exits 12 naming its version.
   gguf               llama.cpp's converter and quantizer, in kondense_jobs.gguf.
+
+Memory. A model larger than one GPU quantizes within bounded memory: llm-compressor's methods load
+the model into host memory (no device_map) and its sequential pipeline onloads one decoder layer at
+a time to the GPU, offloading the calibration windows' activations between layers to host memory;
+bitsandbytes holds the whole (quantized) model on the pod's GPUs; gguf runs on the CPU. Before any
+weight loads, the stage runs `kondense plan`'s estimate (kondense.memory.quantize_plan: per GPU and
+host memory, from config.json and the safetensors headers) and exits 14 in the plan's words when
+the stage cannot fit `resources`.
 """
 
 from __future__ import annotations
@@ -37,9 +45,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from kondense import memory
 from kondense.api import QuantizeSpec, Summary
 from kondense.errors import InsufficientResources, InvalidInput, InvalidSpec, MissingDependency
-from kondense_jobs import data
+from kondense_jobs import data, preflight
 from kondense_jobs.runtime import Context, require
 
 log = logging.getLogger("kondense_jobs.quantize")
@@ -65,6 +74,7 @@ def run(ctx: Context) -> Summary:
     # 1. Fetch the input model (an earlier stage's artifact is verified against its manifest).
     model_dir = ctx.model_dir("model")
     log.info("Fetched input model: %s", model_dir)
+    plan_memory(ctx, spec, model_dir)
 
     # 2. Quantize into the output folder.
     out = ctx.output_dir()
@@ -77,6 +87,22 @@ def run(ctx: Context) -> Summary:
 
     # 3. Publish: files, then manifest.json.
     return ctx.publish(metrics=metrics, format="gguf" if spec.method == "gguf" else "hf")
+
+
+def plan_memory(ctx: Context, spec: QuantizeSpec, model_dir: Path) -> memory.Estimate:
+    """The per-GPU and host-memory estimate of `kondense plan`, from the same function, before any weight
+    loads (config.json and safetensors headers only): InsufficientResources (exit 14) in the plan's
+    words when it cannot fit, else one "Preflight:" line and preflightGiB (per GPU, or the CPU
+    process's whole estimate) and preflightHostGiB (host memory, when the GPU holds a share)."""
+    shape = preflight.shape_of(model_dir, "model")
+    resources, host = ctx.run.resources, preflight.host_bytes()
+    estimate = memory.quantize_plan(spec, resources, shape, host)
+    fixes = [] if estimate.fits else memory.quantize_fixes(spec, resources, shape, host)
+    preflight.check(ctx.run.stage, estimate, fixes)
+    ctx.metrics["preflightGiB"] = round(estimate.total / memory.GIB, 3)
+    if estimate.host is not None:
+        ctx.metrics["preflightHostGiB"] = round(estimate.host.total / memory.GIB, 3)
+    return estimate
 
 
 def method(name: str) -> Callable[[Context, Path, Path], dict[str, float]]:
@@ -350,6 +376,13 @@ def actorder(spec: QuantizeSpec):
     return None if spec.actorder == "none" else "static"
 
 
+def llmc_device() -> str:
+    """Where llm-compressor onloads each layer: the first accelerator (its get_main_device), else the CPU."""
+    import torch
+
+    return "GPU 0" if torch.cuda.is_available() else "the CPU"
+
+
 def require_gpu_for_awq() -> None:
     """llm-compressor's AWQModifier cannot run on CPUs: see AWQ_NEEDS_GPU."""
     import torch
@@ -365,6 +398,19 @@ LLMC_RECIPES: dict[str, tuple[LlmcRecipe, bool]] = {
     "awq": (awq_recipe, True),
     "fp8-dynamic": (fp8_recipe, False),
     "w8a8-int8": (w8a8_int8_recipe, True),
+}
+# method -> oneshot's `pipeline`, and the words the log line uses. Every calibrated modifier runs in
+# llm-compressor's sequential pipeline: one decoder layer on the GPU at a time, the activations
+# between layers offloaded to host memory (kondense.memory.quantize_plan counts exactly that).
+# gptq names it. A two-modifier recipe keeps "independent", which gives each modifier its own
+# pass and infers "sequential" for each calibrated one: one shared sequential pass would accumulate
+# GPTQ's Hessians (w8a8-int8) on inputs that SmoothQuant rescales at the end of the same layer.
+# fp8-dynamic needs no data: "independent" infers the data-free pipeline (also a layer at a time).
+LLMC_PIPELINES: dict[str, tuple[str, str]] = {
+    "gptq": ("sequential", "sequential pipeline"),
+    "awq": ("independent", "sequential pipeline per modifier (AWQ smoothing, then quantization)"),
+    "fp8-dynamic": ("independent", "data-free pipeline"),
+    "w8a8-int8": ("independent", "sequential pipeline per modifier (SmoothQuant, then GPTQ)"),
 }
 
 
@@ -386,6 +432,8 @@ def llm_compressor(ctx: Context, model_dir: Path, out: Path) -> dict[str, float]
     ignore = list(spec.ignore if spec.ignore is not None else QuantizeSpec.DEFAULT_IGNORE)
     recipe, metrics, what = build(spec, ignore)
     tokenizer = load_tokenizer(model_dir)
+    # On the CPU, in the checkpoint's dtype, no device_map: llm-compressor's pipelines onload one
+    # layer at a time to the first GPU (sequential onloading), so a model larger than a GPU fits.
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     if spec.ignore is not None:  # the defaults name modules that only some families have
         check_ignore(model, spec.ignore)
@@ -410,7 +458,10 @@ def llm_compressor(ctx: Context, model_dir: Path, out: Path) -> dict[str, float]
         log.info("Quantizing %d modules with %d samples (%s)", len(targets), len(windows), what)
     else:
         log.info("Quantizing %d modules without calibration data (%s)", len(targets), what)
-    oneshot(model=model, processor=tokenizer, recipe=recipe, **kwargs)
+    pipeline, pipeline_words = LLMC_PIPELINES[spec.method]
+    log.info("Model in host memory (%s); llm-compressor's %s, layer by layer on %s",
+             model.dtype, pipeline_words, llmc_device())
+    oneshot(model=model, processor=tokenizer, recipe=recipe, pipeline=pipeline, **kwargs)
     quantized = sum(getattr(m, "quantization_scheme", None) is not None for m in model.modules())
     if quantized != len(targets):
         log.warning("llm-compressor quantized %d modules, expected %d", quantized, len(targets))
