@@ -7,6 +7,12 @@ Uses the real stages in-process on models built on the spot (no hub):
      torch.cuda.max_memory_allocated. Exits 1 below MIN_MFU or outside ESTIMATE_ERROR. One GPU
      runs one worker: the multi-worker paths (DDP, FSDP2, the sharded teacher) are tested on
      CPU workers in tests/jobs/test_parallel.py, FSDP2 of the student needs two or more GPUs.
+  0b. GPTQ of the ~1B model (fp32, built from config) through the quantize stage: llm-compressor's
+     sequential pipeline onloads one layer at a time, so torch.cuda.max_memory_allocated must stay
+     within the plan's per-GPU estimate (kondense.memory.quantize_plan, less the CUDA context,
+     which is not allocated memory) and far below the whole model. GPTQ's "auto" batching would
+     grow into whatever GPU memory is free; here it compresses one module at a time, as the
+     plan counts. Exits 1 when the peak passes the estimate.
   1. bf16 logit-KD throughput: the distill stage (precision auto -> bf16 on CUDA) vs the same
      steps in fp32; tokens/s of each and the ratio
   2. bitsandbytes NF4 and int8 on CUDA: quantize, reload with device_map="auto", generate
@@ -94,6 +100,32 @@ def main() -> int:
         failures.append(f"MFU {mfu:.2f} < {MIN_MFU}")
     if abs(error) > ESTIMATE_ERROR:
         failures.append(f"estimate {m['preflightGiB']:.1f} GiB vs measured {m['peakMemoryGiB']:.1f} GiB: {error:+.0%}")
+
+    # 0b. GPTQ of the ~1B model: one layer on the GPU, the model and the offloaded activations in host memory.
+    from llmcompressor.modifiers.gptq import helpers as gptq_helpers
+
+    from kondense import memory
+    from kondense_jobs.preflight import shape_of
+
+    qspec = QuantizeSpec(method="gptq", bits=4, group_size=128, calibration_samples=64, calibration_seq_length=2048)
+    plan = memory.quantize_plan(qspec, Resources(gpus=1), shape_of(s1, "model"))
+    allocatable = (sum(plan.parts.values()) - plan.parts["runtime"]) * memory.FRAGMENTATION / memory.GIB
+    batching = gptq_helpers.max_batch_size
+    gptq_helpers.max_batch_size = lambda *args, **kwargs: 1  # the plan's count: one module compressed at a time
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        q = stage(root, "quantize", qspec, {"model": s1}, dataset, "gptq-1b")["metrics"]
+    finally:
+        gptq_helpers.max_batch_size = batching
+    peak = torch.cuda.max_memory_allocated() / memory.GIB
+    whole = p_s * 4 / memory.GIB
+    figures |= {"gptq_1b_plan_GiB": allocatable, "gptq_1b_measured_peak_GiB": peak, "gptq_1b_whole_model_GiB": whole,
+                "gptq_1b_peak_over_plan": peak / allocatable, "gptq_1b_preflight_GiB": q["preflightGiB"]}
+    if peak > allocatable:
+        failures.append(f"gptq 1B: peak {peak:.2f} GiB on the GPU passes the plan's {allocatable:.2f} GiB")
+    if peak > whole / 2:
+        failures.append(f"gptq 1B: peak {peak:.2f} GiB is not layer by layer (whole model {whole:.2f} GiB)")
 
     for precision in ("fp32", "bf16"):
         cfg = DistillSpec(method="logits", max_steps=args.steps, batch_size=16, max_seq_length=512, precision=precision,
