@@ -138,6 +138,21 @@ def work_dir(base: Path | None, stage: str) -> Iterator[Path]:
             shutil.rmtree(shared, ignore_errors=True)
 
 
+class Once(logging.Filter):
+    """Lets each distinct message through once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kondense_jobs", description=__doc__.splitlines()[0])
     parser.add_argument("kind", help=f"stage kind: {', '.join(sorted(STAGES))}")
@@ -155,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("botocore", "urllib3", "s3transfer", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes warns at every forward pass of an int8 layer fed fp32 (an int8 teacher or variant on CPU)
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(Once())
 
     from kondense_jobs.runtime import Context
 
