@@ -251,6 +251,8 @@ def quantize_as(**fields: Any) -> Callable[[dict], None]:
 # field of another method. What only the model decides (groupSize against the layers' widths, an
 # ignore pattern that matches no module) is refused by the stage: tests/jobs/test_quantize.py.
 CASES += [
+    # The demo runs on CPUs (resources.gpus 0): the planner alone knows the stage's effective resources.
+    Case("awq-on-cpu", quantize_as(method="awq"), f"{S}[3].quantize.method", "awq runs on GPUs only", None, planner=True),
     Case("awq-bits-8", quantize_as(method="awq", bits=8), f"{S}[3].quantize.bits",
          "awq writes 4-bit weights (W4A16): bits must be 4", "awq writes 4-bit weights (W4A16): bits must be 4"),
     Case("bits-of-fp8", quantize_as(method="fp8-dynamic", bits=4), f"{S}[3].quantize.bits",

@@ -71,7 +71,7 @@ def semantic_errors(spec: PipelineSpec) -> list[str]:
             errors.append(f"{_path(i, where)}: {ref!r} is a {kinds[ref][1]} stage; {what}")
 
     for i, stage in enumerate(spec.stages):
-        errors += parallel_errors(spec, i)
+        errors += resource_errors(spec, i)
         if stage.kind == "evaluate":  # its own fields (no `from`, baseline in `of`) are the model's rules
             ev = stage.evaluate
             assert ev is not None
@@ -117,10 +117,16 @@ def _resource_path(spec: PipelineSpec, i: int, name: str) -> str:
     return f"spec.resources.{to_camel(name)}"
 
 
-def parallel_errors(spec: PipelineSpec, i: int) -> list[str]:
-    """Workers, nodes and the global batch, checked on the stage's effective resources."""
+def resource_errors(spec: PipelineSpec, i: int) -> list[str]:
+    """What the stage's effective resources decide: workers, nodes, the global batch, GPU-only methods."""
     stage, r = spec.stages[i], effective_resources(spec, spec.stages[i])
     errors: list[str] = []
+    if stage.kind == "quantize" and stage.quantize is not None and stage.quantize.method == "awq" and not r.gpus:
+        errors.append(
+            f"{_path(i, 'quantize.method')}: awq runs on GPUs only (llm-compressor's AWQ pins its cached "
+            "activations in page-locked memory, which needs an NVIDIA driver); set resources.gpus on this "
+            "stage, or use method gptq (bits 4) on CPUs"
+        )
     if stage.kind != "distill":
         for name, value in (("nodes", r.nodes), ("workers", r.workers or 1)):
             if value > 1:
