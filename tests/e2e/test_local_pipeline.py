@@ -110,8 +110,11 @@ def small_pipeline(tmp_path: Path, steps: int) -> Path:
 
 def test_ctrl_c_stops_cleanly_and_the_next_run_resumes_from_the_checkpoint(tmp_path):
     path = small_pipeline(tmp_path, steps=60)
+    # As a terminal runs it: SIGINT at its default even when pytest inherited it ignored (a job started
+    # with `&` by a shell without job control ignores SIGINT, and so would every process it starts).
     proc = subprocess.Popen([sys.executable, "-m", "kondense.cli", "run", str(path)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     checkpoints = tmp_path / "base/artifacts/default/resume"
     deadline = time.monotonic() + 300
     while not list(checkpoints.glob("distill-*.checkpoints/step-*/manifest.json")):
