@@ -6,8 +6,8 @@
     outage.tripped.wait(60)                  # the fault has landed
 
 Going down closes every live connection and closes the listening socket, so new connections are
-refused (ECONNREFUSED) until the proxy comes back on the same port (one below the kernel's
-ephemeral range, so that nothing else takes it meanwhile); the server behind it keeps its state. A fault is armed on a request pattern, so it lands at a known point of a transfer:
+refused (ECONNREFUSED) until the proxy comes back on the same port; the server behind it keeps
+its state. A fault is armed on a request pattern, so it lands at a known point of a transfer:
 before the matching request reaches the server, or after the first bytes of its response.
 `answer()` replies to matching requests itself (a canned 403 or 503) without forwarding them.
 Every request seen is recorded in `requests` as (method, path).
@@ -15,7 +15,6 @@ Every request seen is recorded in `requests` as (method, path).
 
 from __future__ import annotations
 
-import random
 import re
 import socket
 import threading
@@ -62,22 +61,6 @@ class _Conn:
             except OSError:
                 pass
             s.close()
-
-
-# The port must stay ours while the proxy is down (its listener closed): one from the kernel's
-# ephemeral range (bind to port 0) could meanwhile go to an outgoing connection or another
-# server's bind(0), and the proxy could not come back. Below the range, neither happens.
-PORTS = range(20000, 32000)
-
-
-def _bind_below_ephemeral(listener: socket.socket) -> int:
-    for port in random.sample(PORTS, 200):
-        try:
-            listener.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            continue
-    raise OSError(f"no free port in {PORTS.start}-{PORTS.stop - 1} for the fault proxy")
 
 
 class FaultProxy:
@@ -158,11 +141,9 @@ class FaultProxy:
     def _listen(self) -> None:  # called with the lock held (or from __init__)
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if self.port:
-            listener.bind(("127.0.0.1", self.port))
-        else:
-            self.port = _bind_below_ephemeral(listener)
+        listener.bind(("127.0.0.1", self.port))
         listener.listen(64)
+        self.port = listener.getsockname()[1]
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
