@@ -63,6 +63,18 @@ class _Conn:
             s.close()
 
 
+def _stop_listening(listener: socket.socket) -> None:
+    """Free the port now. close() alone leaves the socket listening while the accept thread is
+    blocked in accept() on it (the kernel holds it until that call returns): the port would stay
+    taken, connections would still be accepted, and coming back up would fail with EADDRINUSE.
+    shutdown() wakes accept() and takes the socket out of LISTEN."""
+    try:
+        listener.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    listener.close()
+
+
 class FaultProxy:
     def __init__(self, upstream_url: str):
         parsed = urlparse(upstream_url)
@@ -99,7 +111,7 @@ class FaultProxy:
         """Drop every connection and refuse new ones for `seconds` (None: until up())."""
         with self._lock:
             if self._listener is not None:
-                self._listener.close()
+                _stop_listening(self._listener)
                 self._listener = None
                 self.outages.append((time.monotonic(), None))
             conns, self._conns = list(self._conns), set()
@@ -128,7 +140,7 @@ class FaultProxy:
             if self._timer is not None:
                 self._timer.cancel()
             if self._listener is not None:
-                self._listener.close()
+                _stop_listening(self._listener)
                 self._listener = None
             conns, self._conns = list(self._conns), set()
         for c in conns:
