@@ -55,10 +55,6 @@ def vocabulary_digest(tokenizer) -> str:
     return "sha256:" + hashlib.sha256(dumps_canonical(tokenizer.get_vocab()).encode()).hexdigest()
 
 
-def id_dtype(vocabulary: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocabulary <= 65536 else np.dtype(np.int32)
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading: a committed artifact as a map-style dataset (distill.teacherLogits)
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +239,7 @@ def run(ctx: Context) -> Summary:
     # 2. Transform: the teacher over every chunk not committed yet, each committed as it completes.
     started, forwards = time.monotonic(), 0
     teacher = load_teacher(job.teacher_dir, precision) if len(done) < n_chunks else None
-    dtype = id_dtype(job.vocabulary)
+    dtype = data.id_dtype(job.vocabulary)
     ctx.progress.update(len(done), n_chunks, phase="chunks", force=True)
     for i in range(n_chunks):
         if i in done:
