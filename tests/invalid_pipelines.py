@@ -253,6 +253,10 @@ def quantize_as(**fields: Any) -> Callable[[dict], None]:
 CASES += [
     # The demo runs on CPUs (resources.gpus 0): the planner alone knows the stage's effective resources.
     Case("awq-on-cpu", quantize_as(method="awq"), f"{S}[3].quantize.method", "awq runs on GPUs only", None, planner=True),
+    Case("imatrix-of-q8_0", quantize_as(method="gguf", type="q8_0", imatrix=True), f"{S}[3].quantize.imatrix",
+         "imatrix needs a type made by llama.cpp's quantizer", "imatrix needs a type made by llama.cpp's quantizer"),
+    Case("imatrix-of-gptq", quantize_as(method="gptq", imatrix=True), f"{S}[3].quantize.imatrix",
+         "imatrix is only for method gguf", "imatrix is only for method gguf"),
     Case("awq-bits-8", quantize_as(method="awq", bits=8), f"{S}[3].quantize.bits",
          "awq writes 4-bit weights (W4A16): bits must be 4", "awq writes 4-bit weights (W4A16): bits must be 4"),
     Case("bits-of-fp8", quantize_as(method="fp8-dynamic", bits=4), f"{S}[3].quantize.bits",

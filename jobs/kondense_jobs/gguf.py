@@ -49,6 +49,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from kondense.api import GGUF_CONVERTER_TYPES, GGUF_QUANTIZER_TYPES, GGUF_TYPES
 from kondense.errors import InvalidInput, InvalidSpec, MissingDependency
 
 log = logging.getLogger("kondense_jobs.gguf")
@@ -56,9 +57,9 @@ log = logging.getLogger("kondense_jobs.gguf")
 DISTRIBUTION = "llama-cpp-python"
 # What the converter imports, relative to the sdist's vendor/llama.cpp/.
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "LICENSE")
-CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")  # written by convert_hf_to_gguf.py itself
-QUANTIZER_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k")  # by llama_model_quantize
-TYPES = CONVERTER_TYPES + QUANTIZER_TYPES
+CONVERTER_TYPES = GGUF_CONVERTER_TYPES  # written by convert_hf_to_gguf.py itself
+QUANTIZER_TYPES = GGUF_QUANTIZER_TYPES  # by llama.cpp's quantizer
+TYPES = GGUF_TYPES
 
 # Exit codes of the convert-hf subcommand that mean "this input cannot be converted".
 EXIT_UNSUPPORTED_ARCH = 3

@@ -738,6 +738,13 @@ class DistillSpec(Model):
         return self.global_batch_size or self.batch_size * self.gradient_accumulation_steps * world_size
 
 
+# llama.cpp file types: the converter writes the first four, llama.cpp's quantizer the rest.
+GGUF_CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_QUANTIZER_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k", "iq4_xs")
+GGUF_TYPES = GGUF_CONVERTER_TYPES + GGUF_QUANTIZER_TYPES
+GGUF_IMATRIX_DEFAULT = ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k", "iq4_xs")  # K-quants and IQ types
+
+
 class QuantizeSpec(Model):
     """Quantize a model. Fields that a method does not use are rejected.
 
@@ -766,6 +773,7 @@ class QuantizeSpec(Model):
         "smoothing_strength": ("w8a8-int8",),
         "ignore": LLMC_METHODS,
         "double_quant": ("bnb-nf4",),
+        "imatrix": ("gguf",),
     }
     RULES: ClassVar = (
         *(
@@ -785,6 +793,14 @@ class QuantizeSpec(Model):
             ".groupSize",
         ),
         Rule(
+            "!has(self.imatrix) || !self.imatrix || (has(self.type) && !(self.type in "
+            + repr(list(GGUF_CONVERTER_TYPES)) + "))",
+            lambda q: not q.imatrix or (q.type is not None and q.type not in GGUF_CONVERTER_TYPES),
+            "imatrix needs a type made by llama.cpp's quantizer (not f32, f16, bf16 or q8_0, which the converter "
+            "writes), e.g. type: q4_k_m",
+            ".imatrix",
+        ),
+        Rule(
             "self.method != 'awq' || !has(self.bits) || self.bits == 4",
             lambda q: q.method != "awq" or q.bits in (None, 4),
             "awq writes 4-bit weights (W4A16): bits must be 4; use method gptq for 8-bit weights",
@@ -795,6 +811,7 @@ class QuantizeSpec(Model):
 
     # Fields added after artifacts were made: unset, they move no digest (gptq's actorder was static).
     NOT_IN_DIGEST: ClassVar[dict[str, tuple]] = {"actorder": (None,), "ignore": (None,), "smoothingStrength": (None,)}
+    # `imatrix` is in the digest as resolved (uses_imatrix), not as written: see plan._identity.
 
     method: Literal["bnb-nf4", "bnb-int8", "gptq", "awq", "fp8-dynamic", "w8a8-int8", "gguf"] = Field(
         description="bnb-nf4 / bnb-int8: bitsandbytes via transformers (loads in transformers; vLLM loads "
@@ -837,18 +854,36 @@ class QuantizeSpec(Model):
         description="w8a8-int8: SmoothQuant's alpha, how much activation range moves into the weights (default 0.8).",
     )
     calibration_samples: int = Field(
-        128, ge=1, le=100000, description="gptq, awq, w8a8-int8: calibration records drawn from the training split."
+        128, ge=1, le=100000,
+        description="gptq, awq, w8a8-int8, gguf with imatrix: calibration windows drawn from the training split.",
     )
     calibration_seq_length: int = Field(
-        512, ge=8, le=131072, description="gptq, awq, w8a8-int8: tokens per calibration sample."
+        512, ge=8, le=131072, description="gptq, awq, w8a8-int8, gguf with imatrix: tokens per calibration window."
     )
     double_quant: bool | None = Field(None, description="bnb-nf4: quantize the quantization constants too (default true).")
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="bnb: dtype of the matmuls on dequantized weights."
     )
-    type: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k"] | None = Field(
-        None, description="gguf: llama.cpp file type (default q8_0)."
+    type: Literal[GGUF_TYPES] | None = Field(  # type: ignore[valid-type]
+        None,
+        description="gguf: llama.cpp file type (default q8_0). f32, f16, bf16 and q8_0 come from the converter; the "
+        "others from llama.cpp's quantizer. K-quants and IQ types quantize rows in blocks of 256: a tensor whose rows "
+        "do not divide falls back to a 32-block type (the report counts them).",
     )
+    imatrix: bool | None = Field(
+        None,
+        description="gguf: weigh the quantization error by llama.cpp's importance matrix (llama-imatrix over "
+        "calibrationSamples windows of calibrationSeqLength tokens of the training split). Default: on for the "
+        "K-quants and IQ types (" + ", ".join(GGUF_IMATRIX_DEFAULT) + "), off for the others; the converter's "
+        "types (f32, f16, bf16, q8_0) take none.",
+    )
+
+    @property
+    def uses_imatrix(self) -> bool:
+        """Whether this gguf stage quantizes with an importance matrix (its default resolved)."""
+        if self.method != "gguf" or (self.type or "q8_0") in GGUF_CONVERTER_TYPES:
+            return False
+        return self.imatrix if self.imatrix is not None else self.type in GGUF_IMATRIX_DEFAULT
 
 
 class TeacherLogitsSpec(Model):

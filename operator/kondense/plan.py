@@ -210,6 +210,10 @@ def _identity(stage: Stage, resources: Resources) -> dict:
             doc.pop(key)
     for key in getattr(stage.config, "RUN_ONLY", ()):
         doc.pop(key)
+    if stage.kind == "quantize":  # as resolved: an explicit `imatrix: false` keeps the digest made before it existed
+        doc.pop("imatrix")
+        if stage.config.uses_imatrix:
+            doc["imatrix"] = True
     if stage.kind == "evaluate":  # gates added later, when unset, move no digest made before they existed
         for key in ("maxKLDivergence", "minTop1Agreement"):
             if doc["gates"].get(key) is None:

@@ -59,6 +59,17 @@ def test_editing_one_quantize_stage_changes_it_and_evaluate_only():
     assert [n for n in before if before[n] != after[n]] == ["gguf", "eval"]
 
 
+def test_imatrix_is_in_the_digest_as_resolved():
+    def gguf(**quantize) -> str:
+        return digests(spec(stages__2__quantize={"method": "gguf", **quantize}))["gguf"]
+
+    # q4_k_m quantizes with an importance matrix by default: not the file an explicit `false` makes.
+    assert gguf(type="q4_k_m") == gguf(type="q4_k_m", imatrix=True) != gguf(type="q4_k_m", imatrix=False)
+    # q4_0 takes none by default; q8_0 (the converter's) never does, so the field moves nothing there.
+    assert gguf(type="q4_0") == gguf(type="q4_0", imatrix=False) != gguf(type="q4_0", imatrix=True)
+    assert gguf(type="q8_0") == gguf(type="q8_0", imatrix=False) == digests(spec())["gguf"]
+
+
 def test_editing_distill_changes_everything_downstream():
     before = digests(spec())
     after = digests(spec(stages__0__distill={"method": "logits", "temperature": 4.0}))
