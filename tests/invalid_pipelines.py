@@ -191,6 +191,18 @@ CASES = [
          "gates.appliesTo must name variants in `of`"),
     Case("variant-twice", lambda d: evaluate(d)["of"].append("nf4"), f"{S}[5].evaluate.of",
          "`of` lists a variant twice", "`of` lists a variant twice"),
+    # Tasks (lm-evaluation-harness): what the fields alone decide; unknown names and missing data in the stage.
+    Case("task-limit-zero", setter(evaluate, tasks=[{"name": "arc_easy", "limit": 0}]), f"{S}[5].evaluate.tasks[0].limit",
+         "limit 0 would score no example", "limit 0 would score no example"),
+    Case("task-fewshot-negative", setter(evaluate, tasks=[{"name": "arc_easy", "numFewshot": -1}]),
+         f"{S}[5].evaluate.tasks[0].numFewshot", "must be >= 0", "should be greater than or equal to 0"),
+    Case("task-twice", setter(evaluate, tasks=[{"name": "arc_easy"}, {"name": "arc_easy", "limit": 5}]),
+         f"{S}[5].evaluate.tasks", "`tasks` lists a task twice", "`tasks` lists a task twice"),
+    Case("task-from-the-hub", setter(evaluate, tasks=[{"name": "arc_easy", "uri": "hf://allenai/ai2_arc"}]),
+         f"{S}[5].evaluate.tasks[0].uri", "a task's uri is an s3://, file:// or pvc:// folder",
+         "a task's uri is an s3://, file:// or pvc:// folder"),
+    Case("recovery-gate-without-tasks", both(setter(evaluate, tasks=[]), setter(lambda d: evaluate(d)["gates"], minRecovery=0.9)),
+         f"{S}[5].evaluate.gates.minRecovery", "gates.minRecovery needs tasks", "gates.minRecovery needs tasks"),
     # How stages name each other: CEL across the list (api.STAGE_REFERENCES), plan.semantic_errors.
     Case("duplicate-stage", setter(stage(CE_ONLY), name="distill"), f"{S}[1].name",
          "duplicate stage name 'distill'", "stage names must be unique", api_path=S, planner=True),

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "kondense.io"
@@ -947,10 +947,77 @@ class Gates(Model):
         description="Smallest allowed share of held-out tokens where the variant's most likely next token is the "
         "baseline's, e.g. 0.9.",
     )
+    min_recovery: float | None = Field(
+        None,
+        ge=0,
+        description="Smallest allowed recovery (variant score / baseline score) on every task of evaluate.tasks "
+        "(a task's own minRecovery takes its place) and on their mean, e.g. 0.95. A variant that cannot run a "
+        "task fails this gate.",
+    )
     applies_to: list[Variant] = Field(
         default_factory=list,
         max_length=MAX_VARIANTS,
         description="Variants the gates apply to (default: every variant but the baseline).",
+    )
+
+    @model_serializer(mode="wrap")
+    def _unset_new_gates_left_out(self, handler):
+        # Gates added after the first artifacts were made: unset, they stay out of the stage's digest.
+        doc = handler(self)
+        for key in ("minRecovery", "min_recovery"):
+            if key in doc and doc[key] is None:
+                del doc[key]
+        return doc
+
+
+# lm-eval task names: letters, digits, _ - . (e.g. arc_easy, mmlu_high_school_physics, docstring-next-word).
+TASK_NAME_RE = r"^[A-Za-z0-9][-A-Za-z0-9_.]*$"
+MAX_TASKS = 16
+
+
+class TaskSpec(Model):
+    """A task scored with lm-evaluation-harness on every variant."""
+
+    RULES: ClassVar = (
+        Rule(
+            "!has(self.limit) || self.limit >= 1",
+            lambda t: t.limit is None or t.limit >= 1,
+            "limit 0 would score no example: leave limit out to score every example, or give at least 1",
+            ".limit",
+        ),
+        Rule(
+            "!has(self.uri) || !self.uri.startsWith('hf://')",
+            lambda t: t.uri is None or not t.uri.startswith("hf://"),
+            "a task's uri is an s3://, file:// or pvc:// folder (a Hub dataset: copy it into a datasets cache there)",
+            ".uri",
+        ),
+    )
+    model_config = with_rules(*RULES)
+
+    name: str = Field(
+        pattern=TASK_NAME_RE,
+        max_length=128,
+        description="The task's name: the `task:` of a YAML definition in `uri`, else a task of lm-eval's registry "
+        "(e.g. arc_easy, hellaswag).",
+    )
+    uri: Uri | None = Field(
+        None,
+        description="A folder (s3://, file://, pvc://) with a YAML task definition whose `task:` is `name` and its "
+        "data files (dataset_path: json, dataset_kwargs.data_files relative to the YAML); or, for a registry task, a "
+        "Hugging Face datasets cache holding its data. Unset: a registry task whose data is in the pod's datasets "
+        "cache (read offline).",
+    )
+    num_fewshot: int = Field(
+        0, ge=0, le=64, description="Examples of the task put before each question (from its few-shot split)."
+    )
+    limit: int | None = Field(
+        None, description="Score at most this many examples, the first ones of the evaluated split (default: all)."
+    )
+    min_recovery: float | None = Field(
+        None,
+        ge=0,
+        description="Gate on this task: smallest allowed recovery (variant score / baseline score), e.g. 0.95; "
+        "overrides gates.minRecovery for it.",
     )
 
 
@@ -980,8 +1047,22 @@ class EvaluateSpec(Model):
             "gates.appliesTo must name variants in `of`",
             ".gates.appliesTo",
         ),
+        Rule(
+            "!has(self.tasks) || self.tasks.all(t, self.tasks.exists_one(u, u.name == t.name))",
+            lambda e: len({t.name for t in e.tasks}) == len(e.tasks),
+            "`tasks` lists a task twice",
+            ".tasks",
+        ),
+        Rule(
+            "!has(self.gates) || !has(self.gates.minRecovery) || (has(self.tasks) && self.tasks.size() > 0)",
+            lambda e: e.gates.min_recovery is None or bool(e.tasks),
+            "gates.minRecovery needs tasks: recovery is a task score over the baseline's",
+            ".gates.minRecovery",
+        ),
     )
     model_config = with_rules(*RULES)
+    # A field added later, at its neutral value, moves no digest made before it existed (plan._identity).
+    NOT_IN_DIGEST: ClassVar[dict[str, tuple]] = {"tasks": ([],)}
 
     of: list[Variant] = Field(
         min_length=1, max_length=MAX_VARIANTS, description="Variants: teacher, student or stage names."
@@ -999,6 +1080,12 @@ class EvaluateSpec(Model):
     seq_length: int = Field(256, ge=8, le=131072, description="Perplexity window in tokens (identical for every variant).")
     max_eval_tokens: int = Field(65536, ge=64, description="Evaluate on at most this many held-out tokens.")
     generate_tokens: int = Field(32, ge=1, le=4096, description="Tokens generated to measure tokens/s.")
+    tasks: list[TaskSpec] = Field(
+        default_factory=list,
+        max_length=MAX_TASKS,
+        description="Tasks scored with lm-evaluation-harness on every variant (GGUF through llama.cpp): each "
+        "variant's score with its standard error and its recovery, the score over the baseline's.",
+    )
 
 
 class Stage(Model):
@@ -1244,6 +1331,20 @@ class ReportRow(Model):
     missing: str | None = Field(
         None, description="Not evaluated (evaluate.onMissingVariant: skip): the reason of the stage that failed."
     )
+    tasks: list[TaskScoreRow] | None = Field(None, description="Task scores, in evaluate.tasks order.")
+    recovery: float | None = Field(
+        None, description="Mean over the tasks of the recovery (score / the baseline's score); none when one is n/a."
+    )
+
+
+class TaskScoreRow(Model):
+    """One variant's score on one task."""
+
+    task: str = Field(description="Task name.")
+    score: float | None = Field(None, description="The task's metric (e.g. acc, exact_match).")
+    stderr: float | None = Field(None, description="Standard error of the score (lm-eval's).")
+    recovery: float | None = Field(None, description="score / the baseline's score on this task.")
+    note: str | None = Field(None, description="Why the score or the recovery is n/a.")
 
 
 class Report(Model):
