@@ -27,6 +27,12 @@ Methods (one registry, METHODS):
                      installed llm-compressor lacks exits 12 naming its version.
   gguf               llama.cpp's converter and quantizer, in kondense_jobs.gguf.
 
+Families. Before any weight loads, kondense_jobs.families decides from config.json, the tokenizer
+files and the module types (the model built on the meta device) whether the method takes the
+model's family, and refuses it otherwise (exit 10 or 11) naming the family, the reason and the
+method to use instead: GPT-2's Conv1D layers with llm-compressor's methods; Gemma and Phi-3 with
+gguf when the folder has no SentencePiece tokenizer.model. families.TABLE holds what was found.
+
 Memory. A model larger than one GPU quantizes within bounded memory: llm-compressor's methods load
 the model into host memory (no device_map) and its sequential pipeline onloads one decoder layer at
 a time to the GPU, offloading the calibration windows' activations between layers to host memory;
@@ -48,7 +54,7 @@ from typing import Callable
 from kondense import memory
 from kondense.api import QuantizeSpec, Summary
 from kondense.errors import InsufficientResources, InvalidInput, InvalidSpec, MissingDependency
-from kondense_jobs import data, preflight
+from kondense_jobs import data, families, preflight
 from kondense_jobs.runtime import Context, require
 
 log = logging.getLogger("kondense_jobs.quantize")
@@ -74,6 +80,8 @@ def run(ctx: Context) -> Summary:
     # 1. Fetch the input model (an earlier stage's artifact is verified against its manifest).
     model_dir = ctx.model_dir("model")
     log.info("Fetched input model: %s", model_dir)
+    # Before any weight (or safetensors header) is read: does the method take this family?
+    log.info("Model family %s: method %s takes it", families.check(spec.method, model_dir).family, spec.method)
     plan_memory(ctx, spec, model_dir)
 
     # 2. Quantize into the output folder.

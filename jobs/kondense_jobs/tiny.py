@@ -14,8 +14,18 @@ from pathlib import Path
 
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 
-# Small shapes per family: (layers, hidden, heads, intermediate).
-FAMILIES = ("llama", "qwen2", "gpt2")
+# The families config_for builds (model_type as config.json names it). Gemma is Gemma 1
+# (GemmaForCausalLM): transformers 5.17 builds and saves both Gemma and Gemma2, and llama.cpp's
+# converter treats the two alike (both read only a SentencePiece tokenizer.model).
+FAMILIES = ("llama", "qwen2", "mistral", "gemma", "phi3", "gpt2", "gpt_neox")
+# The tokenizer class a checkpoint of the family names, where transformers 5.17 has one that keeps
+# a byte-level BPE vocabulary: it rebuilds the tokenizer with the family's own normalizer and
+# pre-tokenizer (Qwen2: NFC + Qwen2's Split regex; GPT-NeoX: NFC + ByteLevel). transformers maps
+# llama, mistral (without mistral-common) and phi3 to TokenizersBackend, which keeps tokenizer.json
+# as it is (Llama 3's and Phi-4's checkpoints say so too). GemmaTokenizer would rebuild the
+# vocabulary SentencePiece-style (spaces -> "\u2581", byte fallback), in which a byte-level vocabulary
+# encodes every space as <unk>: the tiny Gemma keeps TokenizersBackend.
+FAMILY_TOKENIZERS = {"qwen2": "Qwen2Tokenizer", "gpt2": "GPT2Tokenizer", "gpt_neox": "GPTNeoXTokenizer"}
 
 
 def corpus(max_docs: int = 6000, min_chars: int = 200) -> list[str]:
@@ -66,7 +76,12 @@ def train_tokenizer(texts: list[str], vocab_size: int = 4096):
 
 
 def config_for(family: str, vocab_size: int, layers: int, hidden: int, heads: int, tokenizer, max_positions: int = 512):
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+    """A small config of `family` (one of FAMILIES) around the tokenizer's vocabulary and special tokens.
+
+    Each family keeps what sets it apart: Mistral's sliding window, Gemma's tied embeddings and
+    (1 + weight) RMSNorm, Phi-3's fused qkv_proj and gate_up_proj, GPT-2's Conv1D layers and learned
+    positions, GPT-NeoX's fused query_key_value, partial rotary and parallel residual."""
+    import transformers
 
     common = dict(
         vocab_size=vocab_size,
@@ -75,18 +90,27 @@ def config_for(family: str, vocab_size: int, layers: int, hidden: int, heads: in
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
+    decoder = dict(
+        hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads, max_position_embeddings=max_positions, **common,
+    )
     if family == "llama":
-        return LlamaConfig(
-            hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers, num_attention_heads=heads,
-            num_key_value_heads=heads, max_position_embeddings=max_positions, **common,
-        )
+        return transformers.LlamaConfig(**decoder)
     if family == "qwen2":
-        return Qwen2Config(
-            hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers, num_attention_heads=heads,
-            num_key_value_heads=heads, max_position_embeddings=max_positions, **common,
-        )
+        return transformers.Qwen2Config(**decoder)
+    if family == "mistral":
+        return transformers.MistralConfig(**{**decoder, "num_key_value_heads": max(1, heads // 2)}, sliding_window=max_positions // 2)
+    if family == "gemma":  # head_dim defaults to 256: keep it hidden / heads
+        return transformers.GemmaConfig(**{**decoder, "tie_word_embeddings": True}, head_dim=hidden // heads)
+    if family == "phi3":
+        return transformers.Phi3Config(**decoder, original_max_position_embeddings=max_positions)
     if family == "gpt2":
-        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions, **common)
+        return transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_positions, **common)
+    if family == "gpt_neox":
+        return transformers.GPTNeoXConfig(
+            hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers, num_attention_heads=heads,
+            max_position_embeddings=max_positions, **common,
+        )
     raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
 
 
@@ -108,8 +132,20 @@ def build_model(
     model = AutoModelForCausalLM.from_config(config)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out, family)
     return out
+
+
+def save_tokenizer(tokenizer, out: Path, family: str) -> None:
+    """Save the tokenizer as a checkpoint of `family` holds it: through the family's tokenizer class
+    (FAMILY_TOKENIZERS), then loaded with AutoTokenizer and saved again, as every stage re-saves it."""
+    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    tokenizer.save_pretrained(out)
+    if family in FAMILY_TOKENIZERS:
+        tokenizer_class_from_name(FAMILY_TOKENIZERS[family]).from_pretrained(out).save_pretrained(out)
+    AutoTokenizer.from_pretrained(out).save_pretrained(out)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
