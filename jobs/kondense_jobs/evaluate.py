@@ -29,6 +29,13 @@ per kept entry whatever the vocabulary (65536 tokens: 270 MB).
 A variant that cannot be measured (InvalidInput: a file llama.cpp cannot load, token ids outside
 its vocabulary) is a row of n/a with the reason in `note`, which fails every gate applied to it;
 the baseline must be measured.
+
+Tasks (evaluate.tasks) are scored with lm-evaluation-harness on each variant right after its
+perplexity, on the model already loaded (kondense_jobs.tasks): every task is looked up and its
+data loaded before any model, so an unknown task or missing data fails the stage at once. Recovery
+is a variant's score over the baseline's, per task, and their mean; a variant that cannot run a
+task (a GGUF file with another vocabulary, an error of the task on it) has that task's score n/a
+with the reason, which fails its recovery gates.
 """
 
 from __future__ import annotations
@@ -42,10 +49,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kondense.api import EvaluateSpec, Gates, Report, ReportRow, Summary
+from kondense.api import EvaluateSpec, Gates, Report, ReportRow, Summary, TaskSpec
 from kondense.errors import InvalidInput, InvalidSpec, QualityGateFailed
 from kondense.store import MANIFEST, Manifest
-from kondense_jobs import data, report
+from kondense_jobs import data, report, tasks
 from kondense_jobs.quantize import device_map, gguf_backend, load_tokenizer, weight_bytes
 from kondense_jobs.report import Check, GateResult, Measurement, relative_increase
 from kondense_jobs.runtime import Context
@@ -91,6 +98,7 @@ def run(ctx: Context) -> Summary:
         raise InvalidInput(f"the baseline {baseline} was not produced: {missing[baseline]}")
     for name, reason in missing.items():
         log.info("Variant %s not evaluated: %s", name, reason)
+    prepared = tasks.prepare(ctx, spec.tasks, ctx.work_dir)  # unknown tasks, missing data: before any model loads
 
     # 1. Fetch: every variant that exists, the held-out windows (cut once, with the baseline's tokenizer).
     variants = []
@@ -120,12 +128,13 @@ def run(ctx: Context) -> Summary:
     for i, variant in enumerate(order):
         ctx.progress.update(i, len(variants), phase="variants", force=True)
         try:
-            m = measure(variant, windows, prompt_ids, spec.generate_tokens, reference, tokenizer)
+            m = measure(variant, windows, prompt_ids, spec.generate_tokens, reference, tokenizer, prepared)
         except InvalidInput as e:
             if variant.name == baseline:
                 raise
             log.warning("%s cannot be measured: %s", variant.name, e)
             m = Measurement(variant.name, variant.format, None, None, None, None, None, note=f"not measured: {e}")
+            m.tasks = [tasks.TaskScore(p.spec.name, p.metric, note=f"not measured: {e}") for p in prepared]
         log.info(
             "%s (%s): perplexity %s, KLD %s, top-1 %s, %.1f tokens/s, %s on disk, %.1f s",
             m.variant, m.format, _shown(m.perplexity, ".3f"), _shown(m.kl_divergence, ".5f"), _shown(m.top1_agreement, ".4f"),
@@ -135,10 +144,11 @@ def run(ctx: Context) -> Summary:
     reference.close()
     measurements = [by_name[v.name] for v in variants]  # in `of` order
     ctx.progress.update(len(variants), len(variants), phase="variants", force=True)
-    gate = check_gates(spec.gates, baseline, measurements, missing)
+    gate = check_gates(spec.gates, baseline, measurements, missing, spec.tasks)
 
     # 3. Publish the report, also when a gate failed (so that users can see why), then fail.
-    rows = {m.variant: m.row() for m in measurements}
+    base_m = by_name[baseline]
+    rows = {m.variant: m.row(base_m) for m in measurements}
     rows |= {name: ReportRow(variant=name, missing=reason) for name, reason in missing.items()}
     summary_report = Report(uri=ctx.run.output, baseline=baseline, table=[rows[name] for name in spec.of])
     if best := report.best_variant(measurements, gate, baseline):
@@ -151,6 +161,8 @@ def run(ctx: Context) -> Summary:
         "generate_tokens": spec.generate_tokens,
         "kl_top_k": reference.k,
         "gates": spec.gates.dump(),
+        "tasks": [p.setup for p in prepared],
+        "lm_eval": tasks.lm_eval_version() if prepared else None,
     }
     report.write(ctx.output_dir(), summary_report, measurements, gate, setup, missing)
     metrics = {f"{m.variant}.perplexity": round(m.perplexity, 4) for m in measurements if math.isfinite(m.perplexity)}
@@ -158,6 +170,11 @@ def run(ctx: Context) -> Summary:
         if m.variant != baseline and report.finite(m.kl_divergence) is not None:
             metrics[f"{m.variant}.klDivergence"] = round(m.kl_divergence, 6)
             metrics[f"{m.variant}.top1Agreement"] = round(m.top1_agreement, 6)
+        for t in m.tasks:
+            if t.score is not None:
+                metrics[f"{m.variant}.{t.task}"] = round(t.score, 6)
+        if m.variant != baseline and (overall := report.recoveries(m, base_m)[1]) is not None:
+            metrics[f"{m.variant}.recovery"] = round(overall, 6)
     summary = ctx.publish(
         metrics=metrics,
         format="report",
@@ -232,20 +249,23 @@ def prompt(tokenizer, records: list[dict], ref, first_window: list[int]) -> list
 
 def measure(
     variant: Variant, windows: list[list[int]], prompt_ids: list[int], generate_tokens: int,
-    reference: Reference, tokenizer,
+    reference: Reference, tokenizer, prepared: list[tasks.PreparedTask] = (),
 ) -> Measurement:
     """One variant: its scores on the windows (the baseline's are recorded in `reference`, the
-    others compared with them), size and throughput."""
+    others compared with them), size and throughput, then its task scores."""
     start = time.monotonic()
     if variant.format == "gguf":
-        m = measure_gguf(variant, windows, prompt_ids, generate_tokens, reference, tokenizer)
+        m = measure_gguf(variant, windows, prompt_ids, generate_tokens, reference, tokenizer, prepared)
     else:
-        m = measure_hf(variant, windows, prompt_ids, generate_tokens, reference)
+        m = measure_hf(variant, windows, prompt_ids, generate_tokens, reference, tokenizer, prepared)
     m.seconds = round(time.monotonic() - start, 2)
     return m
 
 
-def measure_hf(variant: Variant, windows: list[list[int]], prompt_ids: list[int], generate_tokens: int, reference):
+def measure_hf(
+    variant: Variant, windows: list[list[int]], prompt_ids: list[int], generate_tokens: int, reference, tokenizer=None,
+    prepared: list[tasks.PreparedTask] = (),
+):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -254,7 +274,12 @@ def measure_hf(variant: Variant, windows: list[list[int]], prompt_ids: list[int]
     try:
         scores = Scores(reference, variant.name)
         scores.add_all(hf_logits(model, windows), windows)
+        task_scores = []
+        if prepared:
+            lm = tasks.hf_lm(model, tokenizer or load_tokenizer(variant.path), tasks.model_max_length(model))
+            task_scores = list(tasks.run_tasks(lm, prepared, variant.name).values())
         return Measurement(
+            tasks=task_scores,
             variant=variant.name,
             format="hf",
             size_bytes=weight_bytes(variant.path),
@@ -433,7 +458,8 @@ def hf_tokens_per_second(model, prompt_ids: list[int], n_tokens: int) -> float:
 
 
 def measure_gguf(
-    variant: Variant, windows: list[list[int]], prompt_ids: list[int], generate_tokens: int, reference, tokenizer
+    variant: Variant, windows: list[list[int]], prompt_ids: list[int], generate_tokens: int, reference, tokenizer,
+    prepared: list[tasks.PreparedTask] = (),
 ):
     backend = gguf_backend()
     path = backend.find_gguf(variant.path)
@@ -443,7 +469,18 @@ def measure_gguf(
     scores = Scores(reference, variant.name)
     scores.note = vocabulary_mismatch(path, tokenizer)
     scores.add_all(backend.window_logits(path, data.ListRows(windows)), windows)
+    task_scores = []
+    if prepared and scores.note is not None:  # the task's text would be read as other tokens
+        why = scores.note.removeprefix("KLD and top-1 n/a: ")
+        task_scores = [tasks.TaskScore(p.spec.name, p.metric, note=f"{p.spec.name} n/a: {why}") for p in prepared]
+    elif prepared:
+        lm = tasks.llama_cpp_lm(path, tokenizer, gguf_context_length(path))
+        try:
+            task_scores = list(tasks.run_tasks(lm, prepared, variant.name).values())
+        finally:
+            lm.close()
     return Measurement(
+        tasks=task_scores,
         variant=variant.name,
         format="gguf",
         size_bytes=size,
@@ -476,6 +513,20 @@ def vocabulary_mismatch(path: Path, tokenizer) -> str | None:
     return None
 
 
+def gguf_context_length(path: Path) -> int | None:
+    """The model's trained context (`<architecture>.context_length`), as HFLM takes max_position_embeddings."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    fields = GGUFReader(path).fields
+    arch = fields.get("general.architecture")
+    if arch is None:
+        return None
+    length = fields.get(f"{bytes(arch.parts[arch.data[0]]).decode()}.context_length")
+    return int(length.parts[length.data[0]][0]) if length is not None else None
+
+
 def gguf_parameters(path: Path) -> int | None:
     """Elements of every tensor in the file (logical counts, whatever the quantization)."""
     try:
@@ -495,7 +546,8 @@ def _shown(x: float | None, fmt: str) -> str:
 
 
 def check_gates(
-    gates: Gates, baseline: str, measurements: list[Measurement], missing: dict[str, str] | None = None
+    gates: Gates, baseline: str, measurements: list[Measurement], missing: dict[str, str] | None = None,
+    task_specs: list[TaskSpec] = (),
 ) -> GateResult:
     """The gates on the variants in appliesTo (default: all but the baseline). A number that could
     not be measured fails its gate, saying why; a variant that was not evaluated (`missing`, with
@@ -507,7 +559,8 @@ def check_gates(
     checks: list[Check] = []
     any_gate = any(
         g is not None
-        for g in (gates.max_perplexity_increase, gates.min_tokens_per_second, gates.max_kl_divergence, gates.min_top1_agreement)
+        for g in (gates.max_perplexity_increase, gates.min_tokens_per_second, gates.max_kl_divergence, gates.min_top1_agreement,
+                  gates.min_recovery, *(t.min_recovery for t in task_specs))
     )
     for name in names:
         if name in missing:
@@ -563,6 +616,7 @@ def check_gates(
                 word = "meets" if top1 >= limit else "is below"
                 text = f"{name}: top-1 agreement with {baseline} {top1:.4f} {word} gate minTop1Agreement {limit:g}"
                 checks.append(Check(name, "minTop1Agreement", top1, limit, top1 >= limit, text))
+        checks += recovery_checks(gates, task_specs, baseline, m, base)
     failed = [c for c in checks if c.passed is False]
     if failed:
         return GateResult(False, "; ".join(c.text for c in failed), checks)
@@ -576,3 +630,38 @@ def check_gates(
     if not_evaluated:
         text = "quality gates passed on the variants evaluated: " + "; ".join(c.text for c in checks)
     return GateResult(True, text, checks)
+
+
+def recovery_checks(gates: Gates, task_specs: list[TaskSpec], baseline: str, m: Measurement, base: Measurement) -> list[Check]:
+    """minRecovery on each task (its own, else gates.minRecovery) and gates.minRecovery on the mean."""
+    per_task, overall = report.recoveries(m, base)
+    scores = {t.task: t for t in m.tasks}
+    base_scores = {t.task: t for t in base.tasks}
+    checks = []
+    for spec in task_specs:
+        limit = spec.min_recovery if spec.min_recovery is not None else gates.min_recovery
+        if limit is None:
+            continue
+        rec, why = per_task.get(spec.name, (None, f"{spec.name} was not scored"))
+        own, theirs = scores.get(spec.name), base_scores.get(spec.name)
+        if rec is None:
+            text = f"{m.variant}: {spec.name} recovery n/a ({why}); gate minRecovery {limit:g}"
+            checks.append(Check(m.variant, "minRecovery", None, limit, False, text, task=spec.name))
+            continue
+        word = "meets" if rec >= limit else "is below"
+        text = (
+            f"{m.variant}: {spec.name} {own.score:.4f} against {baseline}'s {theirs.score:.4f}, recovery {rec:.4f} "
+            f"{word} gate minRecovery {limit:g}"
+        )
+        checks.append(Check(m.variant, "minRecovery", rec, limit, rec >= limit, text, task=spec.name))
+    if gates.min_recovery is not None and task_specs:
+        limit = gates.min_recovery
+        if overall is None:
+            whys = "; ".join(why for rec, why in per_task.values() if rec is None)
+            text = f"{m.variant}: mean recovery over the tasks n/a ({whys}); gate minRecovery {limit:g}"
+            checks.append(Check(m.variant, "minRecovery", None, limit, False, text, task="mean"))
+        else:
+            word = "meets" if overall >= limit else "is below"
+            text = f"{m.variant}: mean recovery over {len(task_specs)} tasks {overall:.4f} {word} gate minRecovery {limit:g}"
+            checks.append(Check(m.variant, "minRecovery", overall, limit, overall >= limit, text, task="mean"))
+    return checks

@@ -6,10 +6,16 @@ report.json's keys are a stable interface (tests/jobs/test_evaluate.py pins them
 rename or drop them):
 
     uri, baseline, setup, table              the summary (`table`: api.ReportRow, one per variant of `of`)
+    setup:      seq_length, windows, tokens, prompt_tokens, generate_tokens, kl_top_k, gates,
+                tasks[]: name, source, uri, output_type, metric, num_fewshot, limit, examples, samples;
+                lm_eval (its version; null without tasks)
     variants[]: variant, format, size_bytes, parameters, memory_bytes, perplexity, tokens_per_second,
-                kl_divergence, top1_agreement, note, seconds, perplexity_increase
+                kl_divergence, top1_agreement, note, seconds, perplexity_increase,
+                tasks[]: task, metric, score, stderr, samples, note, recovery, recovery_note;
+                recovery (the mean of the tasks' recoveries; null when one is n/a)
     missing[]:  variant, reason              variants `of` names that were not evaluated, and why
-    gate:       passed, message, checks[]: variant, gate, value, limit, passed (null: n/a), text
+    gate:       passed, message, checks[]: variant, gate, value, limit, passed (null: n/a), text,
+                task (minRecovery: the task, or "mean"; else null)
 
 Numbers that could not be measured are null, and `note` says why.
 """
@@ -22,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kondense.api import Report, ReportRow
+from kondense.api import Report, ReportRow, TaskScoreRow
 
 MIB = 1024 * 1024
 
@@ -43,9 +49,20 @@ class Measurement:
     top1_agreement: float | None = None
     note: str | None = None  # why a number is n/a
     seconds: float = 0.0  # wall time spent measuring it
+    tasks: list = field(default_factory=list)  # kondense_jobs.tasks.TaskScore, in evaluate.tasks order
 
-    def row(self) -> ReportRow:
+    def row(self, base: Measurement | None = None) -> ReportRow:
+        per_task, overall = recoveries(self, base) if base is not None else ({}, None)
+        task_rows = [
+            TaskScoreRow(
+                task=t.task, score=finite(t.score), stderr=finite(t.stderr), recovery=per_task.get(t.task, (None, None))[0],
+                note=t.note or per_task.get(t.task, (None, None))[1],
+            )
+            for t in self.tasks
+        ]
         return ReportRow(
+            tasks=task_rows or None,
+            recovery=overall,
             variant=self.variant,
             size_bytes=self.size_bytes,
             parameters=self.parameters,
@@ -67,6 +84,7 @@ class Check:
     limit: float | None
     passed: bool | None  # None: n/a, the variant was not evaluated (onMissingVariant: skip)
     text: str
+    task: str | None = None  # minRecovery: the task, or "mean"
 
 
 @dataclass
@@ -100,6 +118,27 @@ def best_variant(measurements: list[Measurement], gate: GateResult, baseline: st
     return best.variant, round(best.size_bytes / sizes[reference], 4), reference
 
 
+def recoveries(m: Measurement, base: Measurement) -> tuple[dict[str, tuple[float | None, str | None]], float | None]:
+    """Per task (recovery, why it is n/a): the variant's score over the baseline's; and their mean
+    (None when a task's is n/a or there are no tasks)."""
+    theirs = {t.task: t for t in base.tasks}
+    out: dict[str, tuple[float | None, str | None]] = {}
+    for t in m.tasks:
+        b = theirs.get(t.task)
+        if finite(t.score) is None:
+            out[t.task] = (None, t.note or f"{t.task}: no score")
+        elif b is None or finite(b.score) is None:
+            why = b.note if b is not None and b.note else "not scored"
+            out[t.task] = (None, f"{t.task}: the baseline {base.variant}'s score is n/a ({why})")
+        elif b.score == 0:
+            out[t.task] = (None, f"{t.task}: the baseline {base.variant} scores 0, so a ratio to it is undefined")
+        else:
+            out[t.task] = (t.score / b.score, None)
+    values = [r for r, _ in out.values()]
+    overall = sum(values) / len(values) if values and all(r is not None for r in values) else None
+    return out, overall
+
+
 def finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
@@ -115,11 +154,22 @@ def document(
     missing: dict[str, str] | None = None,
 ) -> dict:
     """The report.json document: the summary table plus every measurement, what is missing, the setup and the gates."""
-    base = next((m.perplexity for m in measurements if m.variant == report.baseline), None)
+    base_m = next((m for m in measurements if m.variant == report.baseline), None)
+    base = base_m.perplexity if base_m else None
     variants = []
     for m in measurements:
-        doc = {k: (finite(v) if isinstance(v, float) else v) for k, v in asdict(m).items()}
+        doc = {k: (finite(v) if isinstance(v, float) else v) for k, v in asdict(m).items() if k != "tasks"}
         doc["perplexity_increase"] = relative_increase(m.perplexity, base)
+        per_task, overall = recoveries(m, base_m) if base_m else ({}, None)
+        doc["tasks"] = [
+            {
+                **{k: (finite(v) if isinstance(v, float) else v) for k, v in t.dump().items()},
+                "recovery": per_task.get(t.task, (None, None))[0],
+                "recovery_note": per_task.get(t.task, (None, None))[1],
+            }
+            for t in m.tasks
+        ]
+        doc["recovery"] = overall
         variants.append(doc)
     return {
         "uri": report.uri,
@@ -189,6 +239,11 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {m['variant']} | not evaluated | - | - | - | n/a | - | n/a | n/a | - |")
     notes = [f"- {v['variant']}: {v['note']}" for v in doc["variants"] if v["note"]]
     notes += [f"- {m['variant']}: not evaluated: {m['reason']}" for m in doc["missing"]]
+    lines += task_table(doc)
+    notes += [
+        f"- {v['variant']}: {t['note'] or t['recovery_note']}"
+        for v in doc["variants"] for t in v["tasks"] if (t["note"] or t["recovery_note"]) and v["note"] is None
+    ]
     if notes:
         lines += ["", "n/a:", "", *notes]
     gate = doc["gate"]
@@ -203,27 +258,78 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def score_cell(t: dict[str, Any], baseline: bool) -> str:
+    if t["score"] is None:
+        return "n/a"
+    cell = f"{t['score']:.4f}" + (f" ± {t['stderr']:.4f}" if t["stderr"] is not None else "")
+    if not baseline:
+        cell += " (n/a)" if t["recovery"] is None else f" ({t['recovery'] * 100:.1f}%)"
+    return cell
+
+
+def task_table(doc: dict[str, Any]) -> list[str]:
+    """The tasks: one column per task (score ± standard error, and the recovery against the baseline), the mean recovery."""
+    tasks = doc["setup"].get("tasks") or []
+    if not tasks:
+        return []
+    described = "; ".join(
+        f"{t['name']} ({t['output_type']}, {t['metric'].split(',')[0]}, {t['num_fewshot']}-shot, {t['samples']} examples)"
+        for t in tasks
+    )
+    lines = [
+        "",
+        "## Tasks",
+        "",
+        f"lm-evaluation-harness {doc['setup'].get('lm_eval')}: {described}. Each cell: score ± standard error "
+        f"(recovery: the score over the baseline {doc['baseline']}'s); recovery: the mean over the tasks.",
+        "",
+        "| variant | " + " | ".join(t["name"] for t in tasks) + " | recovery |",
+        "|---|" + "--:|" * (len(tasks) + 1),
+    ]
+    for v in doc["variants"]:
+        is_base = v["variant"] == doc["baseline"]
+        by_task = {t["task"]: t for t in v["tasks"]}
+        cells = [score_cell(by_task[t["name"]], is_base) if t["name"] in by_task else "n/a" for t in tasks]
+        rec = "-" if is_base else ("n/a" if v["recovery"] is None else f"{v['recovery'] * 100:.1f}%")
+        name = f"{v['variant']} (baseline)" if is_base else v["variant"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {rec} |")
+    for m in doc["missing"]:
+        lines.append(f"| {m['variant']} | " + " | ".join("n/a" for _ in tasks) + " | n/a |")
+    return lines
+
+
 def plot(doc: dict[str, Any], path: Path) -> None:
-    """Size on disk (MiB) against perplexity, one labelled point per variant."""
+    """Size on disk (MiB) against perplexity, KL divergence from the baseline and (with tasks) the
+    mean task recovery: one labelled point per variant in each panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(v["variant"], v["size_bytes"] / MIB, v["perplexity"]) for v in doc["variants"] if v["perplexity"]]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for name, size, ppl in points:
-        baseline = name == doc["baseline"]
-        style = {"s": 80, "marker": "*", "color": "tab:red"} if baseline else {"s": 40, "marker": "o", "color": "tab:blue"}
-        ax.scatter([size], [ppl], **style)
-        ax.annotate(name, (size, ppl), textcoords="offset points", xytext=(6, 4), fontsize=9)
-    ppls = [p for _, _, p in points]
-    if ppls and max(ppls) / max(min(ppls), 1e-9) > 5:
-        ax.set_yscale("log")
-    ax.set_xlabel("size on disk (MiB)")
-    ax.set_ylabel("perplexity (held-out)")
-    ax.set_title(f"Size vs perplexity (baseline: {doc['baseline']})")
-    ax.grid(True, alpha=0.3)
+    panels = [("perplexity", "perplexity (held-out)"), ("kl_divergence", "KLD from the baseline (nats/token)")]
+    if doc["setup"].get("tasks"):
+        panels.append(("recovery", "task recovery (mean of score / baseline's)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), dpi=120, squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        points = [
+            (v["variant"], v["size_bytes"] / MIB, v[key])
+            for v in doc["variants"]
+            if v[key] is not None and v["size_bytes"] is not None and (key == "perplexity" or v["variant"] != doc["baseline"])
+        ]
+        for name, size, value in points:
+            baseline = name == doc["baseline"]
+            style = {"s": 80, "marker": "*", "color": "tab:red"} if baseline else {"s": 40, "marker": "o", "color": "tab:blue"}
+            ax.scatter([size], [value], **style)
+            ax.annotate(name, (size, value), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        values = [p for _, _, p in points]
+        if key == "perplexity" and values and max(values) / max(min(values), 1e-9) > 5:
+            ax.set_yscale("log")
+        if key == "recovery" and values:
+            ax.axhline(1.0, color="tab:red", alpha=0.4, linestyle="--")
+        ax.set_xlabel("size on disk (MiB)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_title(f"Size vs quality (baseline: {doc['baseline']})")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

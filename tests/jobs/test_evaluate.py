@@ -291,15 +291,19 @@ def test_missing_variants_are_listed_with_their_reason(tmp_path, make_run, run_s
     assert list(doc) == ["uri", "baseline", "setup", "variants", "missing", "gate", "table"]
     assert list(doc["variants"][0]) == [
         "variant", "format", "size_bytes", "parameters", "memory_bytes", "perplexity", "tokens_per_second",
-        "kl_divergence", "top1_agreement", "note", "seconds", "perplexity_increase",
+        "kl_divergence", "top1_agreement", "note", "seconds", "perplexity_increase", "tasks", "recovery",
     ]
     assert list(doc["missing"][0]) == ["variant", "reason"]
     assert list(doc["gate"]) == ["passed", "message", "checks"]
-    assert list(doc["gate"]["checks"][0]) == ["variant", "gate", "value", "limit", "passed", "text"]
-    assert set(doc["setup"]) == {"seq_length", "windows", "tokens", "prompt_tokens", "generate_tokens", "kl_top_k", "gates"}
-    assert set(doc["table"][0]) <= {
-        "variant", "sizeBytes", "parameters", "perplexity", "tokensPerSecond", "klDivergence", "top1Agreement", "note", "missing"
+    assert list(doc["gate"]["checks"][0]) == ["variant", "gate", "value", "limit", "passed", "text", "task"]
+    assert set(doc["setup"]) == {
+        "seq_length", "windows", "tokens", "prompt_tokens", "generate_tokens", "kl_top_k", "gates", "tasks", "lm_eval"
     }
+    assert (doc["setup"]["tasks"], doc["setup"]["lm_eval"], doc["variants"][0]["tasks"]) == ([], None, [])
+    assert set(doc["table"][0]) <= {
+        "variant", "sizeBytes", "parameters", "perplexity", "tokensPerSecond", "klDivergence", "top1Agreement", "note",
+        "missing", "tasks", "recovery",
+    }  # the task keys of report.json: tests/jobs/test_tasks.py
 
 
 # --------------------------------------------------------------------------------------------
