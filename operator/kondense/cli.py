@@ -34,6 +34,8 @@ def _run_pipeline(pipeline, args) -> int:
     print(format_durations(runner))
     if status.report:
         print("\n" + format_table(status.report))
+        if tasks := format_tasks(status.report):
+            print("\n" + tasks)
         print(f"\nReport: {status.report.uri}/report.md, plot: {status.report.uri}/plot.png")
     ready = next(c for c in status.conditions if c.type == "Ready")
     if ready.status != "True":
@@ -134,8 +136,48 @@ def cmd_report(args) -> int:
     if raw is None:
         raise InvalidSpec(f"{join(uri, 'report.json')} does not exist: has the evaluate stage finished?")
     doc = json.loads(raw)
-    print(format_table(Report.model_validate({k: v for k, v in doc.items() if k in ("uri", "baseline", "table")})))
+    report = Report.model_validate({k: v for k, v in doc.items() if k in ("uri", "baseline", "table")})
+    print(format_table(report))
+    if tasks := format_tasks(report):
+        print("\n" + tasks)
     return 0
+
+
+def format_tasks(report) -> str:
+    """The task scores: one column per task (score ± standard error, recovery against the baseline)
+    and the mean recovery; a score that is n/a says why below. Empty without tasks."""
+    names: list[str] = []
+    for row in report.table:
+        names += [t.task for t in row.tasks or [] if t.task not in names]
+    if not names:
+        return ""
+    rows = [("variant", *names, "recovery")]
+    notes = []
+    for r in report.table:
+        base = r.variant == report.baseline
+        name = r.variant + (" *" if base else "")
+        if r.missing:
+            rows.append((name, *("n/a" for _ in names), "n/a"))
+            continue
+        by_task = {t.task: t for t in r.tasks or []}
+        cells = []
+        for task in names:
+            t = by_task.get(task)
+            if t is None or t.score is None:
+                cells.append("n/a")
+            else:
+                cell = f"{t.score:.3f}" + (f" ± {t.stderr:.3f}" if t.stderr is not None else "")
+                cells.append(cell if base else cell + (f" ({t.recovery * 100:.0f}%)" if t.recovery is not None else " (n/a)"))
+            if t is not None and t.note and not r.note:
+                notes.append(f"{r.variant}: {t.note}")
+        rec = "-" if base else ("n/a" if r.recovery is None else f"{r.recovery * 100:.1f}%")
+        rows.append((name, *cells, rec))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"* task scores ± standard error (lm-evaluation-harness); (%) and recovery: score over {report.baseline}'s")
+    lines += [f"n/a: {n}" for n in dict.fromkeys(notes)]
+    return "\n".join(lines)
 
 
 def cmd_crd(args) -> int:

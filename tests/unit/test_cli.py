@@ -114,3 +114,33 @@ def test_report_of_a_report_json_prints_kld_top1_and_what_is_missing(tmp_path):
     assert lines[5].split()[-3:] == ["n/a", "n/a", "-"]
     assert "n/a: q4: not evaluated: stage q4 failed: OOMKilled: out of memory" in lines
     assert "n/a: odd: KLD and top-1 n/a: another vocabulary" in lines
+
+
+def test_report_prints_task_scores_recovery_and_why_a_score_is_n_a(tmp_path):
+    """`kondense report <uri>`: with evaluate.tasks, a second table: score ± stderr (recovery) per task, the mean recovery."""
+    import json
+
+    def task(name, score, stderr, recovery=None, note=None):
+        return {k: v for k, v in {"task": name, "score": score, "stderr": stderr, "recovery": recovery, "note": note}.items()
+                if v is not None}
+
+    rows = [
+        {"variant": "distill", "sizeBytes": 2**20, "perplexity": 272.3, "recovery": 1.0,
+         "tasks": [task("next-word", 0.6, 0.08, 1.0), task("phrase", 0.25, 0.07, 1.0)]},
+        {"variant": "gguf", "sizeBytes": 2**20, "perplexity": 272.4, "recovery": 0.975,
+         "tasks": [task("next-word", 0.57, 0.081, 0.95), task("phrase", 0.25, 0.07, 1.0)]},
+        {"variant": "odd", "sizeBytes": 2**20, "perplexity": 280.0,
+         "tasks": [task("next-word", None, None, note="next-word n/a: token 5 is 'x' in the file"), task("phrase", 0.1, 0.05, 0.4)]},
+        {"variant": "q4", "missing": "stage q4 failed: OOMKilled"},
+    ]
+    (tmp_path / "report.json").write_text(json.dumps({"uri": f"file://{tmp_path}", "baseline": "distill", "table": rows}))
+    r = kondense("report", f"file://{tmp_path}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("variant") and "recovery" in line))
+    assert lines[at].split() == ["variant", "next-word", "phrase", "recovery"]
+    assert lines[at + 2].split() == ["distill", "*", "0.600", "±", "0.080", "0.250", "±", "0.070", "-"]
+    assert lines[at + 3].split() == ["gguf", "0.570", "±", "0.081", "(95%)", "0.250", "±", "0.070", "(100%)", "97.5%"]
+    assert lines[at + 4].split() == ["odd", "n/a", "0.100", "±", "0.050", "(40%)", "n/a"]
+    assert lines[at + 5].split() == ["q4", "n/a", "n/a", "n/a"]
+    assert "n/a: odd: next-word n/a: token 5 is 'x' in the file" in lines
