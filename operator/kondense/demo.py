@@ -1,8 +1,9 @@
 """`kondense demo`: the embedded default pipeline on models built on the spot.
 
 Inputs (tokenizer, a teacher pretrained for a minute on Python's docstrings, a random smaller
-student, a dataset) are built once into <base>/inputs and reused; the pipeline is
-data/demo.yaml with s3://kondense-demo replaced by the base URI.
+student, a dataset, and two small lm-eval tasks made from the dataset's text: a multiple-choice
+next word and an exact-match phrase completion) are built once into <base>/inputs and reused; the
+pipeline is data/demo.yaml with s3://kondense-demo replaced by the base URI.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from kondense.validation import parse
 PLACEHOLDER = "s3://kondense-demo"
 # Bump when the recipe below changes, so that cached inputs are rebuilt.
 RECIPE = {"version": 1, "vocab": 4096, "docs": 6000, "teacher": [4, 256, 4], "student": [2, 128, 4], "steps": 300}
+# The tasks have their own marker: changing them rebuilds them alone, not the models.
+TASKS_RECIPE = {"version": 1, "examples": 60, "fewshot": 8, "seed": 0}
 
 
 def template() -> str:
@@ -37,6 +40,7 @@ def build_inputs(folder: Path, out=print) -> Path:
     """Tokenizer, teacher, student and dataset in folder (reused when the recipe matches)."""
     marker = folder / "recipe.json"
     if marker.exists() and json.loads(marker.read_text()) == RECIPE:
+        build_tasks(folder, out)
         return folder
     try:
         from kondense_jobs import tiny
@@ -60,7 +64,26 @@ def build_inputs(folder: Path, out=print) -> Path:
     layers, hidden, heads = RECIPE["student"]
     tiny.build_model(folder / "student", tokenizer, "llama", layers, hidden, heads, seed=2)
     marker.write_text(json.dumps(RECIPE))
+    build_tasks(folder, out)
     return folder
+
+
+def build_tasks(folder: Path, out=print) -> Path:
+    """<folder>/tasks: the demo's two lm-eval tasks (YAML + JSONL) from the dataset's paragraphs."""
+    tasks_dir = folder / "tasks"
+    marker = tasks_dir / "recipe.json"
+    if marker.exists() and json.loads(marker.read_text()) == TASKS_RECIPE:
+        return tasks_dir
+    from kondense_jobs.tasks import build_demo_tasks
+
+    shutil.rmtree(tasks_dir, ignore_errors=True)
+    with open(folder / "dataset.jsonl") as f:
+        texts = [json.loads(line)["text"] for line in f if line.strip()]
+    names = build_demo_tasks(texts, tasks_dir, examples=TASKS_RECIPE["examples"],
+                             fewshot_examples=TASKS_RECIPE["fewshot"], seed=TASKS_RECIPE["seed"])
+    out(f"Built the demo tasks: {', '.join(names)}")
+    marker.write_text(json.dumps(TASKS_RECIPE))
+    return tasks_dir
 
 
 class _Printed:
@@ -81,7 +104,8 @@ def stage_inputs(local_inputs: Path, base_uri: str) -> None:
     """Put the inputs under <base>/inputs (hard links for folders, an upload for s3://)."""
     store = open_store(base_uri)
     target = join(base_uri, "inputs")
-    if store.read_bytes(join(target, "recipe.json")) == (local_inputs / "recipe.json").read_bytes():
+    markers = ("recipe.json", "tasks/recipe.json")
+    if all(store.read_bytes(join(target, m)) == (local_inputs / m).read_bytes() for m in markers):
         return
     files = [(p, join(target, p.relative_to(local_inputs).as_posix())) for p in sorted(local_inputs.rglob("*")) if p.is_file()]
     files.sort(key=lambda f: f[0].name == "recipe.json")  # the marker last: a partial copy is redone
