@@ -358,8 +358,8 @@ def _llama_cpp_lm_class():
     class LlamaCppLM(TemplateLM):
         """A GGUF file through llama.cpp in-process, on the Hugging Face tokenizer's token ids.
 
-        loglikelihood: llama.cpp's logits at every position of context + continuation (no BOS added,
-        as HFLM with a tokenizer that adds none), summed log-softmax of the continuation's tokens and
+        loglikelihood: llama.cpp's logits at every position of context + continuation (tokenized as
+        HFLM does, a BOS where the tokenizer adds one), summed log-softmax of the continuation's tokens and
         whether each is the argmax; generate_until: greedy decoding from the logits until a stop
         string, EOS or max_gen_toks. Inputs longer than max_length keep their last tokens, as HFLM."""
 
@@ -381,7 +381,12 @@ def _llama_cpp_lm_class():
             return bos if bos is not None else self.eot_token_id
 
         def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-            return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+            # As HFLM: the tokenizer's own default (a BOS where it adds one), none when the text starts with it.
+            if add_special_tokens is None:
+                bos = self.tokenizer.bos_token
+                add_special_tokens = False if bos and string.startswith(bos) else None
+            extra = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+            return self.tokenizer.encode(string, **extra)
 
         def _model(self, n_ctx: int):
             import llama_cpp
