@@ -37,6 +37,9 @@ RUN pip install ".[jobs]"
 # llama-cpp-python, at a path the Job's emptyDir cache mount does not hide.
 RUN python -m kondense_jobs.gguf install-converter --dest /opt/venv/share/kondense/llama.cpp \
     && python -m compileall -q /opt/venv/share/kondense/llama.cpp
+# llama-imatrix and llama-quantize (importance-matrix K-quants) from the same sdist, with the same
+# CMAKE_ARGS as the library (CUDA tools in the GPU build), statically linked.
+RUN python -m kondense_jobs.gguf install-tools --dest /opt/venv/share/kondense/llama.cpp/bin
 
 FROM ${CUDA_RUNTIME_IMAGE} AS jobs
 ENV DEBIAN_FRONTEND=noninteractive

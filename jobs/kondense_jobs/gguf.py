@@ -26,11 +26,14 @@ second error on top of the quantization, so the intermediate never narrows the s
 One patch, in-process, to the converter's classes (no llama.cpp file is edited). The converter
 names a BPE tokenizer's pre-tokenizer by hashing the tokenization of a fixed string and refuses
 hashes it does not know; the hash depends on the vocabulary, so every locally trained tokenizer is
-refused, even one that pre-tokenizes exactly as GPT-2 does. When, and only when, the converter
-does not recognise the hash and tokenizer.json's pre_tokenizer is exactly GPT-2's (ByteLevel,
-use_regex true, add_prefix_space false, no normalizer), `TextModel.get_vocab_base_pre` answers
-"gpt-2", llama.cpp's name for that very regex. A hub model with a known hash goes through
-unpatched; any other unknown tokenizer is refused as before (InvalidInput).
+refused, even one that pre-tokenizes exactly as a model llama.cpp knows. When, and only when, the
+converter does not recognise the hash and tokenizer.json's normalizer, pre-tokenizer and BPE flags
+are exactly those of a model llama.cpp names, `TextModel.get_vocab_base_pre` answers that name:
+gpt-2 (GPT-2's ByteLevel), mpt (NFC + ByteLevel: GPT-NeoX's, as transformers 5 re-saves it), qwen2
+(NFC + Qwen2's Split regex, as transformers 5 re-saves a Qwen2 tokenizer) or llama-bpe (Llama 3's
+Split regex); kondense_jobs.families.llama_cpp_pretokenizer holds the table and says where each
+entry comes from. A hub model with a known hash goes through unpatched; any other unknown
+tokenizer is refused as before (InvalidInput).
 """
 
 from __future__ import annotations
@@ -41,12 +44,14 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from kondense.api import GGUF_CONVERTER_TYPES, GGUF_QUANTIZER_TYPES, GGUF_TYPES
@@ -106,24 +111,11 @@ def install_converter(
     if _installed(dest):
         return dest
     with tempfile.TemporaryDirectory(prefix="kondense-llama-cpp-") as tmp:
-        if sdist is None:
-            log.info("Downloading the %s %s sdist for llama.cpp's converter", DISTRIBUTION, version)
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "--disable-pip-version-check", "--quiet", f"{DISTRIBUTION}=={version}", "-d", tmp]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            found = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-            if proc.returncode != 0 or not found:
-                why = _last_line(proc.stderr) or "no sdist"
-                raise MissingDependency(
-                    "GGUF needs llama.cpp's convert_hf_to_gguf.py and "
-                    f"`pip download {DISTRIBUTION}=={version}` failed ({why}). To resolve, run "
-                    "`python -m kondense_jobs.gguf install-converter` where PyPI is reachable (the jobs "
-                    "image does) or set KONDENSE_LLAMA_CPP_DIR to a folder holding it."
-                )
-            sdist = found[0]
+        sdist = sdist or _download_sdist(version, Path(tmp), "convert_hf_to_gguf.py", "install-converter")
         log.info("Extracting llama.cpp's converter from %s into %s", Path(sdist).name, dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+        partial.chmod(0o755)  # mkdtemp makes it 0700: the image runs as another user than builds it
         with tarfile.open(sdist) as tar:
             members = []
             for m in tar.getmembers():
@@ -146,6 +138,23 @@ def install_converter(
     return dest
 
 
+def _download_sdist(version: str, folder: Path, what: str, command: str) -> Path:
+    """`pip download` the llama-cpp-python sdist of `version` into `folder` (PyPI; pip's cache)."""
+    log.info("Downloading the %s %s sdist for llama.cpp's %s", DISTRIBUTION, version, what)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           "--disable-pip-version-check", "--quiet", f"{DISTRIBUTION}=={version}", "-d", str(folder)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(folder.glob("llama_cpp_python-*.tar.gz"))
+    if proc.returncode != 0 or not found:
+        why = _last_line(proc.stderr) or "no sdist"
+        raise MissingDependency(
+            f"GGUF needs llama.cpp's {what} and `pip download {DISTRIBUTION}=={version}` failed ({why}). "
+            f"To resolve, run `python -m kondense_jobs.gguf {command}` where PyPI is reachable (the jobs "
+            "image does) or set KONDENSE_LLAMA_CPP_DIR to a folder holding it."
+        )
+    return found[0]
+
+
 def ensure_converter() -> Path:
     """The converter folder, installed now if missing (needs PyPI)."""
     version = llama_cpp_version()
@@ -154,6 +163,109 @@ def ensure_converter() -> Path:
         return install_converter(version, folder)
     if (release := _converter_release(folder)) != f"{DISTRIBUTION}=={version}":
         log.warning("%s holds the converter of %s but %s %s is installed: re-run install-converter",
+                    folder, release, DISTRIBUTION, version)
+    return folder
+
+
+# -- the tools: llama-imatrix and llama-quantize ----------------------------------------------------
+# Neither ships in the llama-cpp-python wheel. The importance matrix is llama-imatrix's (its own
+# activation statistics and file format); llama-quantize reads that file and records it in the GGUF
+# (quantize.imatrix.*). Both are built from the same sdist as the library and the converter,
+# statically linked, into <converter folder>/bin.
+TOOLS = ("llama-imatrix", "llama-quantize")
+# What the build needs whatever CMAKE_ARGS says: static binaries, no network code, only the tools.
+TOOLS_CMAKE_ARGS = (
+    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_BUILD_COMMON=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",
+)
+
+
+def tools_dir(version: str | None = None) -> Path:
+    return converter_dir(version) / "bin"
+
+
+def _tools_installed(folder: Path) -> bool:
+    return (folder / ".complete").exists() and all((folder / t).is_file() for t in TOOLS)
+
+
+def install_tools(version: str | None = None, dest: Path | None = None, sdist: Path | None = None) -> Path:
+    """Build llama-imatrix and llama-quantize from the llama-cpp-python sdist of `version` into `dest`.
+
+    The ggml flags are the ones the wheel was built with: $CMAKE_ARGS (the README, .ci/run and the
+    Dockerfile set it; a CUDA build of the wheel gives CUDA tools). Idempotent: an existing complete
+    build is kept. About 6 minutes on 2 cores, once per machine (or image).
+    """
+    version = version or llama_cpp_version()
+    dest = dest or tools_dir(version)
+    if _tools_installed(dest):
+        return dest
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            raise MissingDependency(
+                f"building llama.cpp's {' and '.join(TOOLS)} needs {tool}, which is not on PATH. To resolve, "
+                "install cmake and a C++ compiler (the jobs image has both at build time), or set "
+                "KONDENSE_LLAMA_CPP_DIR to a folder whose bin/ holds them."
+            )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="kondense-llama-cpp-tools-") as tmp:
+        tmp = Path(tmp)
+        sdist = sdist or _download_sdist(version, tmp, " and ".join(TOOLS), "install-tools")
+        source = tmp / "src"
+        log.info("Extracting llama.cpp's sources from %s", Path(sdist).name)
+        with tarfile.open(sdist) as tar:
+            members = []
+            for m in tar.getmembers():
+                _, _, rel = m.name.partition("/vendor/llama.cpp/")
+                if rel and (m.isfile() or m.isdir()):
+                    m.name = rel
+                    members.append(m)
+            tar.extractall(source, members=members, filter="data")
+        if not (source / "tools" / "imatrix").is_dir():
+            raise InvalidInput(f"{sdist} has no vendor/llama.cpp/tools/imatrix: not the llama-cpp-python sdist")
+        flags = [*shlex.split(os.environ.get("CMAKE_ARGS", "")), *TOOLS_CMAKE_ARGS]
+        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+        build = tmp / "build"
+        log.info("Building %s from %s %s (cmake %s)", ", ".join(TOOLS), DISTRIBUTION, version, " ".join(flags))
+        start = time.monotonic()
+        for cmd in (
+            ["cmake", "-S", str(source), "-B", str(build), *generator, *flags],
+            ["cmake", "--build", str(build), "--target", *TOOLS, "--parallel", str(_build_jobs())],
+        ):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                (tmp_log := dest.parent / f"{dest.name}-build.log").write_text(proc.stdout + proc.stderr)
+                raise MissingDependency(
+                    f"building llama.cpp's tools failed at `{' '.join(cmd[:3])}` (exit {proc.returncode}): "
+                    f"{_last_line(proc.stderr) or _last_line(proc.stdout)}; the whole log is in {tmp_log}"
+                )
+        partial = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+        partial.chmod(0o755)  # mkdtemp makes it 0700: the image runs as another user than builds it
+        for tool in TOOLS:
+            shutil.copy2(build / "bin" / tool, partial / tool)
+        shutil.copy2(source / "LICENSE", partial / "LICENSE")
+        (partial / ".complete").write_text(f"{DISTRIBUTION}=={version}\n")
+        if _tools_installed(dest):  # another process finished first
+            shutil.rmtree(partial)
+            return dest
+        shutil.rmtree(dest, ignore_errors=True)
+        partial.rename(dest)
+    log.info("Built %s into %s in %.0f s", ", ".join(TOOLS), dest, time.monotonic() - start)
+    return dest
+
+
+def _build_jobs() -> int:
+    return int(os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or os.cpu_count() or 1)
+
+
+def ensure_tools() -> Path:
+    """The folder holding llama-imatrix and llama-quantize, built now if missing (needs PyPI, cmake)."""
+    version = llama_cpp_version()
+    folder = tools_dir(version)
+    if not _tools_installed(folder):
+        return install_tools(version, folder)
+    if (release := _converter_release(folder)) != f"{DISTRIBUTION}=={version}":
+        log.warning("%s holds the tools of %s but %s %s is installed: re-run install-tools",
                     folder, release, DISTRIBUTION, version)
     return folder
 
@@ -194,53 +306,151 @@ def convert(model_dir: Path, outfile: Path, outtype: str) -> Path:
     if proc.returncode in (EXIT_UNSUPPORTED_ARCH, EXIT_UNKNOWN_PRETOKENIZER):
         raise InvalidInput(_last_line(proc.stderr))
     if proc.returncode != 0 or not outfile.exists():
-        raise RuntimeError(
-            f"convert_hf_to_gguf.py {model_dir.name} --outtype {outtype} failed (exit {proc.returncode}): "
-            + _last_line(proc.stderr)
-        )
+        raise _failure(f"convert_hf_to_gguf.py {model_dir.name} --outtype {outtype}", proc)
     log.debug("converter output:\n%s", proc.stderr[-4000:])
     log.info("Converted %s to %s in %.1f s", model_dir.name, outfile.name, time.monotonic() - start)
     return outfile
 
 
-def _quantize_file(src: Path, dst: Path, type: str) -> Path:
-    """llama_model_quantize(src -> dst) in a subprocess: one line of error if it fails or crashes."""
-    cmd = [sys.executable, "-m", "kondense_jobs.gguf", "quantize-gguf", str(src), str(dst), type]
+# llama.cpp's quantizer says how many tensors it could not give the asked type (rows that do not
+# divide the type's block of 256 go to a 32-block type): src/llama-quant.cpp, n_fallback.
+_FALLBACK_LINE = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
+# Failures a retry can cure; any other failure of a tool on the same input fails the same way again.
+_TRANSIENT = re.compile(r"No space left|Cannot allocate memory|out of memory|bad_alloc|MemoryError|Killed", re.I)
+
+
+def _failure(what: str, proc: subprocess.CompletedProcess) -> Exception:
+    """A tool's failure: transient (RuntimeError, retried) when a signal or the machine stopped it,
+    InvalidInput (permanent) when the tool refused this input, as it would again."""
+    reason = _last_line(proc.stderr) or _last_line(proc.stdout)
+    if proc.returncode < 0 or _TRANSIENT.search(reason):
+        why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        return RuntimeError(f"{what} failed ({why}): {reason}")
+    return InvalidInput(f"{what} failed (exit {proc.returncode}): {reason}")
+
+
+def _fallbacks(output: str) -> int:
+    found = _FALLBACK_LINE.search(output or "")
+    return int(found.group(1)) if found else 0
+
+
+def _quantize_file(src: Path, dst: Path, type: str, imatrix: Path | None = None) -> int:
+    """src -> dst at `type` by llama.cpp's quantizer in a subprocess (one line of error if it fails or
+    crashes): llama_model_quantize through the library, or llama-quantize with an importance matrix.
+    Returns how many tensors fell back to another type."""
+    if imatrix is None:
+        cmd = [sys.executable, "-m", "kondense_jobs.gguf", "quantize-gguf", str(src), str(dst), type]
+    else:
+        tool = ensure_tools() / "llama-quantize"
+        cmd = [str(tool), "--imatrix", str(imatrix), str(src), str(dst), type.upper(), str(_threads())]
     start = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not dst.exists():
-        why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
-        reason = _last_line(proc.stderr)
-        raise RuntimeError(f"llama_model_quantize {src.name} -> {type} failed ({why}): {reason}")
-    log.info("Quantized %s to %s in %.1f s", src.name, dst.name, time.monotonic() - start)
-    return dst
+        raise _failure(f"llama.cpp's quantizer {src.name} -> {type}", proc)
+    fallbacks = _fallbacks(proc.stderr + proc.stdout)
+    log.info("Quantized %s to %s in %.1f s%s%s", src.name, dst.name, time.monotonic() - start,
+             " with an importance matrix" if imatrix else "",
+             f"; {fallbacks} tensor(s) fell back to another type" if fallbacks else "")
+    return fallbacks
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What llama-imatrix runs over: the calibration windows decoded to text (llama-imatrix tokenizes
+    it back, special tokens included), `n_ctx` tokens per window, at most `chunks` windows."""
+
+    text: str
+    n_ctx: int
+    chunks: int
+
+
+@dataclass(frozen=True)
+class Made:
+    """A GGUF file and how it was made."""
+
+    path: Path
+    fallbacks: int = 0  # tensors whose rows did not divide the type's block: a 32-block type instead
+    imatrix_chunks: int = 0  # windows the importance matrix was computed on; 0 without one
+
+
+_CHUNK = re.compile(r"\[(\d+)\]")
+_CHUNK_COUNT = re.compile(r"computing over (\d+) chunks")
+
+
+def imatrix(model: Path, calibration: Calibration, out: Path, progress=None) -> int:
+    """llama-imatrix over the calibration text: out (GGUF imatrix). Returns the chunks it ran.
+
+    Progress comes from its per-chunk perplexity line ("[1]12.3,[2]..."), read as it is written.
+    """
+    tool = ensure_tools() / "llama-imatrix"
+    text = out.with_suffix(".txt")
+    text.write_text(calibration.text, encoding="utf-8")
+    cmd = [str(tool), "-m", str(model), "-f", str(text), "-o", str(out), "--parse-special",
+           "-c", str(calibration.n_ctx), "-b", str(calibration.n_ctx), "--chunks", str(calibration.chunks),
+           "-t", str(_threads()), "--output-frequency", str(1 << 30)]
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output, total, done = "", calibration.chunks, 0
+    assert proc.stdout is not None
+    while chunk := proc.stdout.read1(4096):
+        output += chunk.decode("utf-8", "replace")
+        if found := _CHUNK_COUNT.search(output):
+            total = int(found.group(1))
+        if (seen := max((int(n) for n in _CHUNK.findall(output[-4096:])), default=0)) > done:
+            done = seen
+            if progress is not None:
+                progress.update(done, total, phase="gguf imatrix")
+    proc.wait()
+    result = subprocess.CompletedProcess(cmd, proc.returncode, output, output)
+    if proc.returncode != 0 or not out.exists():
+        raise _failure(f"llama-imatrix on {model.name}", result)
+    log.info("Computed the importance matrix of %s over %d windows of %d tokens in %.1f s",
+             model.name, done or total, calibration.n_ctx, time.monotonic() - start)
+    return done or total
 
 
 # -- the interface ---------------------------------------------------------------------------------
-def quantize(model_dir: Path, out_dir: Path, type: str, progress=None) -> Path:
-    """Write out_dir/model-<type>.gguf from a Hugging Face model folder; return its path."""
+def quantize(model_dir: Path, out_dir: Path, type: str, progress=None, calibration: Calibration | None = None) -> Made:
+    """Write out_dir/model-<type>.gguf from a Hugging Face model folder.
+
+    With `calibration`, a quantizer type is quantized with llama.cpp's importance matrix computed on
+    it (llama-imatrix on the lossless intermediate, then llama-quantize --imatrix).
+    """
     type = type.lower()
     if type not in TYPES:
         raise InvalidSpec(f"quantize.type {type!r} is not a GGUF type; use one of {', '.join(TYPES)}.")
+    if calibration is not None and type in CONVERTER_TYPES:
+        raise InvalidSpec(f"an importance matrix needs a type made by llama.cpp's quantizer, not {type}")
     _llama_cpp()  # fail before the conversion, not after it
+    if calibration is not None:
+        ensure_tools()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"model-{type}.gguf"
-    total = 1 if type in CONVERTER_TYPES else 2
-    if progress is not None:
-        progress.update(0, total, phase="gguf convert", force=True)
+    phases = ["gguf convert"] + (["gguf imatrix"] if calibration else []) + ([] if type in CONVERTER_TYPES else ["gguf quantize"])
+
+    def step(done: int) -> None:
+        if progress is not None:
+            progress.update(done, len(phases), phase=phases[min(done, len(phases) - 1)], force=True)
+
+    step(0)
+    fallbacks, chunks = 0, 0
     with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out_dir) as tmp:  # nothing half-written stays
         if type in CONVERTER_TYPES:
             convert(model_dir, Path(tmp) / target.name, type).replace(target)
         else:
             outtype = _source_outtype(model_dir)
             intermediate = convert(model_dir, Path(tmp) / f"model-{outtype}.gguf", outtype)
-            if progress is not None:
-                progress.update(1, total, phase="gguf quantize", force=True)
-            _quantize_file(intermediate, Path(tmp) / target.name, type).replace(target)
-    if progress is not None:
-        progress.update(total, total, phase="gguf convert" if total == 1 else "gguf quantize", force=True)
-    return target
+            matrix = None
+            if calibration is not None:
+                step(1)
+                matrix = Path(tmp) / "imatrix.gguf"
+                chunks = imatrix(intermediate, calibration, matrix, progress)
+            step(len(phases) - 1)
+            fallbacks = _quantize_file(intermediate, Path(tmp) / target.name, type, matrix)
+            (Path(tmp) / target.name).replace(target)
+    step(len(phases))
+    return Made(target, fallbacks, chunks)
 
 
 def find_gguf(folder: Path) -> Path | None:
@@ -363,22 +573,6 @@ def tokens_per_second(gguf_path: Path, prompt_ids: list[int], n_tokens: int) -> 
 
 
 # -- subprocess entry points ----------------------------------------------------------------------
-def _is_gpt2_pretokenizer(model_dir: Path) -> bool:
-    """tokenizer.json pre-tokenizes exactly as GPT-2: ByteLevel with GPT-2's regex, no prefix space."""
-    try:
-        tok = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    pre = tok.get("pre_tokenizer") or {}
-    return (
-        (tok.get("model") or {}).get("type") == "BPE"
-        and tok.get("normalizer") is None
-        and pre.get("type") == "ByteLevel"
-        and pre.get("use_regex", True) is True
-        and pre.get("add_prefix_space", False) is False
-    )
-
-
 def _converter_release(converter: Path) -> str:
     marker = converter / ".complete"
     return marker.read_text().strip() if marker.exists() else str(converter)
@@ -413,13 +607,20 @@ def _convert_hf_main(converter: Path, model_dir: Path, argv: list[str]) -> int:
         try:
             return original(self, tokenizer)
         except NotImplementedError:
-            if _is_gpt2_pretokenizer(model_dir):
+            from kondense_jobs.families import LLAMA_CPP_PRETOKENIZERS, llama_cpp_pretokenizer
+
+            try:
+                tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                tokenizer_json = {}
+            if name := llama_cpp_pretokenizer(tokenizer_json):
                 converter_log.setLevel(level)
-                converter_log.info("kondense: unknown pre-tokenizer hash; tokenizer.json has GPT-2's: gpt-2")
-                return "gpt-2"
+                converter_log.info("kondense: unknown pre-tokenizer hash; tokenizer.json pre-tokenizes exactly as %s", name)
+                return name
             print(
-                f"{model_dir.name}: llama.cpp's converter does not recognise this tokenizer's BPE "
-                "pre-tokenizer (nor is it GPT-2's ByteLevel); to resolve, use a tokenizer llama.cpp knows",
+                f"{model_dir.name}: llama.cpp's converter does not recognise this tokenizer's BPE pre-tokenizer, "
+                "and its normalizer and pre-tokenizer are not exactly those of one llama.cpp names "
+                f"({', '.join(LLAMA_CPP_PRETOKENIZERS)}); to resolve, use a tokenizer llama.cpp knows",
                 file=sys.stderr,
             )
             raise SystemExit(EXIT_UNKNOWN_PRETOKENIZER) from None
@@ -452,6 +653,10 @@ def main(argv: list[str] | None = None) -> int:
     inst.add_argument("--version", help="llama-cpp-python version (default: the installed one)")
     inst.add_argument("--dest", type=Path, help="target folder (default: see converter_dir)")
     inst.add_argument("--sdist", type=Path, help="a local llama_cpp_python-<version>.tar.gz to extract")
+    tools = sub.add_parser("install-tools", help="build llama-imatrix and llama-quantize from the sdist (cmake)")
+    tools.add_argument("--version", help="llama-cpp-python version (default: the installed one)")
+    tools.add_argument("--dest", type=Path, help="target folder (default: see tools_dir)")
+    tools.add_argument("--sdist", type=Path, help="a local llama_cpp_python-<version>.tar.gz to build from")
     conv = sub.add_parser("convert-hf", help="(internal) run convert_hf_to_gguf.py with kondense's patch")
     conv.add_argument("--converter", type=Path, required=True)
     conv.add_argument("model", type=Path)
@@ -467,7 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "quantize-gguf":
         return _quantize_gguf_main(args.src, args.dst, args.type)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(install_converter(args.version, args.dest, args.sdist))
+    install = install_tools if args.command == "install-tools" else install_converter
+    print(install(args.version, args.dest, args.sdist))
     return 0
 
 

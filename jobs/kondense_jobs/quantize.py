@@ -484,12 +484,26 @@ def llm_compressor(ctx: Context, model_dir: Path, out: Path) -> dict[str, float]
 
 
 def gguf(ctx: Context, model_dir: Path, out: Path) -> dict[str, float]:
+    """llama.cpp's file type; with an importance matrix (spec.uses_imatrix) computed by llama-imatrix on
+    calibration windows of the training split, decoded to text that llama.cpp tokenizes back."""
     spec: QuantizeSpec = ctx.config
+    backend = gguf_backend()
     file_type = spec.type or GGUF_DEFAULT_TYPE
-    log.info("Converting to GGUF %s", file_type)
-    path = gguf_backend().quantize(model_dir, out, file_type, ctx.progress)
-    log.info("Wrote %s", path.name)
-    return {}
+    calibration = None
+    if spec.uses_imatrix:
+        tokenizer = load_tokenizer(model_dir)
+        windows = calibration_windows(ctx, tokenizer, spec.calibration_samples, spec.calibration_seq_length)
+        # llama-imatrix runs at least 2 windows: a shorter split is cut in two (with a margin for re-tokenizing)
+        n_ctx = windows.shape[1] if len(windows) >= 2 else max(8, windows.size * 9 // 20)
+        text = "".join(tokenizer.decode(w, skip_special_tokens=False, clean_up_tokenization_spaces=False) for w in windows)
+        calibration = backend.Calibration(text, n_ctx, max(len(windows), 2))
+    log.info("Converting to GGUF %s%s", file_type, " with an importance matrix" if calibration else "")
+    made = backend.quantize(model_dir, out, file_type, ctx.progress, calibration)
+    log.info("Wrote %s", made.path.name)
+    metrics = {"ggufFallbackTensors": made.fallbacks}
+    if made.imatrix_chunks:
+        metrics["imatrixWindows"] = made.imatrix_chunks
+    return metrics
 
 
 METHODS: dict[str, Callable[[Context, Path, Path], dict[str, float]]] = {

@@ -1,7 +1,7 @@
 """GGUF through llama.cpp's converter and quantizer, measured through llama.cpp.
 
-Fast tests cover the pure parts (pre-tokenizer recognition, error lines, converter extraction,
-error mapping). Slow tests convert the tiny models and compare llama.cpp's perplexity with the
+Fast tests cover the pure parts (error lines, converter extraction, the tools build, failure
+classification). Slow tests convert the tiny models and compare llama.cpp's perplexity with the
 Hugging Face model's on identical token windows; transformers' own GGUF reader (dequantizing in
 numpy, evaluating in torch) is an independent second opinion on the quantized files.
 """
@@ -29,35 +29,6 @@ BOUNDS = {"f32": 0.001, "q8_0": 0.005, "q4_0": 0.006, "q4_k_m": 0.004, "q5_k_m":
 
 
 # -- fast ------------------------------------------------------------------------------------------
-GPT2_PRE = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-
-
-@pytest.mark.parametrize(
-    "pre_tokenizer, normalizer, model_type, expected",
-    [
-        pytest.param(GPT2_PRE, None, "BPE", True, id="gpt2-bytelevel"),
-        pytest.param({"type": "ByteLevel"}, None, "BPE", True, id="bytelevel-defaults"),
-        pytest.param({**GPT2_PRE, "add_prefix_space": True}, None, "BPE", False, id="prefix-space"),
-        pytest.param({**GPT2_PRE, "use_regex": False}, None, "BPE", False, id="no-regex"),
-        pytest.param({"type": "Sequence", "pretokenizers": [GPT2_PRE]}, None, "BPE", False, id="sequence"),
-        pytest.param({"type": "Metaspace", "replacement": "_"}, None, "BPE", False, id="metaspace"),
-        pytest.param(GPT2_PRE, {"type": "NFC"}, "BPE", False, id="normalizer"),
-        pytest.param(GPT2_PRE, None, "WordPiece", False, id="wordpiece"),
-    ],
-)
-def test_gpt2_pretokenizer_is_recognised_only_exactly(
-    tmp_path, pre_tokenizer, normalizer, model_type, expected
-):
-    (tmp_path / "tokenizer.json").write_text(
-        json.dumps({"pre_tokenizer": pre_tokenizer, "normalizer": normalizer, "model": {"type": model_type}})
-    )
-    assert gguf._is_gpt2_pretokenizer(tmp_path) is expected
-
-
-def test_no_tokenizer_json_is_not_gpt2(tmp_path):
-    assert gguf._is_gpt2_pretokenizer(tmp_path) is False
-
-
 @pytest.mark.parametrize(
     "stderr, expected",
     [
@@ -121,9 +92,56 @@ def test_install_converter_extracts_only_what_the_converter_imports(tmp_path):
         "gguf-py/gguf/__init__.py",
     ]
     assert (dest / ".complete").read_text().strip() == "llama-cpp-python==9.9.9"
+    assert dest.stat().st_mode & 0o777 == 0o755  # readable by the image's non-root user
     assert (
         gguf.install_converter("9.9.9", dest, tmp_path / "absent.tar.gz") == dest
     )  # idempotent: not re-read
+
+
+def _tools_sdist(path: Path, version: str, broken: bool = False) -> Path:
+    """An sdist whose vendor/llama.cpp is a small CMake project with the two tool targets."""
+    root = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+    main = 'int main(void) { return 0; }\n'
+    files = {
+        "CMakeLists.txt": "cmake_minimum_required(VERSION 3.14)\nproject(fake C)\n"
+        "set(CMAKE_RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)\n"
+        "add_executable(llama-imatrix tools/imatrix/imatrix.c)\nadd_executable(llama-quantize tools/quantize/main.c)\n"
+        "add_executable(llama-server tools/server/server.c)\n",
+        "tools/imatrix/imatrix.c": main if not broken else "this is not C\n",
+        "tools/quantize/main.c": main,
+        "tools/server/server.c": "#error only the two tools are built\n",
+        "LICENSE": "MIT",
+    }
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(root + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("cc") is None, reason="needs cmake and a C compiler")
+def test_install_tools_builds_only_the_two_tools_from_the_sdist(tmp_path):
+    import subprocess
+
+    sdist = _tools_sdist(tmp_path / "llama_cpp_python-9.9.9.tar.gz", "9.9.9")
+    dest = gguf.install_tools("9.9.9", tmp_path / "bin", sdist)
+    assert sorted(p.name for p in dest.iterdir()) == [".complete", "LICENSE", "llama-imatrix", "llama-quantize"]
+    assert subprocess.run([dest / "llama-imatrix"]).returncode == 0  # a binary cmake built, not a copy of text
+    assert (dest / ".complete").read_text().strip() == "llama-cpp-python==9.9.9"
+    assert dest.stat().st_mode & 0o777 == 0o755  # runnable by the image's non-root user
+    assert gguf.install_tools("9.9.9", dest, tmp_path / "absent.tar.gz") == dest  # idempotent: not rebuilt
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("cc") is None, reason="needs cmake and a C compiler")
+def test_a_failed_tools_build_says_where_its_log_is_and_installs_nothing(tmp_path):
+    sdist = _tools_sdist(tmp_path / "llama_cpp_python-9.9.9.tar.gz", "9.9.9", broken=True)
+    with pytest.raises(MissingDependency, match="cmake --build") as err:
+        gguf.install_tools("9.9.9", tmp_path / "bin", sdist)
+    log = Path(str(err.value).rsplit(" ", 1)[1])
+    assert log.exists() and "imatrix.c" in log.read_text()
+    assert not (tmp_path / "bin").exists() and not list(tmp_path.glob(".bin.partial-*"))
 
 
 def test_install_converter_without_an_index_says_how_to_fix(tmp_path, monkeypatch):
@@ -154,6 +172,33 @@ def test_missing_llama_cpp_is_missing_dependency(tmp_path, monkeypatch):
         gguf.quantize(tmp_path, tmp_path / "out", "q8_0")
     with pytest.raises(MissingDependency):
         gguf.perplexity(tmp_path / "model.gguf", [[1, 2, 3]])
+
+
+@pytest.mark.parametrize(
+    "returncode, stderr, transient",
+    [
+        pytest.param(1, "Traceback (most recent call last):\nValueError: bad shape\n", False, id="exception"),
+        pytest.param(1, "llama_model_quantize: failed to quantize: unknown model architecture\n", False, id="refused"),
+        pytest.param(-9, "", True, id="killed"),
+        pytest.param(1, "OSError: [Errno 28] No space left on device\n", True, id="disk-full"),
+        pytest.param(1, "terminate called after throwing an instance of 'std::bad_alloc'\n", True, id="bad-alloc"),
+    ],
+)
+def test_a_tool_failure_is_permanent_unless_the_machine_stopped_it(returncode, stderr, transient):
+    error = gguf._failure("tool x", __import__("subprocess").CompletedProcess(["x"], returncode, "", stderr))
+    assert type(error) is (RuntimeError if transient else InvalidInput), error
+    assert str(error).startswith("tool x failed (")
+
+
+def test_fallbacks_are_read_from_the_quantizer_log():
+    log = "llama_model_quantize_impl: WARNING: 14 of 23 tensor(s) required fallback quantization\n"
+    assert gguf._fallbacks(log) == 14
+    assert gguf._fallbacks("llama_model_quantize_impl: model size = 21.00 MiB\n") == 0
+
+
+def test_an_importance_matrix_is_refused_for_the_converters_types(tmp_path):
+    with pytest.raises(InvalidSpec, match="quantizer"):
+        gguf.quantize(tmp_path, tmp_path / "out", "q8_0", calibration=gguf.Calibration("text", 8, 2))
 
 
 def test_find_gguf(tmp_path):
@@ -224,17 +269,23 @@ def teacher_hf_ppl(tiny_teacher, teacher_windows) -> float:
 
 
 @pytest.fixture(scope="module")
-def teacher_gguf(tiny_teacher, tmp_path_factory):
-    """teacher_gguf(type) -> Path, each type converted once per module."""
+def teacher_made(tiny_teacher, tmp_path_factory):
+    """teacher_made(type) -> gguf.Made, each type converted once per module."""
     out = tmp_path_factory.mktemp("gguf-teacher")
-    made: dict[str, Path] = {}
+    made: dict[str, gguf.Made] = {}
 
-    def get(type: str) -> Path:
+    def get(type: str) -> gguf.Made:
         if type not in made:
             made[type] = gguf.quantize(tiny_teacher, out, type)
         return made[type]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def teacher_gguf(teacher_made):
+    """teacher_gguf(type) -> Path"""
+    return lambda type: teacher_made(type).path
 
 
 def _rel(a: float, b: float) -> float:
@@ -292,6 +343,22 @@ def test_quantizer_types_load_generate_and_stay_close(type, teacher_gguf, teache
 
 @needs_llama_cpp
 @pytest.mark.slow
+@pytest.mark.parametrize("type", ["q4_k_m", "q2_k", "iq4_xs"])
+def test_fallback_tensors_are_counted(type, teacher_made):
+    """The teacher's rows (128, 384) do not divide 256: every K/IQ matrix falls back to a 32-block
+    type, and Made.fallbacks says how many, as the report will. output.weight is not counted:
+    llama.cpp gives a narrow output tensor Q8_0 by its own rule, before any fallback."""
+    from gguf import GGUFReader
+
+    made = teacher_made(type)
+    tensors = {t.name: t.tensor_type.name for t in GGUFReader(made.path).tensors if len(t.shape) == 2}
+    fallback_types = {"Q5_0", "Q8_0", "Q4_0", "IQ4_NL"}  # what 256-block types fall back to
+    fell_back = [name for name, kind in tensors.items() if name != "output.weight" and kind in fallback_types]
+    assert made.fallbacks == len(fell_back) == len(tensors) - 1, (made.fallbacks, tensors)
+
+
+@needs_llama_cpp
+@pytest.mark.slow
 def test_llama_cpp_agrees_with_transformers_reading_the_same_file(teacher_gguf, teacher_windows):
     path = teacher_gguf("q4_k_m")
     ours, theirs = gguf.perplexity(path, teacher_windows), transformers_gguf_perplexity(path, teacher_windows)
@@ -309,27 +376,80 @@ def test_sizes_shrink_with_bits(teacher_gguf):
 @pytest.mark.slow
 def test_qwen2_converts(tiny_student_qwen2, held_out, tmp_path):
     windows = _windows(tiny_student_qwen2, held_out)[:4]
-    path = gguf.quantize(tiny_student_qwen2, tmp_path, "q8_0")
+    path = gguf.quantize(tiny_student_qwen2, tmp_path, "q8_0").path
     ppl, hf = gguf.perplexity(path, windows), hf_perplexity(tiny_student_qwen2, windows)
     assert _rel(ppl, hf) < BOUNDS["q8_0"], (ppl, hf)
 
 
 @needs_llama_cpp
 @pytest.mark.slow
-def test_k_quant_blocks_on_a_model_wide_enough_for_them(tiny_tokenizer, held_out, tmp_path):
+def test_k_quant_blocks_on_a_model_wide_enough_for_them(wide_model, held_out, tmp_path):
     """K-quants need rows of 256: the 128-wide teacher's q4_k_m falls back to Q5_0/Q8_0 everywhere."""
     from gguf import GGUFReader
-    from kondense_jobs.tiny import build_model
 
-    model_dir = build_model(
-        tmp_path / "wide", tiny_tokenizer, family="llama", layers=1, hidden=256, heads=4, seed=3
-    )
-    path = gguf.quantize(model_dir, tmp_path / "out", "q4_k_m")
+    model_dir = wide_model
+    made = gguf.quantize(model_dir, tmp_path / "out", "q4_k_m")
+    path = made.path
     kinds = {t.tensor_type.name for t in GGUFReader(path).tensors}
     assert {"Q4_K", "Q6_K"} <= kinds, kinds
+    assert made.fallbacks == 0 and made.imatrix_chunks == 0
     windows = _windows(model_dir, held_out)[:4]
     ours, theirs = gguf.perplexity(path, windows), transformers_gguf_perplexity(path, windows)
     assert _rel(ours, theirs) < 0.001, (ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def wide_model(tiny_tokenizer, tmp_path_factory) -> Path:
+    """Rows of 256 and 768: K-quants apply without fallbacks."""
+    from kondense_jobs.tiny import build_model
+
+    return build_model(tmp_path_factory.mktemp("wide") / "m", tiny_tokenizer, family="llama", layers=1, hidden=256, heads=4, seed=3)
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+def test_an_importance_matrix_is_computed_by_llama_cpp_and_quantizes_the_file(wide_model, held_out, tmp_path):
+    """llama-imatrix runs over the calibration windows; llama-quantize records the matrix it used
+    (quantize.imatrix.*) and the weights differ from the same type without it."""
+    from gguf import GGUFReader
+
+    text = "\n\n".join(held_out[:200])
+    with_matrix = gguf.quantize(wide_model, tmp_path / "with", "q4_k_m", calibration=gguf.Calibration(text, 64, 4))
+    without = gguf.quantize(wide_model, tmp_path / "without", "q4_k_m")
+    assert with_matrix.imatrix_chunks == 4 and without.imatrix_chunks == 0
+
+    reader = GGUFReader(with_matrix.path)
+    fields = {name: field.contents() for name, field in reader.fields.items() if name.startswith("quantize.imatrix.")}
+    matrices = [t.name for t in reader.tensors if len(t.shape) == 2 and t.name not in ("token_embd.weight", "output.weight")]
+    assert fields["quantize.imatrix.chunks_count"] == 4, fields
+    assert fields["quantize.imatrix.entries_count"] == len(matrices), (fields, matrices)  # every linear layer's input
+    assert not any(name.startswith("quantize.") for name in GGUFReader(without.path).fields)
+
+    blocks = {t.name: bytes(t.data) for t in reader.tensors if t.name in matrices}
+    changed = [n for n, b in blocks.items() if b != bytes(next(t for t in GGUFReader(without.path).tensors if t.name == n).data)]
+    assert changed == matrices  # the matrix weighed every quantized layer's rounding
+    windows = _windows(wide_model, held_out)[:4]
+    ours, theirs = gguf.perplexity(with_matrix.path, windows), hf_perplexity(wide_model, windows)
+    assert _rel(ours, theirs) < 0.01, (ours, theirs)
+
+
+@needs_llama_cpp
+@pytest.mark.slow
+def test_the_quantize_stage_computes_the_matrix_on_its_calibration_windows(tmp_path, make_run, run_stage, tiny_teacher, tiny_dataset):
+    """q4_k_m takes an importance matrix by default, over calibrationSamples windows of the training
+    split; the stage reports them and the fallbacks of the teacher's 128-wide rows."""
+    from gguf import GGUFReader
+    from kondense.api import QuantizeSpec
+
+    config = QuantizeSpec(method="gguf", type="q4_k_m", calibration_samples=3, calibration_seq_length=64)
+    _, spec = make_run(tmp_path, "quantize", config, {"model": tiny_teacher}, dataset=tiny_dataset)
+    code, summary, output = run_stage("quantize", spec, tmp_path)
+    assert code == 0, output[-3000:]
+    assert summary.metrics["imatrixWindows"] == 3 and summary.metrics["ggufFallbackTensors"] > 0, summary.metrics
+    path = gguf.find_gguf(tmp_path / "store" / "quantize")
+    fields = GGUFReader(path).fields
+    assert fields["quantize.imatrix.chunks_count"].contents() == 3
+    assert "with an importance matrix" in output
 
 
 @needs_llama_cpp
@@ -362,7 +482,8 @@ def test_converter_failure_is_one_line_with_its_reason(tiny_student_qwen2, tmp_p
     shutil.copytree(tiny_student_qwen2, model_dir)
     with open(model_dir / "model.safetensors", "r+b") as f:
         f.truncate(5000)
-    with pytest.raises(RuntimeError, match=r"convert_hf_to_gguf.py truncated --outtype q8_0 failed") as err:
+    # The same file fails the same way again: permanent (exit 11), never retried as a transient Error.
+    with pytest.raises(InvalidInput, match=r"convert_hf_to_gguf.py truncated --outtype q8_0 failed") as err:
         gguf.quantize(model_dir, tmp_path / "out", "q8_0")
     assert "\n" not in str(err.value) and "Error" in str(err.value).split("failed", 1)[1], str(err.value)
     assert list((tmp_path / "out").iterdir()) == []
