@@ -7,13 +7,16 @@ One run, the real stages (`python -m kondense_jobs <kind>`, as Jobs and `kondens
      config), or with --fp teacher the pretrained teacher itself;
   3. quantize stages from it: bnb-nf4, bnb-int8, gptq 4-bit (the demo's groupSize 32, 64 x 128
      calibration tokens) and 8-bit per channel, fp8-dynamic (no calibration), w8a8-int8 (SmoothQuant +
-     GPTQ), awq 4-bit (on a GPU only), gguf q8_0 and q4_k_m (when kondense_jobs.gguf and llama.cpp
-     are there);
+     GPTQ), awq 4-bit (on a GPU only), gguf q8_0, and q4_k_m, iq4_xs, q3_k_m, q2_k with llama.cpp's
+     importance matrix and q4_k_m without it (when kondense_jobs.gguf and llama.cpp are there);
   4. one evaluate stage over all of them: identical held-out windows (the demo's seqLength 128,
      16384 tokens), perplexity, mean KL divergence from the fp32 model's next-token distribution
      and top-1 agreement with it (GGUF logits through llama.cpp), size and tokens/s;
 and prints each method's perplexity increase and KL divergence next to its target. Targets (issue
-12): FP8 and INT8 W8A8 within 0.5% perplexity, W4A16 (GPTQ, AWQ) within 1%, GGUF q4_k_m within 2%.
+12): FP8 and INT8 W8A8 within 0.5% perplexity, W4A16 (GPTQ, AWQ) within 1%, GGUF q4_k_m with an
+importance matrix within 2% and no worse than without it. The demo student's rows (128, 384) do not
+divide the K-quants' 256-block, so its K/IQ tensors fall back to 32-block types (the fallback
+column); the teacher's (256, 768) do: `--fp teacher` measures the K-quants themselves.
 
 Artifacts are content-addressed like a pipeline's, so a second run reuses them; --fresh rebuilds.
 
@@ -53,8 +56,15 @@ METHODS = {  # name -> (spec, target: max relative perplexity increase, or None)
     "w8a8-int8": (QuantizeSpec(method="w8a8-int8", calibration_samples=64, calibration_seq_length=128), 0.005),
     "awq-4bit": (QuantizeSpec(method="awq", group_size=32, calibration_samples=64, calibration_seq_length=128), 0.01),
     "gguf-q8_0": (QuantizeSpec(method="gguf", type="q8_0"), 0.001),
-    "gguf-q4_k_m": (QuantizeSpec(method="gguf", type="q4_k_m"), 0.02),
+    # K-quants and IQ types with llama.cpp's importance matrix (their default), on the same 64 x 128
+    # calibration tokens as GPTQ; q4_k_m also without it, which it must be no worse than.
+    "gguf-q4_k_m": (QuantizeSpec(method="gguf", type="q4_k_m", calibration_samples=64, calibration_seq_length=128), 0.02),
+    "gguf-q4_k_m-no-imatrix": (QuantizeSpec(method="gguf", type="q4_k_m", imatrix=False), None),
+    "gguf-iq4_xs": (QuantizeSpec(method="gguf", type="iq4_xs", calibration_samples=64, calibration_seq_length=128), None),
+    "gguf-q3_k_m": (QuantizeSpec(method="gguf", type="q3_k_m", calibration_samples=64, calibration_seq_length=128), None),
+    "gguf-q2_k": (QuantizeSpec(method="gguf", type="q2_k", calibration_samples=64, calibration_seq_length=128), None),
 }
+NO_WORSE = {"gguf-q4_k_m": "gguf-q4_k_m-no-imatrix"}  # method -> the variant it must not lose to
 EVAL = dict(seq_length=128, max_eval_tokens=16384, generate_tokens=32)
 
 
@@ -129,8 +139,10 @@ def main() -> int:
         k: v for k, v in METHODS.items() if (has_gguf() or not k.startswith("gguf")) and (has_cuda() or v[0].method != "awq")
     }
     variants = {args.fp: fp}
+    fallbacks: dict[str, int] = {}
     for name, (spec, _) in methods.items():
-        variants[name], _ = bench.stage(name, "quantize", spec, {"model": fp})
+        variants[name], made = bench.stage(name, "quantize", spec, {"model": fp})
+        fallbacks[name] = int(made.metrics.get("ggufFallbackTensors", 0))
     evaluate = EvaluateSpec(of=list(variants), baseline=args.fp, **EVAL)
     _, summary = bench.stage("eval", "evaluate", evaluate, variants)
 
@@ -145,7 +157,7 @@ def main() -> int:
     print()
     header = (
         f"{'method':<12} {'size':>9} {'size/fp32':>9} {'perplexity':>11} {'increase':>9} {'target':>8}  {'met':<4} "
-        f"{'KLD':>9} {'top-1':>6} {'tokens/s':>8}"
+        f"{'KLD':>9} {'top-1':>6} {'tokens/s':>8} {'fallback':>8}"
     )
     print(header)
     print("-" * len(header))
@@ -158,13 +170,22 @@ def main() -> int:
         r = rows[name]
         increase = r.perplexity / base.perplexity - 1
         met = "-" if target is None else ("yes" if increase <= target else "NO")
+        if (other := NO_WORSE.get(name)) in rows and r.perplexity > rows[other].perplexity:
+            met = "NO"  # worse than the same type without an importance matrix
         if met == "NO":
             missed.append(name)
         print(
             f"{name:<12} {r.size_bytes / 2**20:>7.2f}Mi {r.size_bytes / base.size_bytes:>9.3f} {r.perplexity:>11.3f} "
             f"{increase * 100:>+8.3f}% {'-' if target is None else f'<={target * 100:g}%':>8}  {met:<4} "
-            f"{r.kl_divergence:>9.5f} {r.top1_agreement:>6.3f} {r.tokens_per_second:>8.1f}"
+            f"{r.kl_divergence:>9.5f} {r.top1_agreement:>6.3f} {r.tokens_per_second:>8.1f} {fallbacks[name] or '-':>8}"
         )
+    if any(fallbacks.values()):
+        print("fallback: tensors whose rows do not divide the type's 256-block, quantized with a 32-block type instead "
+              "(q4_k_m -> q5_0, q6_k -> q8_0, q2_k/q3_k -> q4_0, iq4_xs -> iq4_nl); use --fp teacher for rows of 256")
+    for name, other in NO_WORSE.items():
+        if name in rows and other in rows:
+            print(f"{name} (importance matrix) vs {other}: perplexity {rows[name].perplexity:.3f} vs "
+                  f"{rows[other].perplexity:.3f}, KLD {rows[name].kl_divergence:.5f} vs {rows[other].kl_divergence:.5f}")
     if not has_gguf():
         print("(gguf rows left out: kondense_jobs.gguf or llama-cpp-python is not installed)")
     if not has_cuda():

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from kondense.api import StageRun, Summary
 from kondense.errors import BY_REASON, InvalidSpec, KondenseError, QualityGateFailed, Reason, outcome_for_exit
-from kondense.events import Progress, summary_line
+from kondense.events import Progress, format_line, summary_line
 
 log = logging.getLogger("kondense_jobs")
 
@@ -97,6 +97,42 @@ def classify(exc: BaseException) -> tuple[str, str]:
     return Reason.ERROR, f"{name}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
 
 
+TERMINATION_LIMIT = 4000  # the kubelet keeps at most 4096 bytes of a termination message
+
+
+def _rounded(value, digits: int = 6):
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value
+
+
+def termination_message(summary: Summary, limit: int = TERMINATION_LIMIT) -> str:
+    """The summary line within `limit` bytes, still a whole summary (a cut line parses as nothing).
+
+    It gives up, in turn, until one fits: digits past the sixth; the metrics (the stdout line and
+    the log keep them; an evaluate stage's are its report's numbers); the report rows' task scores
+    and notes; the report's rows (report.json at report.uri has everything).
+    """
+    doc = _rounded(summary.dump())
+    shrinks = [
+        lambda d: d.pop("metrics", None),
+        lambda d: [row.pop(k, None) for row in (d.get("report") or {}).get("table", []) for k in ("tasks", "note", "missing")],
+        lambda d: (d.get("report") or {}).pop("table", None),
+        lambda d: d.update(message=d.get("message", "")[:1000]),
+    ]
+    line = format_line("summary", **doc)
+    for shrink in shrinks:
+        if len(line.encode()) <= limit:
+            break
+        shrink(doc)
+        line = format_line("summary", **doc)
+    return line
+
+
 def write_termination(summary: Summary, path: str | None) -> None:
     """The summary as the last stdout line and the termination message.
 
@@ -111,7 +147,7 @@ def write_termination(summary: Summary, path: str | None) -> None:
     target = path or os.environ.get("KONDENSE_TERMINATION_LOG") or DEFAULT_TERMINATION_LOG
     try:
         with open(target, "w") as f:
-            f.write(line[:4000])  # the kubelet keeps at most 4096 bytes
+            f.write(termination_message(summary))
     except OSError:
         if path:  # asked for explicitly: say so; the default may simply not exist outside a pod
             log.warning("cannot write the termination message to %s", target)
