@@ -117,8 +117,9 @@ def termination_message(summary: Summary, limit: int = TERMINATION_LIMIT) -> str
     the log keep them; an evaluate stage's are its report's numbers); the report rows' task scores
     and notes; the report's rows (report.json at report.uri has everything).
     """
-    doc = _rounded(summary.dump())
+    doc = summary.dump()
     shrinks = [
+        lambda d: d.update(_rounded(d)),
         lambda d: d.pop("metrics", None),
         lambda d: [row.pop(k, None) for row in (d.get("report") or {}).get("table", []) for k in ("tasks", "note", "missing")],
         lambda d: (d.get("report") or {}).pop("table", None),

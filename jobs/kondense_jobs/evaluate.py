@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kondense.api import EvaluateSpec, Gates, Report, ReportRow, Summary, TaskSpec
+from kondense.api import LOADS_IN, EvaluateSpec, Gates, QuantizeSpec, Report, ReportRow, Summary, TaskSpec
 from kondense.errors import InvalidInput, InvalidSpec, QualityGateFailed
 from kondense.store import MANIFEST, Manifest
 from kondense_jobs import data, report, tasks
@@ -140,6 +140,7 @@ def run(ctx: Context) -> Summary:
             m.variant, m.format, _shown(m.perplexity, ".3f"), _shown(m.kl_divergence, ".5f"), _shown(m.top1_agreement, ".4f"),
             m.tokens_per_second or 0, report.human_bytes(m.size_bytes), m.seconds,
         )
+        m.made_by, m.loads_in, m.fallback_tensors = provenance(variant)
         by_name[m.variant] = m
     reference.close()
     measurements = [by_name[v.name] for v in variants]  # in `of` order
@@ -215,6 +216,22 @@ def format_of(name: str, path: Path) -> str:
     if any(path.glob("*.gguf")):
         return "gguf"
     raise InvalidInput(f"variant {name}: {path} holds neither config.json (Hugging Face) nor a .gguf file")
+
+
+def provenance(variant: Variant) -> tuple[str, str, int | None]:
+    """(made by, loads in, fallback tensors) from the artifact's manifest; a source is what it is."""
+    manifest_path = variant.path / MANIFEST
+    if not manifest_path.exists():
+        return "source", LOADS_IN["gguf"] if variant.format == "gguf" else "transformers, vLLM", None
+    manifest = Manifest.model_validate_json(manifest_path.read_text())
+    config = manifest.spec.get(manifest.spec.get("stageKind", manifest.stage_kind)) or {}
+    if manifest.stage_kind == "quantize" and config:
+        spec = QuantizeSpec.model_validate(config)
+        fallbacks = manifest.metrics.get("ggufFallbackTensors")
+        return spec.describe(), LOADS_IN[spec.method], None if fallbacks is None else int(fallbacks)
+    if manifest.stage_kind == "distill":
+        return f"distill {config.get('method', 'logits')}", "transformers, vLLM", None
+    return manifest.stage_kind, LOADS_IN["gguf"] if variant.format == "gguf" else "transformers, vLLM", None
 
 
 def shared_tokenizer(variants: list[Variant], baseline: str):

@@ -12,7 +12,10 @@ rename or drop them):
     variants[]: variant, format, size_bytes, parameters, memory_bytes, perplexity, tokens_per_second,
                 kl_divergence, top1_agreement, note, seconds, perplexity_increase,
                 tasks[]: task, metric, score, stderr, samples, note, recovery, recovery_note;
-                recovery (the mean of the tasks' recoveries; null when one is n/a)
+                recovery (the mean of the tasks' recoveries; null when one is n/a),
+                made_by ("source", "distill logits", "gptq W4A16 g128", "gguf q4_k_m + imatrix"),
+                loads_in (the engines that load it), fallback_tensors (gguf: tensors llama.cpp
+                quantized with a 32-block type because their rows do not divide 256; else null)
     missing[]:  variant, reason              variants `of` names that were not evaluated, and why
     gate:       passed, message, checks[]: variant, gate, value, limit, passed (null: n/a), text,
                 task (minRecovery: the task, or "mean"; else null)
@@ -50,6 +53,9 @@ class Measurement:
     note: str | None = None  # why a number is n/a
     seconds: float = 0.0  # wall time spent measuring it
     tasks: list = field(default_factory=list)  # kondense_jobs.tasks.TaskScore, in evaluate.tasks order
+    made_by: str | None = None  # "source", "distill logits", "gptq W4A16 g128", "gguf q4_k_m + imatrix"
+    loads_in: str | None = None  # the engines that load it
+    fallback_tensors: int | None = None  # gguf: tensors quantized with a 32-block type (rows not of 256)
 
     def row(self, base: Measurement | None = None) -> ReportRow:
         per_task, overall = recoveries(self, base) if base is not None else ({}, None)
@@ -158,7 +164,8 @@ def document(
     base = base_m.perplexity if base_m else None
     variants = []
     for m in measurements:
-        doc = {k: (finite(v) if isinstance(v, float) else v) for k, v in asdict(m).items() if k != "tasks"}
+        later = ("tasks", "made_by", "loads_in", "fallback_tensors")  # keys added since: after the first ones
+        doc = {k: (finite(v) if isinstance(v, float) else v) for k, v in asdict(m).items() if k not in later}
         doc["perplexity_increase"] = relative_increase(m.perplexity, base)
         per_task, overall = recoveries(m, base_m) if base_m else ({}, None)
         doc["tasks"] = [
@@ -170,6 +177,7 @@ def document(
             for t in m.tasks
         ]
         doc["recovery"] = overall
+        doc |= {"made_by": m.made_by, "loads_in": m.loads_in, "fallback_tensors": m.fallback_tensors}
         variants.append(doc)
     return {
         "uri": report.uri,
@@ -239,6 +247,15 @@ def markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| {m['variant']} | not evaluated | - | - | - | n/a | - | n/a | n/a | - |")
     notes = [f"- {v['variant']}: {v['note']}" for v in doc["variants"] if v["note"]]
     notes += [f"- {m['variant']}: not evaluated: {m['reason']}" for m in doc["missing"]]
+    lines += ["", "| variant | made by | loads in |", "|---|---|---|"]
+    lines += [f"| {v['variant']} | {v['made_by'] or '-'} | {v['loads_in'] or '-'} |" for v in doc["variants"]]
+    fallbacks = [
+        f"- {v['variant']}: {v['fallback_tensors']} tensors' rows do not divide the type's 256-block; llama.cpp "
+        "quantized them with a 32-block type instead (q4_k -> q5_0, q6_k -> q8_0, q2_k/q3_k -> q4_0, iq4_xs -> iq4_nl)"
+        for v in doc["variants"] if v["fallback_tensors"]
+    ]
+    if fallbacks:
+        lines += ["", "Fallback quantization:", "", *fallbacks]
     lines += task_table(doc)
     notes += [
         f"- {v['variant']}: {t['note'] or t['recovery_note']}"

@@ -745,6 +745,18 @@ GGUF_TYPES = GGUF_CONVERTER_TYPES + GGUF_QUANTIZER_TYPES
 GGUF_IMATRIX_DEFAULT = ("q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k", "iq4_xs")  # K-quants and IQ types
 
 
+# The engines that load each method's output (report.json's variants[].loads_in; README's table).
+LOADS_IN = {
+    "bnb-nf4": "transformers, vLLM",
+    "bnb-int8": "transformers",
+    "gptq": "vLLM, transformers",
+    "awq": "vLLM, transformers",
+    "fp8-dynamic": "vLLM (FP8 kernels: Ada/Hopper+), transformers",
+    "w8a8-int8": "vLLM (INT8 kernels: Turing+), transformers",
+    "gguf": "llama.cpp, transformers (dequantized)",
+}
+
+
 class QuantizeSpec(Model):
     """Quantize a model. Fields that a method does not use are rejected.
 
@@ -877,6 +889,15 @@ class QuantizeSpec(Model):
         "K-quants and IQ types (" + ", ".join(GGUF_IMATRIX_DEFAULT) + "), off for the others; the converter's "
         "types (f32, f16, bf16, q8_0) take none.",
     )
+
+    def describe(self) -> str:
+        """How the variant is made, in a few words: 'gptq W4A16 g128', 'gguf q4_k_m + imatrix'."""
+        if self.method in ("gptq", "awq"):
+            group = self.group_size if self.group_size is not None else 128
+            return f"{self.method} W{self.bits or 4}A16 " + ("per-channel" if group == -1 else f"g{group}")
+        if self.method == "gguf":
+            return f"gguf {self.type or 'q8_0'}" + (" + imatrix" if self.uses_imatrix else "")
+        return self.method
 
     @property
     def uses_imatrix(self) -> bool:

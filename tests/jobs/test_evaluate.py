@@ -113,6 +113,7 @@ def test_report_of_teacher_student_and_nf4(tmp_path, make_run, run_stage, tiny_t
     assert doc["gate"]["passed"] and [c["variant"] for c in doc["gate"]["checks"]] == ["nf4"]
     md = (out / "report.md").read_text()
     assert "| teacher (baseline) | hf |" in md and "| student |" in md and "| nf4 |" in md and "PASS nf4" in md
+    assert "| nf4 | bnb-nf4 | transformers, vLLM |" in md and "Fallback quantization" not in md
     png = (out / "plot.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
@@ -142,12 +143,14 @@ def test_failed_gate_exits_13_and_still_publishes_the_report(tmp_path, make_run,
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python or kondense_jobs.gguf not installed")
 def test_gguf_variant_on_the_same_windows(tmp_path, tmp_path_factory, make_run, run_stage, tiny_teacher, tiny_dataset):
-    gguf = quantized(tmp_path_factory, make_run, run_stage, tiny_teacher, tiny_dataset, QuantizeSpec(method="gguf", type="q8_0"), "gguf")
+    config = QuantizeSpec(method="gguf", type="q4_k_m", calibration_samples=4, calibration_seq_length=64)  # + imatrix
+    gguf = quantized(tmp_path_factory, make_run, run_stage, tiny_teacher, tiny_dataset, config, "gguf")
     models = {"teacher": tiny_teacher, "gguf": gguf}
     run, code, summary, output = evaluate(tmp_path, make_run, run_stage, tiny_dataset, models, gates=Gates(max_perplexity_increase=0.005))
     assert code == 0, output[-3000:]
     rows = {r.variant: r for r in summary.report.table}
-    # Same windows, same convention: q8_0 through llama.cpp lands within half a percent of fp32 through transformers.
+    # Same windows, same convention: q4_k_m (q5_0 on these 128-wide rows) through llama.cpp lands within half a
+    # percent of fp32 through transformers.
     assert abs(rows["gguf"].perplexity / rows["teacher"].perplexity - 1) < 0.005
     gguf_file = next(FileStore.path(gguf.uri).glob("*.gguf"))
     assert rows["gguf"].size_bytes == gguf_file.stat().st_size < rows["teacher"].size_bytes
@@ -155,6 +158,15 @@ def test_gguf_variant_on_the_same_windows(tmp_path, tmp_path_factory, make_run, 
     assert rows["gguf"].tokens_per_second > 0
     doc = json.loads((FileStore.path(run.output) / "report.json").read_text())
     assert [v["format"] for v in doc["variants"]] == ["hf", "gguf"]
+    # How each was made and what loads it; the teacher's 128-wide rows fell back from the 256-blocks, and the report says so.
+    made = json.loads((FileStore.path(gguf.uri) / "manifest.json").read_text())["metrics"]
+    assert [(v["made_by"], v["loads_in"]) for v in doc["variants"]] == [
+        ("source", "transformers, vLLM"), ("gguf q4_k_m + imatrix", "llama.cpp, transformers (dequantized)")
+    ]
+    assert doc["variants"][1]["fallback_tensors"] == made["ggufFallbackTensors"] > 0 and made["imatrixWindows"] == 4
+    md = (FileStore.path(run.output) / "report.md").read_text()
+    assert "| gguf | gguf q4_k_m + imatrix | llama.cpp, transformers (dequantized) |" in md
+    assert f"- gguf: {made['ggufFallbackTensors']:.0f} tensors' rows do not divide the type's 256-block" in md
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,6 +304,10 @@ def test_missing_variants_are_listed_with_their_reason(tmp_path, make_run, run_s
     assert list(doc["variants"][0]) == [
         "variant", "format", "size_bytes", "parameters", "memory_bytes", "perplexity", "tokens_per_second",
         "kl_divergence", "top1_agreement", "note", "seconds", "perplexity_increase", "tasks", "recovery",
+        "made_by", "loads_in", "fallback_tensors",
+    ]
+    assert [(v["made_by"], v["loads_in"], v["fallback_tensors"]) for v in doc["variants"]] == [
+        ("source", "transformers, vLLM", None), ("source", "transformers, vLLM", None)
     ]
     assert list(doc["missing"][0]) == ["variant", "reason"]
     assert list(doc["gate"]) == ["passed", "message", "checks"]

@@ -49,7 +49,7 @@ def _report_summary(variants: int):
     return Summary(state="Succeeded", reason="Succeeded", message="published file:///store/eval-0123", metrics=metrics, report=report)
 
 
-@pytest.mark.parametrize("variants", [1, 3, 13, 34])
+@pytest.mark.parametrize("variants", [1, 3, 7, 13, 34])
 def test_the_termination_message_is_a_whole_summary_within_the_kubelets_limit(variants):
     from kondense.events import parse_summary, summary_line
     from kondense_jobs.__main__ import TERMINATION_LIMIT, _rounded, termination_message
@@ -61,9 +61,10 @@ def test_the_termination_message_is_a_whole_summary_within_the_kubelets_limit(va
     assert (got.state, got.reason, got.message, got.report.uri, got.report.best) == (
         summary.state, summary.reason, summary.message, summary.report.uri, summary.report.best
     )
-    if len(summary_line(summary).encode()) <= TERMINATION_LIMIT:  # what fits is kept whole, to six digits
-        assert got.dump() == _rounded(summary.dump())
-        assert got.report.table[0].perplexity == 526.503 and got.metrics["variant-00.klDivergence"] == 0
+    if len(summary_line(summary).encode()) <= TERMINATION_LIMIT:  # what fits is kept as it is
+        assert got == summary
+    elif variants == 7:  # six digits are enough
+        assert got.dump() == _rounded(summary.dump()) and got.report.table[0].perplexity == 526.503
     if variants == 13:  # the evaluate stage of benchmarks/quantization_quality.py: its rows stay, metrics go
         assert not got.metrics and [r.variant for r in got.report.table] == [r.variant for r in summary.report.table]
         assert got.report.table[1].perplexity == pytest.approx(527.502864)
