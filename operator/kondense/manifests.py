@@ -99,6 +99,8 @@ def labels(pipeline: str, plan: StagePlan, settings: Settings) -> dict[str, str]
 
 def _pvc_claims(run: api.StageRun) -> list[str]:
     uris = [m.uri for m in run.models.values()] + [run.dataset.uri]
+    if run.evaluate is not None:  # task folders (YAML + JSONL, or a datasets cache)
+        uris += [t.uri for t in run.evaluate.tasks if t.uri]
     return sorted({urlparse(u).netloc for u in uris if u.startswith("pvc://")})
 
 

@@ -132,6 +132,18 @@ def test_pvc_sources_are_mounted_read_only():
     assert {"name": "pvc-models", "mountPath": "/mnt/pvc/models", "readOnly": True} in pod["containers"][0]["volumeMounts"]
 
 
+def test_pvc_task_folders_are_mounted_into_the_evaluate_pod():
+    doc = yaml.safe_load((ROOT / "crds/examples/demo.yaml").read_text())
+    evaluate = next(s for s in doc["spec"]["stages"] if "evaluate" in s)["evaluate"]
+    evaluate["tasks"][0]["uri"] = "pvc://eval-tasks/docstrings"
+    p = parse(doc)
+    plans = resolve(p.spec, "default", "demo")
+    run = stage_run(p.spec, plans, "eval", "default", "demo")
+    pod = build_job(run, plans[-1], "n", "img", SETTINGS)["spec"]["template"]["spec"]
+    assert {"name": "pvc-eval-tasks", "persistentVolumeClaim": {"claimName": "eval-tasks", "readOnly": True}} in pod["volumes"]
+    assert {"name": "pvc-eval-tasks", "mountPath": "/mnt/pvc/eval-tasks", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+
+
 def test_cleanup_job_is_valid_unprivileged_and_gets_credentials_by_reference():
     kv = pytest.importorskip("kubernetes_validate")
     p = load_file(ROOT / "crds/examples/llama-70b-to-8b.yaml")
