@@ -20,8 +20,6 @@ files, and the module types of the model built on the meta device (no memory, no
   Phi-3 tokenizer as TokenizersBackend, so a Phi-4 tokenizer re-saved by transformers 5 no longer
   converts either.
   GPT-NeoX with w8a8-int8: SmoothQuant has no mappings for its fused query_key_value.
-  GPT-2 and GPT-NeoX with gguf: the converter reads config.json's n_ctx / rotary_pct, which
-  transformers 5 no longer writes.
 
 The pre-tokenizer table. llama.cpp's converter names a BPE tokenizer's pre-tokenizer by hashing the
 tokenization of a fixed text, so a locally trained vocabulary is never recognised.
@@ -69,7 +67,6 @@ class Facts:
     module_types: frozenset[str]  # class names of the model's modules, built on the meta device
     files: frozenset[str]  # file names in the folder
     tokenizer_class: str | None  # tokenizer_config.json's
-    config_keys: frozenset[str] = frozenset()  # config.json's top-level keys
 
     @property
     def family(self) -> str:
@@ -99,16 +96,6 @@ def _gguf_needs_sentencepiece(f: Facts) -> bool:
     if {"GemmaForCausalLM", "Gemma2ForCausalLM"} & set(f.architectures):
         return True
     return "Phi3ForCausalLM" in f.architectures and f.tokenizer_class != "GPT2Tokenizer"
-
-
-# architecture -> a config.json key llama.cpp's converter reads and transformers 5 no longer writes
-# (it stops with KeyError): GPT-2's n_ctx (now n_positions only), GPT-NeoX's rotary_pct (now
-# rope_parameters' partial_rotary_factor).
-GGUF_CONFIG_KEYS = {"GPT2LMHeadModel": "n_ctx", "GPTNeoXForCausalLM": "rotary_pct"}
-
-
-def _gguf_config_key_missing(f: Facts) -> bool:
-    return any(GGUF_CONFIG_KEYS.get(a, "") not in f.config_keys | {""} for a in f.architectures)
 
 
 # llm-compressor 0.14's SmoothQuant maps input_layernorm -> q/k/v_proj and post_attention_layernorm ->
@@ -142,15 +129,6 @@ RULES: tuple[Rule, ...] = (
         "add the model's tokenizer.model next to config.json, or use method bnb-nf4, bnb-int8 or gptq",
         InvalidInput,
     ),
-    Rule(
-        ("gguf",),
-        _gguf_config_key_missing,
-        "llama.cpp's converter reads a config.json key that transformers 5 no longer writes (GPT-2: n_ctx, "
-        "GPT-NeoX: rotary_pct) and stops with a KeyError",
-        "add the key to config.json (n_ctx: n_positions; rotary_pct: rope_parameters.partial_rotary_factor), "
-        "or use method bnb-nf4 or bnb-int8",
-        InvalidInput,
-    ),
 )
 
 
@@ -166,8 +144,8 @@ TABLE: dict[str, dict[str, str]] = {
     "mistral": _YES,
     "gemma": {**_YES, "gguf": _SPM},
     "phi3": {**_YES, "gguf": _SPM},
-    "gpt2": {**_YES, **{m: _CONV1D for m in LLMC_METHODS}, "gguf": "no (config.json lacks n_ctx)"},
-    "gpt_neox": {**_YES, "w8a8-int8": "no (no SmoothQuant mappings)", "gguf": "no (config.json lacks rotary_pct)"},
+    "gpt2": {**_YES, **{m: _CONV1D for m in LLMC_METHODS}},
+    "gpt_neox": {**_YES, "w8a8-int8": "no (no SmoothQuant mappings)"},
 }
 
 
@@ -188,7 +166,6 @@ def facts(model_dir: Path) -> Facts:
         module_types=module_types(model_dir),
         files=frozenset(p.name for p in model_dir.iterdir()),
         tokenizer_class=tokenizer_class,
-        config_keys=frozenset(config),
     )
 
 

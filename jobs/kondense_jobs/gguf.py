@@ -23,8 +23,10 @@ lossless intermediate: the source's own dtype (f32 for f32 weights, bf16 for bf1
 Tiny and fine-tuned models are usually saved in f32; rounding them to f16 before quantizing adds a
 second error on top of the quantization, so the intermediate never narrows the source.
 
-One patch, in-process, to the converter's classes (no llama.cpp file is edited). The converter
-names a BPE tokenizer's pre-tokenizer by hashing the tokenization of a fixed string and refuses
+Two patches, in-process, to the converter's classes (no llama.cpp file is edited). First, the
+hyper-parameters it reads get the keys transformers 5 no longer writes (GPT-2's n_ctx, GPT-NeoX's
+rotary_pct) from where transformers 5 keeps them (LEGACY_HPARAMS); a key already there wins.
+Second, the pre-tokenizer. The converter names a BPE tokenizer's pre-tokenizer by hashing the tokenization of a fixed string and refuses
 hashes it does not know; the hash depends on the vocabulary, so every locally trained tokenizer is
 refused, even one that pre-tokenizes exactly as a model llama.cpp knows. When, and only when, the
 converter does not recognise the hash and tokenizer.json's normalizer, pre-tokenizer and BPE flags
@@ -578,6 +580,23 @@ def _converter_release(converter: Path) -> str:
     return marker.read_text().strip() if marker.exists() else str(converter)
 
 
+# Keys llama.cpp's converter reads that transformers 5 no longer writes -> where it keeps the value.
+LEGACY_HPARAMS = {
+    "n_ctx": ("n_positions",),  # GPT-2
+    "rotary_pct": ("partial_rotary_factor", "rope_parameters.partial_rotary_factor"),  # GPT-NeoX
+}
+
+
+def _find(hparams: dict, paths: tuple[str, ...]):
+    for path in paths:
+        value = hparams
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            return value
+    return None
+
+
 def _convert_hf_main(converter: Path, model_dir: Path, argv: list[str]) -> int:
     """Run convert_hf_to_gguf.main() with the vendored gguf-py and the pre-tokenizer fallback."""
     sys.path[:0] = [str(converter / "gguf-py"), str(converter)]
@@ -589,6 +608,18 @@ def _convert_hf_main(converter: Path, model_dir: Path, argv: list[str]) -> int:
     from conversion import TEXT_MODEL_MAP
     from conversion.base import ModelBase, ModelType, TextModel, get_model_architecture
 
+    load_hparams = ModelBase.load_hparams
+
+    def with_legacy_keys(dir_model: Path, is_mistral_format: bool):
+        """config.json as the converter reads it, plus the keys it still reads under names transformers 5
+        dropped (GPT-2's n_ctx, GPT-NeoX's rotary_pct), from where transformers 5 keeps their values."""
+        hparams = load_hparams(dir_model, is_mistral_format)
+        for key, found in LEGACY_HPARAMS.items():
+            if key not in hparams and (value := _find(hparams, found)) is not None:
+                hparams[key] = value
+        return hparams
+
+    ModelBase.load_hparams = staticmethod(with_legacy_keys)
     arch = get_model_architecture(ModelBase.load_hparams(model_dir, False), ModelType.TEXT)
     if arch not in TEXT_MODEL_MAP:
         print(

@@ -46,8 +46,6 @@ REFUSED = {
     **{("gpt2", m): CONV1D for m in ("gptq", "awq", "fp8-dynamic", "w8a8-int8")},
     ("gemma", "gguf"): SENTENCEPIECE,
     ("phi3", "gguf"): SENTENCEPIECE,
-    ("gpt2", "gguf"): ("InvalidInput", "n_ctx", "bnb-nf4 or bnb-int8"),
-    ("gpt_neox", "gguf"): ("InvalidInput", "rotary_pct", "bnb-nf4 or bnb-int8"),
     ("gpt_neox", "w8a8-int8"): ("InvalidSpec", "SmoothQuant", r"gptq \(bits 8\) or fp8-dynamic"),
 }
 # the pre-tokenizer llama.cpp is told for each family's tokenizer as transformers re-saves it
@@ -226,9 +224,7 @@ def _facts(**kw) -> families.Facts:
         pytest.param(_facts(model_type="phi3", architectures=("Phi3ForCausalLM",), tokenizer_class="GPT2Tokenizer"),
                      "gguf", False, id="phi4-gpt2-tokenizer"),
         pytest.param(_facts(model_type="gemma", architectures=("GemmaForCausalLM",)), "gptq", False, id="gemma-gptq"),
-        pytest.param(_facts(model_type="gpt2", architectures=("GPT2LMHeadModel",)), "gguf", True, id="gpt2-no-n-ctx"),
-        pytest.param(_facts(model_type="gpt2", architectures=("GPT2LMHeadModel",), config_keys=frozenset({"n_ctx"})),
-                     "gguf", False, id="gpt2-n-ctx"),
+        pytest.param(_facts(model_type="gpt2", architectures=("GPT2LMHeadModel",)), "gguf", False, id="gpt2-gguf"),
     ],
 )
 def test_rules(facts, method, refused):
@@ -287,9 +283,7 @@ def test_each_family_tokenizer_as_transformers_resaves_it(family, family_model):
 
 
 def test_table_matches_what_running_found():
-    words = {CONV1D: "Conv1D", SENTENCEPIECE: "needs tokenizer.model", REFUSED[("gpt2", "gguf")]: "config.json lacks n_ctx",
-             REFUSED[("gpt_neox", "w8a8-int8")]: "no SmoothQuant mappings",
-             REFUSED[("gpt_neox", "gguf")]: "config.json lacks rotary_pct"}
+    words = {CONV1D: "Conv1D", SENTENCEPIECE: "needs tokenizer.model", REFUSED[("gpt_neox", "w8a8-int8")]: "no SmoothQuant mappings"}
     for family in tiny.FAMILIES:
         for method in families.METHODS:
             cell = families.TABLE[family][method]
