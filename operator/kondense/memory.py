@@ -457,6 +457,9 @@ def quantize_plan(spec: QuantizeSpec, resources: Resources, shape: Shape, host_b
     safetensors one tensor at a time, so it holds the largest tensor (the embedding or lm_head) as
     read, as an fp32 working copy and as converted, 3 x 4 bytes per value; llama.cpp's quantizer
     then works tensor by tensor too. The mapped files are page cache, which the kernel reclaims.
+    With an importance matrix, llama-imatrix runs the mapped model over one calibration window at a
+    time: it holds that window's logits at every position (fp32, `logits`), its f16 KV cache and a
+    layer's activations (`activations`).
 
     With resources.gpus 0 every part is host memory: one estimate against resources.memory (or the
     host's memory), no `host` part.
@@ -471,6 +474,14 @@ def quantize_plan(spec: QuantizeSpec, resources: Resources, shape: Shape, host_b
     if spec.method == "gguf":
         largest = max(shape.vocab * shape.hidden, *(i * o for i, o in shape.linear_inputs))
         parts = {"weights": largest * 4.0 * 3, "runtime": runtime_cpu}
+        if spec.uses_imatrix:
+            n = spec.calibration_seq_length
+            kv_width = shape.hidden * shape.kv_heads // shape.heads
+            parts["logits"] = n * shape.vocab * 4.0  # every position's, fp32
+            parts["activations"] = (
+                n * shape.layers * 2 * kv_width * 2.0  # the f16 KV cache of one window
+                + n * max(shape.hidden, shape.intermediate) * 4.0 * 4  # a layer's activations, fp32
+            )
         return Estimate(parts, host_cap, host_what)
 
     if spec.method in BNB_METHODS:

@@ -304,6 +304,12 @@ def test_gguf_and_cpu_stages_are_host_memory_only():
 
     gguf = memory.quantize_plan(QuantizeSpec(method="gguf"), GPU_80.model_copy(update={"memory": "32Gi"}), LLAMA_8B)
     assert gguf.host is None and gguf.capacity_what == "resources.memory 32Gi"
+    assert set(gguf.parts) == {"weights", "runtime"}  # q8_0: the converter's, no importance matrix
+    k_quant = memory.quantize_plan(QuantizeSpec(method="gguf", type="q4_k_m"), Resources(gpus=0), LLAMA_8B)
+    longer = memory.quantize_plan(QuantizeSpec(method="gguf", type="q4_k_m", calibration_seq_length=4096), Resources(gpus=0), LLAMA_8B)
+    assert k_quant.parts["logits"] == 512 * LLAMA_8B.vocab * 4 and longer.parts["logits"] == 8 * k_quant.parts["logits"]
+    assert 0 < k_quant.parts["activations"] < longer.parts["activations"]  # llama-imatrix's window
+    assert k_quant.parts["weights"] == gguf.parts["weights"]
     cpu = memory.quantize_plan(QuantizeSpec(method="gptq"), Resources(gpus=0, memory="64Gi"), LLAMA_8B)
     assert cpu.host is None and cpu.parts["weights"] == LLAMA_8B.total_parameters * 4  # no dtype: fp32 on CPU
     assert cpu.parts["hessians"] > 0 and cpu.parts["activations"] > 128 * 512 * LLAMA_8B.hidden * 4 * 2
