@@ -315,9 +315,16 @@ def task_table(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
-def plot(doc: dict[str, Any], path: Path) -> None:
+# Where a point's label may go, in points from the point, in order of preference: right or left of
+# it, level, below, above, then further away (ha: the label's horizontal alignment).
+LABEL_SPOTS = [(dx, dy, "left" if dx > 0 else "right") for dy in (4, -12, 16, -24, 28, -36, 40, -48) for dx in (6, -6)]
+
+
+def plot(doc: dict[str, Any], path: Path) -> list[list[tuple[str, Any]]]:
     """Size on disk (MiB) against perplexity, KL divergence from the baseline and (with tasks) the
-    mean task recovery: one labelled point per variant in each panel."""
+    mean task recovery: one labelled point per variant in each panel. Labels of points that sit
+    close (nf4 and gptq often do) are moved apart so that none overlaps another. Returns each
+    panel's labels with their extents in the saved figure's pixels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -327,6 +334,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     if doc["setup"].get("tasks"):
         panels.append(("recovery", "task recovery (mean of score / baseline's)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), dpi=120, squeeze=False)
+    labelled = []
     for ax, (key, label) in zip(axes[0], panels):
         points = [
             (v["variant"], v["size_bytes"] / MIB, v[key])
@@ -337,7 +345,6 @@ def plot(doc: dict[str, Any], path: Path) -> None:
             baseline = name == doc["baseline"]
             style = {"s": 80, "marker": "*", "color": "tab:red"} if baseline else {"s": 40, "marker": "o", "color": "tab:blue"}
             ax.scatter([size], [value], **style)
-            ax.annotate(name, (size, value), textcoords="offset points", xytext=(6, 4), fontsize=9)
         values = [p for _, _, p in points]
         if key == "perplexity" and values and max(values) / max(min(values), 1e-9) > 5:
             ax.set_yscale("log")
@@ -346,7 +353,42 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("size on disk (MiB)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
+        labelled.append((ax, points))
     axes[0][0].set_title(f"Size vs quality (baseline: {doc['baseline']})")
     fig.tight_layout()
+    fig.canvas.draw()  # the final layout: labels are placed in its pixels
+    extents = [_place_labels(ax, points, fig.canvas.get_renderer()) for ax, points in labelled]
     fig.savefig(path)
     plt.close(fig)
+    return extents
+
+
+def _place_labels(ax, points: list[tuple[str, float, float]], renderer) -> list[tuple[str, Any]]:
+    """Annotate each point at the first of LABEL_SPOTS where its label overlaps no label placed before
+    nor a point, and stays inside the panel (points from left to right, bottom to top); where none
+    is free, the least crowded."""
+    from matplotlib.transforms import Bbox
+
+    placed: list[tuple[str, Any]] = []
+    frame = ax.get_window_extent(renderer)
+    order = sorted(points, key=lambda p: tuple(ax.transData.transform((p[1], p[2]))))
+    markers = [Bbox.from_bounds(px - 5, py - 5, 10, 10) for px, py in (ax.transData.transform((x, y)) for _, x, y in order)]
+    for name, x, y in order:
+        text = ax.annotate(name, (x, y), textcoords="offset points", xytext=LABEL_SPOTS[0][:2], fontsize=9)
+        best = None
+        for dx, dy, ha in LABEL_SPOTS:
+            text.xyann, _ = (dx, dy), text.set_horizontalalignment(ha)
+            box = text.get_window_extent(renderer)
+            crowd = (
+                sum(box.overlaps(b) for _, b in placed)
+                + sum(box.overlaps(m) for m in markers) / 2  # another point's marker hidden: half as bad
+                + (not (frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)))
+            )
+            if best is None or crowd < best[0]:
+                best = (crowd, dx, dy, ha, box)
+            if crowd == 0:
+                break
+        _, dx, dy, ha, box = best
+        text.xyann, _ = (dx, dy), text.set_horizontalalignment(ha)
+        placed.append((name, box))
+    return placed

@@ -501,3 +501,29 @@ def test_divergence_against_the_stored_baseline(tmp_path, monkeypatch, budget, k
     assert baseline.perplexity() == pytest.approx(math.exp(nll / 96), rel=1e-12)
     reference.close()
     assert not list((tmp_path / "ref").glob("*.npy"))
+
+
+def test_plot_labels_of_close_variants_do_not_overlap(tmp_path):
+    """nf4 and gptq sit on top of each other in the demo (same size within 2%, perplexity within 0.1%):
+    each label finds its own spot, none overlaps another, and every one stays inside its panel."""
+    from kondense_jobs.report import MIB, plot
+
+    def variant(name, mib, ppl, kld, recovery):
+        return {"variant": name, "size_bytes": int(mib * MIB), "perplexity": ppl, "kl_divergence": kld, "recovery": recovery}
+
+    doc = {
+        "baseline": "distill",
+        "setup": {"tasks": [{"name": "t"}]},
+        "variants": [
+            variant("teacher", 21.0, 441.2, 0.74, 0.59), variant("distill", 5.63, 277.6, 0.0, 1.0),
+            variant("nf4", 4.24, 277.25, 0.0051, 1.0), variant("gptq", 4.26, 277.86, 0.0036, 1.0),
+            variant("gptq-8bit", 4.42, 277.6, 0.0001, 1.0), variant("gguf", 1.62, 277.6, 0.0001, 1.0),
+        ],
+    }
+    panels = plot(doc, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG" and len(panels) == 3
+    for labels in panels:
+        assert {"nf4", "gptq", "gptq-8bit", "teacher"} <= {name for name, _ in labels}
+        overlapping = [(a, b) for i, (a, box) in enumerate(labels) for b, other in labels[i + 1:] if box.overlaps(other)]
+        assert overlapping == []
+    assert all(box.x1 <= 2340 for labels in panels for _, box in labels)  # none past the figure's right edge
