@@ -159,13 +159,19 @@ def _download_sdist(version: str, folder: Path, what: str, command: str) -> Path
 
 def ensure_converter() -> Path:
     """The converter folder, installed now if missing (needs PyPI)."""
+    return _ensure(converter_dir, _installed, install_converter, "converter", "install-converter")
+
+
+def _ensure(where, installed, install, what: str, command: str) -> Path:
+    """where(version), installed now by install(version, folder) if missing; a warning when it was
+    made from another release than the installed llama-cpp-python."""
     version = llama_cpp_version()
-    folder = converter_dir(version)
-    if not _installed(folder):
-        return install_converter(version, folder)
+    folder = where(version)
+    if not installed(folder):
+        return install(version, folder)
     if (release := _converter_release(folder)) != f"{DISTRIBUTION}=={version}":
-        log.warning("%s holds the converter of %s but %s %s is installed: re-run install-converter",
-                    folder, release, DISTRIBUTION, version)
+        log.warning("%s holds the %s of %s but %s %s is installed: re-run %s",
+                    folder, what, release, DISTRIBUTION, version, command)
     return folder
 
 
@@ -262,14 +268,7 @@ def _build_jobs() -> int:
 
 def ensure_tools() -> Path:
     """The folder holding llama-imatrix and llama-quantize, built now if missing (needs PyPI, cmake)."""
-    version = llama_cpp_version()
-    folder = tools_dir(version)
-    if not _tools_installed(folder):
-        return install_tools(version, folder)
-    if (release := _converter_release(folder)) != f"{DISTRIBUTION}=={version}":
-        log.warning("%s holds the tools of %s but %s %s is installed: re-run install-tools",
-                    folder, release, DISTRIBUTION, version)
-    return folder
+    return _ensure(tools_dir, _tools_installed, install_tools, "tools", "install-tools")
 
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
