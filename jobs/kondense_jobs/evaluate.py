@@ -8,8 +8,10 @@ Perplexity is exp(mean NLL) over every predicted token of non-overlapping window
 held-out split, tokenized once with the baseline's tokenizer (the variants share it), so every
 variant sees exactly the same tokens. Hugging Face folders (full precision, bitsandbytes,
 compressed-tensors GPTQ) are scored with transformers, GGUF files with llama.cpp
-(kondense_jobs.gguf, logits of every position on the same token ids). Throughput is greedy
-generation of `generateTokens` new tokens after a short held-out prompt, timed after one warm-up.
+(kondense_jobs.gguf, logits of every position on the same token ids). Speed and memory are
+measured alike for every variant and engine (kondense_jobs.speed): the same `promptTokens`-token
+prompts from the held-out split, `generateTokens` new tokens each, prefill and decode tokens/s
+apart, at batch 1 and at `speedBatch`, and the peak runtime memory at `speedBatch`.
 
 Divergence from the baseline, at every predicted position of the same windows, from log-softmax
 in float64: KL(baseline || variant) = sum_t p(t) (log p(t) - log q(t)), p the baseline's
@@ -44,7 +46,7 @@ import gc
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +54,7 @@ import numpy as np
 from kondense.api import LOADS_IN, EvaluateSpec, Gates, QuantizeSpec, Report, ReportRow, Summary, TaskSpec
 from kondense.errors import InvalidInput, InvalidSpec, QualityGateFailed
 from kondense.store import MANIFEST, Manifest
-from kondense_jobs import data, report, tasks
+from kondense_jobs import data, report, speed, tasks
 from kondense_jobs.quantize import device_map, gguf_backend, load_tokenizer, weight_bytes
 from kondense_jobs.report import Check, GateResult, Measurement, relative_increase
 from kondense_jobs.runtime import Context
@@ -115,8 +117,7 @@ def run(ctx: Context) -> Summary:
             f"the held-out split has {len(stream)} tokens, fewer than seqLength {spec.seq_length}. "
             "To resolve, lower evaluate.seqLength or raise dataset.evalSplit."
         )
-    first = data.held_out(ctx.dataset_path(), ctx.run.dataset, count=1)
-    prompt_ids = prompt(tokenizer, first, ctx.run.dataset, windows[0].tolist())
+    prompts = Prompts(speed.prompts(stream, spec.prompt_tokens, spec.speed_batch), spec.generate_tokens, [1, spec.speed_batch])
     log.info(
         "Fetched %d variants; evaluating on %d windows of %d tokens", len(variants), len(windows), spec.seq_length
     )
@@ -128,7 +129,7 @@ def run(ctx: Context) -> Summary:
     for i, variant in enumerate(order):
         ctx.progress.update(i, len(variants), phase="variants", force=True)
         try:
-            m = measure(variant, windows, prompt_ids, spec.generate_tokens, reference, tokenizer, prepared)
+            m = measure(variant, windows, prompts, reference, tokenizer, prepared)
         except InvalidInput as e:
             if variant.name == baseline:
                 raise
@@ -136,9 +137,9 @@ def run(ctx: Context) -> Summary:
             m = Measurement(variant.name, variant.format, None, None, None, None, None, note=f"not measured: {e}")
             m.tasks = [tasks.TaskScore(p.spec.name, p.metric, note=f"not measured: {e}") for p in prepared]
         log.info(
-            "%s (%s): perplexity %s, KLD %s, top-1 %s, %.1f tokens/s, %s on disk, %.1f s",
+            "%s (%s): perplexity %s, KLD %s, top-1 %s, decode %s tokens/s at batch 1, peak %s, %s on disk, %.1f s",
             m.variant, m.format, _shown(m.perplexity, ".3f"), _shown(m.kl_divergence, ".5f"), _shown(m.top1_agreement, ".4f"),
-            m.tokens_per_second or 0, report.human_bytes(m.size_bytes), m.seconds,
+            _shown(m.tokens_per_second, ".1f"), report.human_bytes(m.memory_bytes), report.human_bytes(m.size_bytes), m.seconds,
         )
         m.made_by, m.loads_in, m.fallback_tensors = provenance(variant)
         by_name[m.variant] = m
@@ -158,8 +159,9 @@ def run(ctx: Context) -> Summary:
         "seq_length": spec.seq_length,
         "windows": len(windows),
         "tokens": len(windows) * spec.seq_length,
-        "prompt_tokens": len(prompt_ids),
+        "prompt_tokens": spec.prompt_tokens,
         "generate_tokens": spec.generate_tokens,
+        "speed_batches": prompts.batches,
         "kl_top_k": reference.k,
         "gates": spec.gates.dump(),
         "tasks": [p.setup for p in prepared],
@@ -252,11 +254,13 @@ def shared_tokenizer(variants: list[Variant], baseline: str):
     return tokenizer
 
 
-def prompt(tokenizer, records: list[dict], ref, first_window: list[int]) -> list[int]:
-    """A short held-out prompt: the first eval record's prompt (or its first promptTokens tokens)."""
-    text = data.prompts(records[:1], ref, tokenizer)[0]
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: ref.prompt_tokens]
-    return ids or first_window[: ref.prompt_tokens]
+@dataclass(frozen=True)
+class Prompts:
+    """What every variant generates from when speed is timed (kondense_jobs.speed)."""
+
+    rows: np.ndarray  # (largest batch, prompt tokens) token ids from the held-out split
+    new_tokens: int
+    batches: list[int]
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,27 +269,29 @@ def prompt(tokenizer, records: list[dict], ref, first_window: list[int]) -> list
 
 
 def measure(
-    variant: Variant, windows: list[list[int]], prompt_ids: list[int], generate_tokens: int,
-    reference: Reference, tokenizer, prepared: list[tasks.PreparedTask] = (),
+    variant: Variant, windows: list[list[int]], prompts: Prompts, reference: Reference, tokenizer,
+    prepared: list[tasks.PreparedTask] = (),
 ) -> Measurement:
     """One variant: its scores on the windows (the baseline's are recorded in `reference`, the
-    others compared with them), size and throughput, then its task scores."""
+    others compared with them), its task scores, then size, speed and peak memory."""
     start = time.monotonic()
     if variant.format == "gguf":
-        m = measure_gguf(variant, windows, prompt_ids, generate_tokens, reference, tokenizer, prepared)
+        m = measure_gguf(variant, windows, prompts, reference, tokenizer, prepared)
     else:
-        m = measure_hf(variant, windows, prompt_ids, generate_tokens, reference, tokenizer, prepared)
+        m = measure_hf(variant, windows, prompts, reference, tokenizer, prepared)
     m.seconds = round(time.monotonic() - start, 2)
     return m
 
 
 def measure_hf(
-    variant: Variant, windows: list[list[int]], prompt_ids: list[int], generate_tokens: int, reference, tokenizer=None,
+    variant: Variant, windows: list[list[int]], prompts: Prompts, reference, tokenizer=None,
     prepared: list[tasks.PreparedTask] = (),
 ):
     import torch
     from transformers import AutoModelForCausalLM
 
+    footprint = speed.Footprint("torch-cuda" if torch.cuda.is_available() else "host")
+    footprint.before_load()
     model = AutoModelForCausalLM.from_pretrained(variant.path, dtype="auto", device_map=device_map())
     model.eval()
     try:
@@ -295,15 +301,15 @@ def measure_hf(
         if prepared:
             lm = tasks.hf_lm(model, tokenizer or load_tokenizer(variant.path), tasks.model_max_length(model))
             task_scores = list(tasks.run_tasks(lm, prepared, variant.name).values())
+        timed = speed.hf(model, prompts.rows, prompts.new_tokens, prompts.batches, footprint)
         return Measurement(
             tasks=task_scores,
             variant=variant.name,
             format="hf",
             size_bytes=weight_bytes(variant.path),
             parameters=logical_parameters(model),
-            memory_bytes=int(model.get_memory_footprint()),
             perplexity=scores.perplexity(),
-            tokens_per_second=hf_tokens_per_second(model, prompt_ids, generate_tokens),
+            **timed_fields(timed),
             **scores.divergence(),
         )
     finally:
@@ -311,6 +317,18 @@ def measure_hf(
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def timed_fields(timed: speed.Speed) -> dict:
+    """Measurement's speed and memory fields: tokens_per_second is decode at batch 1."""
+    one = timed.at(1)
+    return {
+        "memory_bytes": timed.peak_memory_bytes,
+        "tokens_per_second": one.decode_tokens_per_second if one else None,
+        "engine": timed.engine,
+        "speed": [asdict(t) for t in timed.timings],
+        "memory_note": timed.memory_note,
+    }
 
 
 def logical_parameters(model) -> int:
@@ -449,33 +467,8 @@ class Scores:
         return {"kl_divergence": self.kl / self.count, "top1_agreement": self.agree / self.count}
 
 
-def hf_tokens_per_second(model, prompt_ids: list[int], n_tokens: int) -> float:
-    import torch
-
-    ids = torch.tensor([prompt_ids], device=model.device)
-    pad = model.generation_config.pad_token_id
-    if pad is None:  # silence "Setting pad_token_id to eos_token_id"; eos may be a list (Llama 3)
-        eos = model.generation_config.eos_token_id
-        pad = eos[0] if isinstance(eos, list) else eos
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=pad)
-
-    def generate(n: int) -> int:
-        with torch.inference_mode():
-            out = model.generate(ids, min_new_tokens=n, max_new_tokens=n, **kwargs)
-        return out.shape[1] - ids.shape[1]
-
-    generate(min(WARMUP_TOKENS, n_tokens))
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    produced = generate(n_tokens)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return produced / (time.perf_counter() - start)
-
-
 def measure_gguf(
-    variant: Variant, windows: list[list[int]], prompt_ids: list[int], generate_tokens: int, reference, tokenizer,
+    variant: Variant, windows: list[list[int]], prompts: Prompts, reference, tokenizer,
     prepared: list[tasks.PreparedTask] = (),
 ):
     backend = gguf_backend()
@@ -502,9 +495,8 @@ def measure_gguf(
         format="gguf",
         size_bytes=size,
         parameters=gguf_parameters(path),
-        memory_bytes=size,
         perplexity=scores.perplexity(),
-        tokens_per_second=backend.tokens_per_second(path, prompt_ids, generate_tokens),
+        **timed_fields(speed.llama_cpp(path, prompts.rows, prompts.new_tokens, prompts.batches)),
         **scores.divergence(),
     )
 

@@ -422,7 +422,7 @@ def quantize(model_dir: Path, out_dir: Path, type: str, progress=None, calibrati
         raise InvalidSpec(f"quantize.type {type!r} is not a GGUF type; use one of {', '.join(TYPES)}.")
     if calibration is not None and type in CONVERTER_TYPES:
         raise InvalidSpec(f"an importance matrix needs a type made by llama.cpp's quantizer, not {type}")
-    _llama_cpp()  # fail before the conversion, not after it
+    library()  # fail before the conversion, not after it
     if calibration is not None:
         ensure_tools()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -463,7 +463,7 @@ def find_gguf(folder: Path) -> Path | None:
     return files[0] if files else None
 
 
-def _llama_cpp():
+def library():
     try:
         import llama_cpp
     except ImportError as e:
@@ -478,7 +478,7 @@ def _threads() -> int:
 
 
 def _load(gguf_path: Path, n_ctx: int, logits_all: bool):
-    llama_cpp = _llama_cpp()
+    llama_cpp = library()
     if not Path(gguf_path).is_file():
         raise InvalidInput(f"GGUF file {gguf_path} does not exist")
     n_ctx = max(n_ctx, 8)
@@ -565,12 +565,6 @@ def greedy(gguf_path: Path, prompt_ids: list[int], n_tokens: int) -> tuple[list[
     finally:
         llm.close()
     return ids, elapsed
-
-
-def tokens_per_second(gguf_path: Path, prompt_ids: list[int], n_tokens: int) -> float:
-    """Greedy generation throughput: n_tokens / seconds of `greedy` (prompt processing included)."""
-    ids, seconds = greedy(gguf_path, prompt_ids, n_tokens)
-    return len(ids) / seconds
 
 
 # -- subprocess entry points ----------------------------------------------------------------------
@@ -668,7 +662,7 @@ def _convert_hf_main(converter: Path, model_dir: Path, argv: list[str]) -> int:
 def _quantize_gguf_main(src: str, dst: str, type: str) -> int:
     import ctypes
 
-    llama_cpp = _llama_cpp()
+    llama_cpp = library()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type.upper()}")
     params.nthread = _threads()

@@ -8,14 +8,20 @@ rename or drop them):
     uri, baseline, setup, table              the summary (`table`: api.ReportRow, one per variant of `of`)
     setup:      seq_length, windows, tokens, prompt_tokens, generate_tokens, kl_top_k, gates,
                 tasks[]: name, source, uri, output_type, metric, num_fewshot, limit, examples, samples;
-                lm_eval (its version; null without tasks)
-    variants[]: variant, format, size_bytes, parameters, memory_bytes, perplexity, tokens_per_second,
+                lm_eval (its version; null without tasks); speed_batches ([1, speedBatch])
+    variants[]: variant, format, size_bytes, parameters,
+                memory_bytes (peak runtime memory while generating at the larger batch, every
+                engine alike; the file size is size_bytes), perplexity,
+                tokens_per_second (decode at batch 1),
                 kl_divergence, top1_agreement, note, seconds, perplexity_increase,
                 tasks[]: task, metric, score, stderr, samples, note, recovery, recovery_note;
                 recovery (the mean of the tasks' recoveries; null when one is n/a),
                 made_by ("source", "distill logits", "gptq W4A16 g128", "gguf q4_k_m + imatrix"),
                 loads_in (the engines that load it), fallback_tensors (gguf: tensors llama.cpp
-                quantized with a 32-block type because their rows do not divide 256; else null)
+                quantized with a 32-block type because their rows do not divide 256; else null),
+                engine ("transformers (cpu)", "llama.cpp (cuda, all layers)": what timed it),
+                speed[]: batch, prefill_tokens_per_second, decode_tokens_per_second,
+                memory_note (why memory_bytes is null, or what it includes besides generating)
     missing[]:  variant, reason              variants `of` names that were not evaluated, and why
     gate:       passed, message, checks[]: variant, gate, value, limit, passed (null: n/a), text,
                 task (minRecovery: the task, or "mean"; else null)
@@ -31,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kondense.api import Report, ReportRow, TaskScoreRow
+from kondense.api import Report, ReportRow, SpeedRow, TaskScoreRow
 
 MIB = 1024 * 1024
 
@@ -44,9 +50,9 @@ class Measurement:
     format: str  # hf | gguf
     size_bytes: int | None  # weight files on disk
     parameters: int | None
-    memory_bytes: int | None  # get_memory_footprint() for HF, the file size for GGUF
+    memory_bytes: int | None  # peak runtime memory while generating at the larger batch (kondense_jobs.speed)
     perplexity: float | None
-    tokens_per_second: float | None
+    tokens_per_second: float | None  # decode at batch 1
     # KL(baseline || variant) per predicted token, mean nats; the share of tokens whose argmax agrees
     kl_divergence: float | None = None
     top1_agreement: float | None = None
@@ -56,6 +62,9 @@ class Measurement:
     made_by: str | None = None  # "source", "distill logits", "gptq W4A16 g128", "gguf q4_k_m + imatrix"
     loads_in: str | None = None  # the engines that load it
     fallback_tensors: int | None = None  # gguf: tensors quantized with a 32-block type (rows not of 256)
+    engine: str | None = None  # what timed it: "transformers (cpu)", "llama.cpp (cuda, all layers)"
+    speed: list[dict] = field(default_factory=list)  # kondense_jobs.speed.Timing as dicts, batch 1 first
+    memory_note: str | None = None
 
     def row(self, base: Measurement | None = None) -> ReportRow:
         per_task, overall = recoveries(self, base) if base is not None else ({}, None)
@@ -77,6 +86,9 @@ class Measurement:
             kl_divergence=finite(self.kl_divergence),
             top1_agreement=finite(self.top1_agreement),
             note=self.note,
+            memory_bytes=self.memory_bytes,
+            engine=self.engine,
+            speed=[SpeedRow(**{k: finite(v) if isinstance(v, float) else v for k, v in t.items()}) for t in self.speed] or None,
         )
 
 
@@ -164,7 +176,7 @@ def document(
     base = base_m.perplexity if base_m else None
     variants = []
     for m in measurements:
-        later = ("tasks", "made_by", "loads_in", "fallback_tensors")  # keys added since: after the first ones
+        later = ("tasks", "made_by", "loads_in", "fallback_tensors", "engine", "speed", "memory_note")  # added since
         doc = {k: (finite(v) if isinstance(v, float) else v) for k, v in asdict(m).items() if k not in later}
         doc["perplexity_increase"] = relative_increase(m.perplexity, base)
         per_task, overall = recoveries(m, base_m) if base_m else ({}, None)
@@ -178,6 +190,11 @@ def document(
         ]
         doc["recovery"] = overall
         doc |= {"made_by": m.made_by, "loads_in": m.loads_in, "fallback_tensors": m.fallback_tensors}
+        doc |= {
+            "engine": m.engine,
+            "speed": [{k: finite(v) if isinstance(v, float) else v for k, v in t.items()} for t in m.speed],
+            "memory_note": m.memory_note,
+        }
         variants.append(doc)
     return {
         "uri": report.uri,
@@ -223,12 +240,12 @@ def markdown(doc: dict[str, Any]) -> str:
         "# Evaluation report",
         "",
         f"Perplexity on {setup['windows']} held-out windows of {setup['seq_length']} tokens "
-        f"({setup['tokens']} tokens, identical for every variant); throughput: greedy generation of "
-        f"{setup['generate_tokens']} new tokens after a {setup['prompt_tokens']}-token prompt. "
+        f"({setup['tokens']} tokens, identical for every variant). "
         f"KLD: mean KL(baseline || variant) of the next-token distributions, in nats per token; "
-        f"top-1: share of tokens where the variant's most likely next token is the baseline's.",
+        f"top-1: share of tokens where the variant's most likely next token is the baseline's. "
+        f"Peak memory and decode tokens/s: see Speed and memory.",
         "",
-        "| variant | format | size on disk | parameters | memory | perplexity | vs baseline | KLD | top-1 | tokens/s |",
+        "| variant | format | size on disk | parameters | peak memory | perplexity | vs baseline | KLD | top-1 | decode tokens/s |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for v in doc["variants"]:
@@ -256,6 +273,7 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     if fallbacks:
         lines += ["", "Fallback quantization:", "", *fallbacks]
+    lines += speed_table(doc)
     lines += task_table(doc)
     notes += [
         f"- {v['variant']}: {t['note'] or t['recovery_note']}"
@@ -273,6 +291,39 @@ def markdown(doc: dict[str, Any]) -> str:
         mark = {True: "PASS", False: "FAIL", None: "N/A"}
         lines += [f"- {mark[c['passed']]} {c['text']}" for c in gate["checks"]]
     return "\n".join(lines) + "\n"
+
+
+def speed_table(doc: dict[str, Any]) -> list[str]:
+    """Prefill and decode tokens/s at each batch size, the engine that timed each row, peak memory and size."""
+    setup = doc["setup"]
+    batches = setup.get("speed_batches") or [1]
+    lines = [
+        "",
+        "## Speed and memory",
+        "",
+        f"Every variant generated {setup['generate_tokens']} tokens greedily per sequence after the same "
+        f"{setup['prompt_tokens']}-token prompts (token ids from the held-out split), at batch "
+        + " and ".join(str(b) for b in batches)
+        + ", once untimed, then timed. Prefill: prompt tokens/s of the pass that yields the first new token; "
+        "decode: tokens/s of the steps after it. Peak memory: the most the loaded variant held while generating at "
+        f"batch {batches[-1]}, above the process before loading (resident memory on a CPU, allocated memory on a "
+        "GPU), the same for every engine; size on disk is its files.",
+        "",
+        "| variant | engine | " + " | ".join(f"prefill b{b} | decode b{b}" for b in batches) + " | peak memory | size on disk |",
+        "|---|---|" + "--:|" * (2 * len(batches) + 2),
+    ]
+    for v in doc["variants"]:
+        by_batch = {t["batch"]: t for t in v.get("speed") or []}
+        cells = []
+        for b in batches:
+            t = by_batch.get(b, {})
+            cells += [_num(t.get("prefill_tokens_per_second"), ",.0f"), _num(t.get("decode_tokens_per_second"), ",.1f")]
+        lines.append(
+            f"| {v['variant']} | {v.get('engine') or '-'} | " + " | ".join(cells)
+            + f" | {human_bytes(v['memory_bytes'])} | {human_bytes(v['size_bytes'])} |"
+        )
+    notes = [f"- {v['variant']}: {v['memory_note']}" for v in doc["variants"] if v.get("memory_note")]
+    return lines + (["", *notes] if notes else [])
 
 
 def score_cell(t: dict[str, Any], baseline: bool) -> str:

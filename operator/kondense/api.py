@@ -1107,7 +1107,20 @@ class EvaluateSpec(Model):
     )
     seq_length: int = Field(256, ge=8, le=131072, description="Perplexity window in tokens (identical for every variant).")
     max_eval_tokens: int = Field(65536, ge=64, description="Evaluate on at most this many held-out tokens.")
-    generate_tokens: int = Field(32, ge=1, le=4096, description="Tokens generated to measure tokens/s.")
+    generate_tokens: int = Field(
+        32, ge=2, le=4096,
+        description="New tokens each prompt generates when speed is timed (greedy; EOS does not stop it): the first "
+        "comes from the prefill, the others are decode steps.",
+    )
+    prompt_tokens: int = Field(
+        64, ge=1, le=32768,
+        description="Prompt length when speed is timed: every variant gets the same token ids, cut from the held-out split.",
+    )
+    speed_batch: int = Field(
+        8, ge=2, le=1024,
+        description="The larger batch at which prefill and decode tokens/s are timed (besides batch 1); it also "
+        "sets the peak runtime memory reported.",
+    )
     tasks: list[TaskSpec] = Field(
         default_factory=list,
         max_length=MAX_TASKS,
@@ -1346,7 +1359,9 @@ class ReportRow(Model):
     size_bytes: int | None = Field(None, description="Size on disk (none for a variant not evaluated).")
     parameters: int | None = Field(None, description="Parameter count.")
     perplexity: float | None = Field(None, description="Perplexity on the held-out split.")
-    tokens_per_second: float | None = Field(None, description="Generation throughput.")
+    tokens_per_second: float | None = Field(
+        None, description="Decode tokens/s at batch 1 (the speed entries have prefill and the larger batch)."
+    )
     kl_divergence: float | None = Field(
         None,
         alias="klDivergence",
@@ -1363,6 +1378,19 @@ class ReportRow(Model):
     recovery: float | None = Field(
         None, description="Mean over the tasks of the recovery (score / the baseline's score); none when one is n/a."
     )
+    memory_bytes: int | None = Field(
+        None, description="Peak runtime memory while generating at the larger batch, above the process before loading."
+    )
+    engine: str | None = Field(None, description="What ran the variant for speed: transformers or llama.cpp, and on what.")
+    speed: list[SpeedRow] | None = Field(None, description="Prefill and decode tokens/s at batch 1 and the larger batch.")
+
+
+class SpeedRow(Model):
+    """Throughput at one batch size, on the same prompts for every variant."""
+
+    batch: int = Field(description="Sequences generated at once.")
+    prefill_tokens_per_second: float | None = Field(None, description="Prompt tokens/s of the prefill.")
+    decode_tokens_per_second: float | None = Field(None, description="Generated tokens/s of the decode steps.")
 
 
 class TaskScoreRow(Model):

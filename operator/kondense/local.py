@@ -315,16 +315,19 @@ def format_durations(runner: LocalRunner) -> str:
 
 
 def format_table(report: Report) -> str:
-    """The comparison table: variant, size, parameters, perplexity, KLD and top-1 against the
-    baseline, tokens/s; a variant not evaluated or a number not measured says n/a and why."""
-    header = ("variant", "size", "params", "perplexity", "KLD", "top-1", "tokens/s")
+    """The comparison table: variant, size on disk, parameters, perplexity, KLD and top-1 against
+    the baseline, peak runtime memory, decode tokens/s at batch 1 and at the larger batch, and the
+    engine that timed it; a variant not evaluated or a number not measured says n/a and why."""
+    larger = max((t.batch for r in report.table for t in r.speed or []), default=None)
+    header = ("variant", "size", "params", "perplexity", "KLD", "top-1", "memory", "decode/s b1",
+              f"b{larger}" if larger else "-", "engine")
     rows = [header]
     base = next((r.perplexity for r in report.table if r.variant == report.baseline), None)
     notes = []
     for r in report.table:
         name = r.variant + (" *" if r.variant == report.baseline else "")
         if r.missing:
-            rows.append((name, "-", "-", "n/a", "n/a", "n/a", "-"))
+            rows.append((name, "-", "-", "n/a", "n/a", "n/a", "-", "-", "-", "-"))
             notes.append(f"{r.variant}: not evaluated: {r.missing}")
             continue
         if r.note:
@@ -340,7 +343,10 @@ def format_table(report: Report) -> str:
                 ppl,
                 "n/a" if r.kl_divergence is None else f"{r.kl_divergence:.4f}",
                 "n/a" if r.top1_agreement is None else f"{r.top1_agreement * 100:.2f}%",
+                "-" if r.memory_bytes is None else human_bytes(r.memory_bytes),
                 "-" if r.tokens_per_second is None else f"{r.tokens_per_second:.1f}",
+                _decode(r, larger),
+                r.engine or "-",
             )
         )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
@@ -350,6 +356,11 @@ def format_table(report: Report) -> str:
         lines.append(f"* baseline for the quality gates, KLD = KL(baseline || variant) per token, top-1 = argmax agrees: {report.baseline}")
     lines += [f"n/a: {n}" for n in notes]
     return "\n".join(lines)
+
+
+def _decode(row, batch: int | None) -> str:
+    timing = next((t for t in row.speed or [] if t.batch == batch), None)
+    return "-" if timing is None or timing.decode_tokens_per_second is None else f"{timing.decode_tokens_per_second:.1f}"
 
 
 def human_bytes(n: int) -> str:

@@ -108,11 +108,20 @@ def test_report_of_teacher_student_and_nf4(tmp_path, make_run, run_stage, tiny_t
     doc = json.loads((out / "report.json").read_text())
     assert [v["variant"] for v in doc["variants"]] == ["teacher", "student", "nf4"]
     assert doc["setup"]["windows"] == MAX_TOKENS // SEQ and doc["setup"]["seq_length"] == SEQ
-    assert all(v["memory_bytes"] > 0 for v in doc["variants"])
-    assert doc["variants"][2]["memory_bytes"] < doc["variants"][0]["memory_bytes"]
+    # Speed and memory, the same way for every variant: the same prompts, batch 1 and 8, peak runtime memory.
+    assert doc["setup"]["speed_batches"] == [1, 8] and doc["setup"]["prompt_tokens"] == 64
+    for v in doc["variants"]:
+        assert v["engine"] == "transformers (cpu)" and v["memory_note"] is None
+        assert [t["batch"] for t in v["speed"]] == [1, 8]
+        assert all(t["prefill_tokens_per_second"] > 0 and t["decode_tokens_per_second"] > 0 for t in v["speed"])
+        assert v["tokens_per_second"] == v["speed"][0]["decode_tokens_per_second"]
+        assert v["memory_bytes"] >= v["size_bytes"] * 0.9, v  # the weights are resident while generating
+    assert rows["nf4"].engine == "transformers (cpu)" and rows["nf4"].memory_bytes == doc["variants"][2]["memory_bytes"]
+    assert [t.batch for t in rows["nf4"].speed] == [1, 8]
     assert doc["gate"]["passed"] and [c["variant"] for c in doc["gate"]["checks"]] == ["nf4"]
     md = (out / "report.md").read_text()
     assert "| teacher (baseline) | hf |" in md and "| student |" in md and "| nf4 |" in md and "PASS nf4" in md
+    assert "## Speed and memory" in md and "| prefill b1 | decode b1 | prefill b8 | decode b8 | peak memory |" in md
     assert "| nf4 | bnb-nf4 | transformers, vLLM |" in md and "Fallback quantization" not in md
     png = (out / "plot.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -158,6 +167,10 @@ def test_gguf_variant_on_the_same_windows(tmp_path, tmp_path_factory, make_run, 
     assert rows["gguf"].tokens_per_second > 0
     doc = json.loads((FileStore.path(run.output) / "report.json").read_text())
     assert [v["format"] for v in doc["variants"]] == ["hf", "gguf"]
+    # Timed and measured as the HF variant is: batch 1 and 8, peak runtime memory (not the file size).
+    assert [v["engine"] for v in doc["variants"]] == ["transformers (cpu)", "llama.cpp (cpu)"]
+    assert [t["batch"] for t in doc["variants"][1]["speed"]] == [1, 8]
+    assert doc["variants"][1]["memory_bytes"] > rows["gguf"].size_bytes
     # How each was made and what loads it; the teacher's 128-wide rows fell back from the 256-blocks, and the report says so.
     made = json.loads((FileStore.path(gguf.uri) / "manifest.json").read_text())["metrics"]
     assert [(v["made_by"], v["loads_in"]) for v in doc["variants"]] == [
@@ -304,8 +317,9 @@ def test_missing_variants_are_listed_with_their_reason(tmp_path, make_run, run_s
     assert list(doc["variants"][0]) == [
         "variant", "format", "size_bytes", "parameters", "memory_bytes", "perplexity", "tokens_per_second",
         "kl_divergence", "top1_agreement", "note", "seconds", "perplexity_increase", "tasks", "recovery",
-        "made_by", "loads_in", "fallback_tensors",
+        "made_by", "loads_in", "fallback_tensors", "engine", "speed", "memory_note",
     ]
+    assert list(doc["variants"][0]["speed"][0]) == ["batch", "prefill_tokens_per_second", "decode_tokens_per_second"]
     assert [(v["made_by"], v["loads_in"], v["fallback_tensors"]) for v in doc["variants"]] == [
         ("source", "transformers, vLLM", None), ("source", "transformers, vLLM", None)
     ]
@@ -313,12 +327,13 @@ def test_missing_variants_are_listed_with_their_reason(tmp_path, make_run, run_s
     assert list(doc["gate"]) == ["passed", "message", "checks"]
     assert list(doc["gate"]["checks"][0]) == ["variant", "gate", "value", "limit", "passed", "text", "task"]
     assert set(doc["setup"]) == {
-        "seq_length", "windows", "tokens", "prompt_tokens", "generate_tokens", "kl_top_k", "gates", "tasks", "lm_eval"
+        "seq_length", "windows", "tokens", "prompt_tokens", "generate_tokens", "kl_top_k", "gates", "tasks", "lm_eval",
+        "speed_batches",
     }
     assert (doc["setup"]["tasks"], doc["setup"]["lm_eval"], doc["variants"][0]["tasks"]) == ([], None, [])
     assert set(doc["table"][0]) <= {
         "variant", "sizeBytes", "parameters", "perplexity", "tokensPerSecond", "klDivergence", "top1Agreement", "note",
-        "missing", "tasks", "recovery",
+        "missing", "tasks", "recovery", "memoryBytes", "engine", "speed",
     }  # the task keys of report.json: tests/jobs/test_tasks.py
 
 

@@ -95,11 +95,17 @@ def test_report_of_a_report_json_prints_kld_top1_and_what_is_missing(tmp_path):
     """`kondense report <uri>`: the table with KLD and top-1 per variant, n/a and why for the rest."""
     import json
 
+    def speed(b1, b8):
+        return [{"batch": 1, "prefillTokensPerSecond": 1e4, "decodeTokensPerSecond": b1},
+                {"batch": 8, "prefillTokensPerSecond": 9e4, "decodeTokensPerSecond": b8}]
+
     rows = [
         {"variant": "distill", "sizeBytes": 5 * 2**20, "parameters": 1_480_000, "perplexity": 272.3,
-         "tokensPerSecond": 606.0, "klDivergence": 0.0, "top1Agreement": 1.0},
+         "tokensPerSecond": 606.0, "klDivergence": 0.0, "top1Agreement": 1.0,
+         "memoryBytes": 30 * 2**20, "engine": "transformers (cpu)", "speed": speed(606.0, 2500.0)},
         {"variant": "gguf", "sizeBytes": 2**20, "parameters": 1_480_000, "perplexity": 272.26,
-         "tokensPerSecond": 5016.4, "klDivergence": 0.00123, "top1Agreement": 0.9876},
+         "tokensPerSecond": 5016.4, "klDivergence": 0.00123, "top1Agreement": 0.9876,
+         "memoryBytes": 12 * 2**20, "engine": "llama.cpp (cpu)", "speed": speed(5016.4, 9000.0)},
         {"variant": "q4", "missing": "stage q4 failed: OOMKilled: out of memory"},
         {"variant": "odd", "sizeBytes": 2**20, "perplexity": 280.0, "note": "KLD and top-1 n/a: another vocabulary"},
     ]
@@ -107,11 +113,19 @@ def test_report_of_a_report_json_prints_kld_top1_and_what_is_missing(tmp_path):
     r = kondense("report", f"file://{tmp_path}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].split() == ["variant", "size", "params", "perplexity", "KLD", "top-1", "tokens/s"]
-    assert lines[2].split() == ["distill", "*", "5.0", "MiB", "1.48M", "272.30", "0.0000", "100.00%", "606.0"]
-    assert lines[3].split() == ["gguf", "1.0", "MiB", "1.48M", "272.26", "(-0.01%)", "0.0012", "98.76%", "5016.4"]
-    assert lines[4].split() == ["q4", "-", "-", "n/a", "n/a", "n/a", "-"]
-    assert lines[5].split()[-3:] == ["n/a", "n/a", "-"]
+    assert lines[0].split() == [
+        "variant", "size", "params", "perplexity", "KLD", "top-1", "memory", "decode/s", "b1", "b8", "engine"
+    ]
+    assert lines[2].split() == [
+        "distill", "*", "5.0", "MiB", "1.48M", "272.30", "0.0000", "100.00%", "30.0", "MiB", "606.0", "2500.0",
+        "transformers", "(cpu)",
+    ]
+    assert lines[3].split() == [
+        "gguf", "1.0", "MiB", "1.48M", "272.26", "(-0.01%)", "0.0012", "98.76%", "12.0", "MiB", "5016.4", "9000.0",
+        "llama.cpp", "(cpu)",
+    ]
+    assert lines[4].split() == ["q4", "-", "-", "n/a", "n/a", "n/a", "-", "-", "-", "-"]
+    assert lines[5].split()[-6:] == ["n/a", "n/a", "-", "-", "-", "-"]  # a report of before the speed columns
     assert "n/a: q4: not evaluated: stage q4 failed: OOMKilled: out of memory" in lines
     assert "n/a: odd: KLD and top-1 n/a: another vocabulary" in lines
 

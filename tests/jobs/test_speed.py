@@ -1,0 +1,73 @@
+"""kondense_jobs.speed: every variant timed on the same prompts by the same greedy loop, and a
+peak memory that counts what generating holds, not what loading held.
+
+The GGUF side (llama.cpp's batch API generating what transformers generates) is in test_gguf.py,
+next to the converted teacher it uses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kondense.errors import InvalidInput
+from kondense_jobs import speed
+
+MIB = 1 << 20
+
+
+def test_prompts_are_the_same_ids_cut_from_the_stream_and_repeat_when_it_is_short():
+    stream = np.arange(100, dtype=np.uint16)
+    rows = speed.prompts(stream, 30, 5)
+    assert rows.dtype == np.int64 and rows.shape == (5, 30)
+    assert rows[:3].tolist() == [list(range(30)), list(range(30, 60)), list(range(60, 90))]
+    assert rows[3].tolist() == rows[0].tolist() and rows[4].tolist() == rows[1].tolist()  # 3 pieces, cycled
+    with pytest.raises(InvalidInput, match="fewer than a 101-token prompt.*dataset.promptTokens"):
+        speed.prompts(stream, 101, 2)
+
+
+def _touched(mib: int) -> np.ndarray:
+    return np.ones(mib * MIB, dtype=np.uint8)  # every page written: resident
+
+
+def test_host_peak_counts_what_is_held_and_made_while_generating_not_while_loading():
+    footprint = speed.Footprint("host")
+    footprint.before_load()
+    weights = _touched(96)  # the model: stays resident
+    loading = _touched(160)  # a loader's transient copy, freed before loaded()
+    del loading
+    footprint.loaded()
+    cache = _touched(48)  # generating: a KV cache, freed before the peak is read
+    del cache
+    peak = footprint.peak()
+    assert footprint.note is None
+    # 96 + 48 MiB; the 160 MiB of loading would make it 256 if the high-water mark were not reset.
+    assert 140 * MIB <= peak <= 150 * MIB, peak / MIB
+    del weights
+
+
+@pytest.mark.slow
+def test_transformers_loop_is_greedy_generation_row_by_row_at_every_batch(tiny_teacher):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    footprint = speed.Footprint("host")
+    footprint.before_load()
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
+    stream = np.random.default_rng(0).integers(5, model.config.vocab_size, 4000)
+    rows = speed.prompts(stream, 24, 4)
+    timed = speed.hf(model, rows, 6, [1, 4], footprint)
+
+    assert timed.engine == "transformers (cpu)"
+    assert [t.batch for t in timed.timings] == [1, 4]
+    assert all(t.prefill_tokens_per_second > 0 and t.decode_tokens_per_second > 0 for t in timed.timings)
+    expected = []
+    with torch.inference_mode():  # each row alone, no cache: plain argmax steps
+        for row in rows:
+            ids = row.tolist()
+            for _ in range(6):
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+            expected.append(ids[24:])
+    assert timed.generated[4].tolist() == expected
+    assert timed.generated[1].tolist() == expected[:1]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert weights <= timed.peak_memory_bytes < weights + 256 * MIB, (timed.peak_memory_bytes, weights)
