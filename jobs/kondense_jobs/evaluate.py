@@ -295,13 +295,15 @@ def measure_hf(
     model = AutoModelForCausalLM.from_pretrained(variant.path, dtype="auto", device_map=device_map())
     model.eval()
     try:
+        # Speed first: the peak is then the model's alone, before the baseline's distributions (memory-mapped,
+        # resident once written) exist; later variants have them in the footprint's starting point.
+        timed = speed.hf(model, prompts.rows, prompts.new_tokens, prompts.batches, footprint)
         scores = Scores(reference, variant.name)
         scores.add_all(hf_logits(model, windows), windows)
         task_scores = []
         if prepared:
             lm = tasks.hf_lm(model, tokenizer or load_tokenizer(variant.path), tasks.model_max_length(model))
             task_scores = list(tasks.run_tasks(lm, prepared, variant.name).values())
-        timed = speed.hf(model, prompts.rows, prompts.new_tokens, prompts.batches, footprint)
         return Measurement(
             tasks=task_scores,
             variant=variant.name,

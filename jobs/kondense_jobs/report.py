@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kondense.api import Report, ReportRow, SpeedRow, TaskScoreRow
+from kondense.api import Report, ReportRow, TaskScoreRow
 
 MIB = 1024 * 1024
 
@@ -88,7 +88,8 @@ class Measurement:
             note=self.note,
             memory_bytes=self.memory_bytes,
             engine=self.engine,
-            speed=[SpeedRow(**{k: finite(v) if isinstance(v, float) else v for k, v in t.items()}) for t in self.speed] or None,
+            batch=self.speed[-1]["batch"] if len(self.speed) > 1 else None,
+            batch_tokens_per_second=finite(self.speed[-1]["decode_tokens_per_second"]) if len(self.speed) > 1 else None,
         )
 
 

@@ -1382,15 +1382,10 @@ class ReportRow(Model):
         None, description="Peak runtime memory while generating at the larger batch, above the process before loading."
     )
     engine: str | None = Field(None, description="What ran the variant for speed: transformers or llama.cpp, and on what.")
-    speed: list[SpeedRow] | None = Field(None, description="Prefill and decode tokens/s at batch 1 and the larger batch.")
-
-
-class SpeedRow(Model):
-    """Throughput at one batch size, on the same prompts for every variant."""
-
-    batch: int = Field(description="Sequences generated at once.")
-    prefill_tokens_per_second: float | None = Field(None, description="Prompt tokens/s of the prefill.")
-    decode_tokens_per_second: float | None = Field(None, description="Generated tokens/s of the decode steps.")
+    batch: int | None = Field(None, description="The larger batch speed was timed at (evaluate.speedBatch).")
+    batch_tokens_per_second: float | None = Field(
+        None, description="Decode tokens/s at `batch` (report.json has prefill and decode at every batch size)."
+    )
 
 
 class TaskScoreRow(Model):

@@ -1,9 +1,11 @@
 """`kondense demo`: the embedded default pipeline on models built on the spot.
 
-Inputs (tokenizer, a teacher pretrained for a minute on Python's docstrings, a random smaller
-student, a dataset, and two small lm-eval tasks made from the dataset's text: a multiple-choice
-next word and an exact-match phrase completion) are built once into <base>/inputs and reused; the
-pipeline is data/demo.yaml with s3://kondense-demo replaced by the base URI.
+Inputs are built once into <base>/inputs and reused: a tokenizer and a dataset (the paragraphs of
+Python's docstrings), a teacher trained on the dataset's training split (the split the pipeline
+itself makes, never its held-out records: the same domain, as a real teacher would be), a random
+smaller student, and two small lm-eval tasks made from the dataset's text (a multiple-choice
+next word and an exact-match phrase completion). The pipeline is data/demo.yaml with
+s3://kondense-demo replaced by the base URI.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from kondense.validation import parse
 
 PLACEHOLDER = "s3://kondense-demo"
 # Bump when the recipe below changes, so that cached inputs are rebuilt.
-RECIPE = {"version": 1, "vocab": 4096, "docs": 6000, "teacher": [4, 256, 4], "student": [2, 128, 4], "steps": 300}
+RECIPE = {
+    "version": 2, "vocab": 4096, "docs": 6000, "teacher": [4, 256, 4], "student": [2, 128, 4], "steps": 300, "lr": 1e-3,
+    "inDomain": 3,
+}
 # The tasks have their own marker: changing them rebuilds them alone, not the models.
 TASKS_RECIPE = {"version": 1, "examples": 60, "fewshot": 8, "seed": 0}
 
@@ -54,13 +59,16 @@ def build_inputs(folder: Path, out=print) -> Path:
     out("Building the demo inputs (once): tokenizer, teacher, student, dataset")
     texts = tiny.corpus(max_docs=RECIPE["docs"])
     tokenizer = tiny.train_tokenizer(texts, vocab_size=RECIPE["vocab"])
-    # Dataset records: the last 1/8 of the paragraphs, unseen by the teacher's pretraining.
+    # The dataset: the last 1/8 of the paragraphs (other modules than the rest). The teacher learns from
+    # the other 7/8 and from the dataset's training split, `inDomain` times over, never its held-out records.
     cut = len(texts) * 7 // 8
     tiny.write_jsonl(folder / "dataset.jsonl", [{"text": t} for t in texts[cut:]])
+    train, _ = split(texts[cut:])
     layers, hidden, heads = RECIPE["teacher"]
     teacher = tiny.build_model(folder / "teacher", tokenizer, "llama", layers, hidden, heads, seed=1)
-    out(f"Pretraining the teacher on {cut} paragraphs ({RECIPE['steps']} steps)")
-    tiny.pretrain(teacher, texts[:cut], steps=RECIPE["steps"], seq_len=128, batch=16, lr=3e-3, progress=_Printed(out))
+    out(f"Training the teacher on {cut} paragraphs and the dataset's {len(train)} training ones ({RECIPE['steps']} steps)")
+    tiny.pretrain(teacher, texts[:cut] + train * RECIPE["inDomain"], steps=RECIPE["steps"], seq_len=128, batch=16,
+                  lr=RECIPE["lr"], progress=_Printed(out))
     layers, hidden, heads = RECIPE["student"]
     tiny.build_model(folder / "student", tokenizer, "llama", layers, hidden, heads, seed=2)
     marker.write_text(json.dumps(RECIPE))
@@ -84,6 +92,14 @@ def build_tasks(folder: Path, out=print) -> Path:
     out(f"Built the demo tasks: {', '.join(names)}")
     marker.write_text(json.dumps(TASKS_RECIPE))
     return tasks_dir
+
+
+def split(texts: list[str]) -> tuple[list[str], list[str]]:
+    """(training, held-out) paragraphs: the split the demo pipeline's stages make of dataset.jsonl."""
+    from kondense_jobs.data import split_order
+
+    train, held_out = split_order(len(texts), pipeline(PLACEHOLDER).spec.dataset)
+    return [texts[i] for i in train], [texts[i] for i in held_out]
 
 
 class _Printed:

@@ -133,6 +133,39 @@ def _run_stage(kind: str, spec: Path, tmp_path: Path, env: dict[str, str] | None
     return proc.returncode, summary, proc.stdout + proc.stderr
 
 
+TEACHER_QUANTIZED = {"nf4": {"method": "bnb-nf4"}, "q8_0": {"method": "gguf", "type": "q8_0"}, "f32": {"method": "gguf", "type": "f32"}}
+
+
+@pytest.fixture(scope="session")
+def teacher_quantized(tmp_path_factory, tiny_teacher, tiny_dataset):
+    """teacher_quantized(name) -> InputRef: the tiny teacher through the real quantize stage, as the
+    artifact evaluate receives; each of TEACHER_QUANTIZED made once per session, for every test that
+    evaluates it."""
+    from kondense.api import QuantizeSpec
+
+    made: dict[str, InputRef] = {}
+
+    def get(name: str) -> InputRef:
+        if name not in made:
+            if TEACHER_QUANTIZED[name]["method"] == "gguf" and not _has("llama_cpp", "kondense_jobs.gguf"):
+                pytest.skip("llama-cpp-python or kondense_jobs.gguf not installed")
+            tmp = tmp_path_factory.mktemp(f"teacher-{name}")
+            config = QuantizeSpec.model_validate(TEACHER_QUANTIZED[name])
+            run, spec = _make_run(tmp, "quantize", config, {"model": tiny_teacher}, dataset=tiny_dataset, stage=name)
+            code, _, output = _run_stage("quantize", spec, tmp)
+            assert code == 0, output[-3000:]
+            made[name] = InputRef(uri=run.output, stage=name, input_digest=run.input_digest)
+        return made[name]
+
+    return get
+
+
+def _has(*modules: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
 @pytest.fixture(scope="session")
 def make_run():
     """make_run(tmp_path, kind, config, models, dataset=None, **overrides) -> (StageRun, spec_path)."""

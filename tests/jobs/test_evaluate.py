@@ -32,8 +32,8 @@ def quantized(tmp_path_factory, make_run, run_stage, tiny_teacher, tiny_dataset,
 
 
 @pytest.fixture
-def nf4(tmp_path_factory, make_run, run_stage, tiny_teacher, tiny_dataset) -> InputRef:
-    return quantized(tmp_path_factory, make_run, run_stage, tiny_teacher, tiny_dataset, QuantizeSpec(method="bnb-nf4"), "nf4")
+def nf4(teacher_quantized) -> InputRef:
+    return teacher_quantized("nf4")
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_report_of_teacher_student_and_nf4(tmp_path, make_run, run_stage, tiny_t
         assert v["tokens_per_second"] == v["speed"][0]["decode_tokens_per_second"]
         assert v["memory_bytes"] >= v["size_bytes"] * 0.9, v  # the weights are resident while generating
     assert rows["nf4"].engine == "transformers (cpu)" and rows["nf4"].memory_bytes == doc["variants"][2]["memory_bytes"]
-    assert [t.batch for t in rows["nf4"].speed] == [1, 8]
+    assert (rows["nf4"].batch, rows["nf4"].batch_tokens_per_second) == (8, doc["variants"][2]["speed"][1]["decode_tokens_per_second"])
     assert doc["gate"]["passed"] and [c["variant"] for c in doc["gate"]["checks"]] == ["nf4"]
     md = (out / "report.md").read_text()
     assert "| teacher (baseline) | hf |" in md and "| student |" in md and "| nf4 |" in md and "PASS nf4" in md
@@ -270,9 +270,8 @@ def test_kld_is_zero_against_itself_and_positive_for_a_perturbed_model(
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_LLAMA_CPP, reason="llama-cpp-python or kondense_jobs.gguf not installed")
-def test_gguf_exports_diverge_little_from_their_source(tmp_path, tmp_path_factory, make_run, run_stage, tiny_teacher, tiny_dataset):
-    f32 = quantized(tmp_path_factory, make_run, run_stage, tiny_teacher, tiny_dataset, QuantizeSpec(method="gguf", type="f32"), "f32")
-    q8 = quantized(tmp_path_factory, make_run, run_stage, tiny_teacher, tiny_dataset, QuantizeSpec(method="gguf", type="q8_0"), "q8")
+def test_gguf_exports_diverge_little_from_their_source(tmp_path, make_run, run_stage, tiny_teacher, tiny_dataset, teacher_quantized):
+    f32, q8 = teacher_quantized("f32"), teacher_quantized("q8_0")
     models = {"teacher": tiny_teacher, "f32": f32, "q8": q8}
     run, code, summary, output = evaluate(
         tmp_path, make_run, run_stage, tiny_dataset, models, gates=Gates(max_kl_divergence=0.01, min_top1_agreement=0.95)
@@ -333,7 +332,7 @@ def test_missing_variants_are_listed_with_their_reason(tmp_path, make_run, run_s
     assert (doc["setup"]["tasks"], doc["setup"]["lm_eval"], doc["variants"][0]["tasks"]) == ([], None, [])
     assert set(doc["table"][0]) <= {
         "variant", "sizeBytes", "parameters", "perplexity", "tokensPerSecond", "klDivergence", "top1Agreement", "note",
-        "missing", "tasks", "recovery", "memoryBytes", "engine", "speed",
+        "missing", "tasks", "recovery", "memoryBytes", "engine", "batch", "batchTokensPerSecond",
     }  # the task keys of report.json: tests/jobs/test_tasks.py
 
 

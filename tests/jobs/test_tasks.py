@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kondense.api import EvaluateSpec, Gates, InputRef, QuantizeSpec, TaskSpec
+from kondense.api import EvaluateSpec, Gates, InputRef, TaskSpec
 from kondense.errors import InvalidInput, InvalidSpec
 from kondense.store import FileStore
 
@@ -44,24 +44,14 @@ def task_specs(folder: Path, **gates) -> list[TaskSpec]:
     ]
 
 
-def quantized(tmp_path_factory, make_run, run_stage, model, dataset, config: QuantizeSpec, name: str) -> InputRef:
-    tmp = tmp_path_factory.mktemp(name)
-    run, spec = make_run(tmp, "quantize", config, {"model": model}, dataset=dataset, stage=name)
-    code, _, output = run_stage("quantize", spec, tmp)
-    assert code == 0, output[-3000:]
-    return InputRef(uri=run.output, stage=name, input_digest=run.input_digest)
+@pytest.fixture(scope="module")
+def gguf_q8(teacher_quantized) -> InputRef:
+    return teacher_quantized("q8_0")
 
 
 @pytest.fixture(scope="module")
-def gguf_q8(tmp_path_factory, make_run, run_stage, tiny_teacher, tiny_dataset) -> InputRef:
-    if not HAS_LLAMA_CPP:
-        pytest.skip("llama-cpp-python or kondense_jobs.gguf not installed")
-    return quantized(tmp_path_factory, make_run, run_stage, tiny_teacher, tiny_dataset, QuantizeSpec(method="gguf", type="q8_0"), "gguf")
-
-
-@pytest.fixture(scope="module")
-def nf4(tmp_path_factory, make_run, run_stage, tiny_teacher, tiny_dataset) -> InputRef:
-    return quantized(tmp_path_factory, make_run, run_stage, tiny_teacher, tiny_dataset, QuantizeSpec(method="bnb-nf4"), "nf4")
+def nf4(teacher_quantized) -> InputRef:
+    return teacher_quantized("nf4")
 
 
 def direct_lm_eval(model_dir: Path, folder: Path, tmp: Path) -> dict[str, tuple[float, float]]:
