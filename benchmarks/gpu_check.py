@@ -150,7 +150,10 @@ def main() -> int:
     report = stage(root, "evaluate", EvaluateSpec(of=list(variants), baseline="base", seq_length=512), variants, dataset, "eval")["report"]
     for row in report.table:
         figures[f"{row.variant}_perplexity"] = row.perplexity
-        figures[f"{row.variant}_tokens_per_second"] = row.tokens_per_second
+        figures[f"{row.variant}_tokens_per_second"] = row.tokens_per_second  # decode at batch 1
+        figures[f"{row.variant}_batch{row.batch}_tokens_per_second"] = row.batch_tokens_per_second
+        figures[f"{row.variant}_peak_memory_GiB"] = (row.memory_bytes or 0) / 2**30
+        print(f"{row.variant}: timed by {row.engine}", flush=True)
     print(json.dumps({k: round(v, 3) for k, v in figures.items()}, indent=2))
     for f in failures:
         print(f"BELOW TARGET: {f}", file=sys.stderr)
