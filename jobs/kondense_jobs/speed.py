@@ -170,6 +170,29 @@ class Footprint:
 # --------------------------------------------------------------------------------------------
 
 
+def warm_up(quantizers: set[str] = frozenset()) -> None:
+    """Pay the process's one-time costs before any variant's footprint starts, so that none is
+    charged to the first variant measured: the quantization libraries the variants load with
+    (bitsandbytes, compressed_tensors: imported on their first load), and a first generation
+    (transformers' lazily imported modules, torch's thread pools and kernel caches), run on a
+    tiny Llama built here."""
+    import importlib
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    for name in quantizers:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    rows = np.arange(32, dtype=np.int64).reshape(2, 16)
+    hf(model.to("cuda") if torch.cuda.is_available() else model, rows, 4, [1, 2], Footprint("host"))
+    del model
+    _trim()
+
+
 def hf(model, prompt_rows: np.ndarray, new_tokens: int, batches: list[int], footprint: Footprint) -> Speed:
     """Time `model` (loaded; footprint.before_load() was called before it was) at each batch size."""
     import inspect

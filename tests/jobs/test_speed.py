@@ -71,3 +71,37 @@ def test_transformers_loop_is_greedy_generation_row_by_row_at_every_batch(tiny_t
     assert timed.generated[1].tolist() == expected[:1]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     assert weights <= timed.peak_memory_bytes < weights + 256 * MIB, (timed.peak_memory_bytes, weights)
+
+
+_TWICE = """
+import sys
+from transformers import AutoModelForCausalLM
+from kondense_jobs import speed
+if sys.argv[2] == "warm":
+    speed.warm_up()
+rows = speed.prompts(list(range(1000)), 32, 8)
+for _ in range(2):
+    footprint = speed.Footprint("host")
+    footprint.before_load()
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+    print(speed.hf(model, rows, 16, [1, 8], footprint).peak_memory_bytes)
+    del model
+"""
+
+
+@pytest.mark.slow
+def test_warm_up_charges_the_processs_one_time_costs_to_no_variant(tiny_teacher):
+    """The same model measured first and again in a fresh process: without warm_up() the first carries
+    the first generation's lazy imports and thread pools; with it, both peaks agree."""
+    import subprocess
+    import sys
+
+    def twice(mode: str) -> tuple[int, int]:
+        out = subprocess.run([sys.executable, "-c", _TWICE, str(tiny_teacher), mode], capture_output=True, text=True, check=True)
+        first, again = map(int, out.stdout.split()[-2:])
+        return first, again
+
+    cold_first, cold_again = twice("cold")
+    warm_first, warm_again = twice("warm")
+    assert cold_first - cold_again > 12 * MIB, (cold_first, cold_again)  # what warm_up removes
+    assert abs(warm_first - warm_again) < 6 * MIB, (warm_first, warm_again)
