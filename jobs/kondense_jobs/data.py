@@ -342,15 +342,6 @@ class RecordIndex:
             return fh.read(offset).count(b"\n") + 1
 
 
-def held_out(path: Path, ref: DatasetRef, count: int | None = None) -> list[dict]:
-    """The first `count` records of the eval split (all by default), read by offset: no other record is loaded."""
-    index = RecordIndex(path)
-    numbers = split_order(len(index), ref)[1][:count]
-    records = index.read(numbers)
-    check_records(records, ref, numbers)
-    return records
-
-
 class ListRows:
     """An (n, L) array's rows as lists of ints, each converted when read: for consumers that take
     lists (llama.cpp), without a copy of all windows."""

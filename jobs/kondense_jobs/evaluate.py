@@ -62,7 +62,6 @@ from kondense_jobs.runtime import Context
 log = logging.getLogger("kondense_jobs.evaluate")
 
 TOKENS_PER_BATCH = 4096  # perplexity batch: windows per forward = TOKENS_PER_BATCH // seqLength
-WARMUP_TOKENS = 4
 KL_TOP_K = 256  # baseline log-probabilities kept per position for the KL divergence, when not all fit
 KL_FULL_BYTES = 1 << 30  # the baseline's whole distributions are kept when they take at most this on disk
 

@@ -2,7 +2,7 @@
 
     quantize(model_dir, out_dir, "q4_k_m")        -> out_dir/model-q4_k_m.gguf
     perplexity(gguf_path, windows)                -> float (llama.cpp's logits, HF's convention)
-    tokens_per_second(gguf_path, prompt_ids, 64)  -> float (greedy generation)
+    window_logits(gguf_path, windows)             -> each window's logits (evaluate's KLD)
     find_gguf(folder)                             -> Path | None
 
 Where the converter comes from. The llama-cpp-python wheel carries llama.cpp's library but not
@@ -543,28 +543,6 @@ def window_logits(gguf_path: Path, windows: list[list[int]]):
             yield np.array(llm.scores[: len(w)], dtype=np.float32)
     finally:
         llm.close()
-
-
-def greedy(gguf_path: Path, prompt_ids: list[int], n_tokens: int) -> tuple[list[int], float]:
-    """Generate exactly n_tokens greedily after prompt_ids (EOS does not stop it): (ids, seconds).
-
-    The seconds cover prompt processing (which yields the first token) and the decode steps of the
-    others, as Hugging Face's generate() would be timed; model loading is not timed.
-    """
-    if n_tokens < 1 or not prompt_ids:
-        raise InvalidInput("greedy generation needs a non-empty prompt and n_tokens >= 1")
-    llm = _load(Path(gguf_path), len(prompt_ids) + n_tokens, logits_all=False)
-    try:
-        ids: list[int] = []
-        start = time.perf_counter()
-        for token in llm.generate(list(prompt_ids), top_k=1, temp=0.0, repeat_penalty=1.0):
-            ids.append(int(token))
-            if len(ids) >= n_tokens:
-                break
-        elapsed = time.perf_counter() - start
-    finally:
-        llm.close()
-    return ids, elapsed
 
 
 # -- subprocess entry points ----------------------------------------------------------------------

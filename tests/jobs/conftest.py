@@ -133,6 +133,28 @@ def _run_stage(kind: str, spec: Path, tmp_path: Path, env: dict[str, str] | None
     return proc.returncode, summary, proc.stdout + proc.stderr
 
 
+@pytest.fixture(scope="session")
+def argmax_steps():
+    """argmax_steps(model_dir, rows, n) -> each row's n next tokens by plain argmax steps, row by row and
+    without a cache: what any greedy generation of the model must give (generate() would mask EOS)."""
+
+    def steps(model_dir: Path, rows, n: int) -> list[list[int]]:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        out = []
+        with torch.no_grad():
+            for row in rows:
+                ids = [int(t) for t in row]
+                for _ in range(n):
+                    ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+                out.append(ids[len(row):])
+        return out
+
+    return steps
+
+
 TEACHER_QUANTIZED = {"nf4": {"method": "bnb-nf4"}, "q8_0": {"method": "gguf", "type": "q8_0"}, "f32": {"method": "gguf", "type": "f32"}}
 
 

@@ -145,8 +145,11 @@ def test_method_quantizes_the_family_or_refuses_before_loading(tmp_path, make_ru
         assert gguf_pretokenizer(path) == PRETOKENIZER[family]
         # llama.cpp pre-tokenizes as the Hugging Face tokenizer does: digits, contractions, spaces, newlines
         assert llama_cpp_tokens(path, TEXT) == tokenizer(TEXT, add_special_tokens=False)["input_ids"]
-        ids, _ = gguf.greedy(path, prompt, 4)
-        assert len(ids) == 4
+        import numpy as np
+
+        from kondense_jobs import speed
+
+        assert speed.llama_cpp(path, np.array([prompt]), 4, [1]).generated[1].shape == (1, 4)
         return
 
     import torch

@@ -295,10 +295,11 @@ def _rel(a: float, b: float) -> float:
 @needs_llama_cpp
 @pytest.mark.slow
 def test_f32_matches_hf_and_generates_the_same_tokens(
-    tiny_teacher, teacher_gguf, teacher_windows, teacher_hf_ppl
+    tiny_teacher, teacher_gguf, teacher_windows, teacher_hf_ppl, argmax_steps
 ):
-    import torch
-    from transformers import AutoModelForCausalLM
+    import numpy as np
+
+    from kondense_jobs import speed
 
     path = teacher_gguf("f32")
     assert path.name == "model-f32.gguf"
@@ -308,26 +309,21 @@ def test_f32_matches_hf_and_generates_the_same_tokens(
     ppl = gguf.perplexity(path, teacher_windows)
     assert _rel(ppl, teacher_hf_ppl) < BOUNDS["f32"], (ppl, teacher_hf_ppl)
 
-    prompt = teacher_windows[0][:16]
-    ids, seconds = gguf.greedy(path, prompt, 16)
-    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
-    expected = list(prompt)
-    with torch.no_grad():  # plain argmax steps: generate() would mask EOS under min_new_tokens
-        for _ in range(16):
-            expected.append(int(model(input_ids=torch.tensor([expected])).logits[0, -1].argmax()))
-    assert ids == expected[16:]
-    assert seconds > 0
+    prompt = np.array([teacher_windows[0][:16]])
+    timed = speed.llama_cpp(path, prompt, 16, [1])
+    assert timed.generated[1].tolist() == argmax_steps(tiny_teacher, prompt, 16)
+    assert timed.timings[0].decode_tokens_per_second > 0
 
 
 @needs_llama_cpp
 @pytest.mark.slow
-def test_speed_batches_sequences_in_llama_cpp_and_generates_what_transformers_does(teacher_gguf, teacher_windows, tiny_teacher):
+def test_speed_batches_sequences_in_llama_cpp_and_generates_what_transformers_does(
+    teacher_gguf, teacher_windows, tiny_teacher, argmax_steps
+):
     """kondense_jobs.speed times GGUF files with llama.cpp's batch API (one sequence per row): the
     rows of a batch generate, each, what transformers generates for that row alone; and the peak
     memory holds the memory-mapped weights, which generating touches."""
     import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM
 
     from kondense_jobs import speed
 
@@ -336,14 +332,7 @@ def test_speed_batches_sequences_in_llama_cpp_and_generates_what_transformers_do
     timed = speed.llama_cpp(path, rows, 8, [1, 4])
     assert timed.engine == "llama.cpp (cpu)" and [t.batch for t in timed.timings] == [1, 4]
     assert all(t.prefill_tokens_per_second > 0 and t.decode_tokens_per_second > 0 for t in timed.timings)
-    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32).eval()
-    expected = []
-    with torch.no_grad():
-        for row in rows:
-            ids = row.tolist()
-            for _ in range(8):
-                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-            expected.append(ids[16:])
+    expected = argmax_steps(tiny_teacher, rows, 8)
     assert timed.generated[4].tolist() == expected
     assert timed.generated[1].tolist() == expected[:1]
     assert path.stat().st_size <= timed.peak_memory_bytes < path.stat().st_size + (256 << 20)

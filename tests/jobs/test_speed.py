@@ -46,7 +46,7 @@ def test_host_peak_counts_what_is_held_and_made_while_generating_not_while_loadi
 
 
 @pytest.mark.slow
-def test_transformers_loop_is_greedy_generation_row_by_row_at_every_batch(tiny_teacher):
+def test_transformers_loop_is_greedy_generation_row_by_row_at_every_batch(tiny_teacher, argmax_steps):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -60,13 +60,7 @@ def test_transformers_loop_is_greedy_generation_row_by_row_at_every_batch(tiny_t
     assert timed.engine == "transformers (cpu)"
     assert [t.batch for t in timed.timings] == [1, 4]
     assert all(t.prefill_tokens_per_second > 0 and t.decode_tokens_per_second > 0 for t in timed.timings)
-    expected = []
-    with torch.inference_mode():  # each row alone, no cache: plain argmax steps
-        for row in rows:
-            ids = row.tolist()
-            for _ in range(6):
-                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
-            expected.append(ids[24:])
+    expected = argmax_steps(tiny_teacher, rows, 6)
     assert timed.generated[4].tolist() == expected
     assert timed.generated[1].tolist() == expected[:1]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
