@@ -30,7 +30,8 @@ def _run_pipeline(pipeline, args) -> int:
         return 130
     elapsed = time.monotonic() - started
     ran = ", ".join(runner.executed) or "none (all up to date)"
-    print(f"\nStages run: {ran} in {elapsed:.1f}s. Status: {runner.state_dir / 'status.json'}")
+    forked = f", {len(runner.forked)} forked from a preloaded interpreter" if runner.forked else ""
+    print(f"\nStages run: {ran} in {elapsed:.1f}s{forked}. Status: {runner.state_dir / 'status.json'}")
     print(format_durations(runner))
     if status.report:
         print("\n" + format_table(status.report))

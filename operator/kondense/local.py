@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from kondense import events
+from kondense import events, preload
 from kondense.api import CompressionPipeline, PipelineStatus, Report, StageStatus, Summary
 from kondense.errors import HINTS, InvalidSpec, Reason, outcome_for_exit
-from kondense.launch import stage_command
+from kondense.launch import distributed, stage_command
 from kondense.plan import StagePlan, decide, missing_reasons, resolve, settle, stage_run
 from kondense.status import now_rfc3339, summarize
 from kondense.store import Store, open_store
@@ -30,7 +30,7 @@ from kondense.store import Store, open_store
 @dataclass
 class Proc:
     plan: StagePlan
-    popen: subprocess.Popen
+    popen: subprocess.Popen | preload.Forked
     termination: Path
     log: TextIO
     reader: threading.Thread
@@ -119,6 +119,8 @@ class LocalRunner:
         self.display = Display(out)
         self.executed: list[str] = []
         self.seconds: dict[str, float] = {}  # wall time of each stage run here, all attempts
+        self.zygote: preload.Zygote | None = None  # the preloaded interpreter stages fork from (kondense.preload)
+        self.forked: list[str] = []  # the stages that started as its children
 
     # -- store facts -----------------------------------------------------------------------
     def _store(self) -> Store:
@@ -177,15 +179,11 @@ class LocalRunner:
         if self.cache_dir:
             stage_args += ["--cache-dir", str(self.cache_dir)]
         cmd = stage_command(plan.kind, stage_args, plan.resources, python=sys.executable)
-        popen = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **self.env},
+        began = time.monotonic()  # the stage's time includes waiting for the preloaded interpreter
+        popen = self._fork(plan, cmd) or subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=self._env()
         )
-        proc = Proc(plan, popen, termination, log, threading.Thread(daemon=True))
+        proc = Proc(plan, popen, termination, log, threading.Thread(daemon=True), began=began)
         proc.reader = threading.Thread(target=self._read, args=(proc,), daemon=True)
         proc.reader.start()
         s = self.stages[plan.name]
@@ -194,6 +192,28 @@ class LocalRunner:
         s.started_at, s.finished_at = now_rfc3339(), None
         self.executed.append(plan.name)
         return proc
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **self.env}
+
+    @staticmethod
+    def _preloadable(plan: StagePlan) -> bool:
+        return plan.resources.gpus == 0 and not distributed(plan.kind, plan.resources)
+
+    def _fork(self, plan: StagePlan, cmd: list[str]) -> preload.Forked | None:
+        """The stage as a child of the preloaded interpreter (kondense.preload), started with the
+        first stage that can use it; None where it cannot (a plain process is started instead)."""
+        target = preload.module_of(cmd)
+        env = self._env()
+        if target is None or not self._preloadable(plan) or not preload.wanted(env):
+            return None
+        if self.zygote is None:
+            with open(self.state_dir / "logs" / "zygote.log", "a") as log:  # the zygote keeps its own copy
+                self.zygote = preload.Zygote(sys.executable, env, log)
+        child = self.zygote.spawn(*target)
+        if child is not None:
+            self.forked.append(plan.name)
+        return child
 
     def _read(self, proc: Proc) -> None:
         assert proc.popen.stdout is not None
@@ -294,6 +314,10 @@ class LocalRunner:
         except KeyboardInterrupt:
             self._interrupt(procs)
             raise
+        finally:
+            if self.zygote is not None:
+                self.zygote.close()
+                self.zygote = None
         return self.write_status()
 
     def _interrupt(self, procs: dict[str, Proc]) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kondense import preload
 from kondense.store import FileStore, S3Store, to_uri
 
 pytestmark = pytest.mark.slow
@@ -41,6 +42,8 @@ def demo_run(tmp_path_factory):
 def test_demo_runs_every_stage_and_prints_the_table(demo_run):
     work, r, elapsed = demo_run
     assert "Stages run: distill, ce-only, nf4, gptq, gguf, eval" in r.stdout
+    # On a machine without a GPU every stage forks from the preloaded interpreter (kondense.preload).
+    assert ("6 forked from a preloaded interpreter" in r.stdout) == (not preload.gpu_devices()), r.stdout
     # Each stage's wall time, as the operator's kondense_stage_duration_seconds counts it.
     took = dict(re.findall(r"^  (\S+)\s+\S+/\S+\s+Succeeded\s+([0-9.]+)s$", r.stdout, re.M))
     assert set(took) == {"distill", "ce-only", "nf4", "gptq", "gguf", "eval"}, r.stdout
