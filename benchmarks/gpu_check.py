@@ -16,13 +16,15 @@ Uses the real stages in-process on models built on the spot (no hub):
   1. bf16 logit-KD throughput: the distill stage (precision auto -> bf16 on CUDA) vs the same
      steps in fp32; tokens/s of each and the ratio
   2. bitsandbytes NF4 and int8 on CUDA: quantize, reload with device_map="auto", generate
-  3. GPTQ W4A16 through llm-compressor on CUDA: quantize, reload, perplexity vs bf16
+  3. GPTQ W4A16 through llm-compressor on CUDA: quantize, reload, perplexity vs bf16; its speed
+     timed in vLLM when vLLM is installed (exits 1 if another engine timed it)
 Run: python benchmarks/gpu_check.py [--hidden 1024 --layers 8]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
@@ -154,6 +156,9 @@ def main() -> int:
         figures[f"{row.variant}_batch{row.batch}_tokens_per_second"] = row.batch_tokens_per_second
         figures[f"{row.variant}_peak_memory_GiB"] = (row.memory_bytes or 0) / 2**30
         print(f"{row.variant}: timed by {row.engine}", flush=True)
+    gptq_engine = next(r.engine for r in report.table if r.variant == "gptq")
+    if importlib.util.find_spec("vllm") is not None and gptq_engine != "vllm (cuda)":
+        failures.append(f"gptq: vLLM is installed, yet {gptq_engine} timed the compressed-tensors variant")
     print(json.dumps({k: round(v, 3) for k, v in figures.items()}, indent=2))
     for f in failures:
         print(f"BELOW TARGET: {f}", file=sys.stderr)

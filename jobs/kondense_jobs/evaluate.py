@@ -307,6 +307,10 @@ def measure_hf(
     import torch
     from transformers import AutoModelForCausalLM
 
+    timed = None
+    if why := speed.vllm_applies(variant.path):  # before torch loads it: the GPU is vLLM's meanwhile
+        log.info("Timing %s in vLLM: %s", variant.name, why)
+        timed = speed.vllm(variant.path, prompts.rows, prompts.new_tokens, prompts.batches)
     footprint = speed.Footprint("torch-cuda" if torch.cuda.is_available() else "host")
     footprint.before_load()
     model = AutoModelForCausalLM.from_pretrained(variant.path, dtype="auto", device_map=device_map())
@@ -314,7 +318,7 @@ def measure_hf(
     try:
         # Speed first: the peak is then the model's alone, before the baseline's distributions (memory-mapped,
         # resident once written) exist; later variants have them in the footprint's starting point.
-        timed = speed.hf(model, prompts.rows, prompts.new_tokens, prompts.batches, footprint)
+        timed = timed or speed.hf(model, prompts.rows, prompts.new_tokens, prompts.batches, footprint)
         scores = Scores(reference, variant.name)
         scores.add_all(hf_logits(model, windows), windows)
         task_scores = []

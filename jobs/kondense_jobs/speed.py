@@ -25,14 +25,23 @@ kind of number for every engine, and the file size is a column of its own:
     llama.cpp on CUDA   the device memory in use (cudaMemGetInfo) while its context is alive:
                         llama.cpp allocates its weights, KV cache and compute buffers up front
 
-On a GPU, GGUF variants run with every layer offloaded (when the llama.cpp build can offload);
-each row of the report names the engine that timed it.
+On a GPU, GGUF variants run with every layer offloaded (when the llama.cpp build can offload),
+and compressed-tensors variants (GPTQ, what vLLM serves them from) are timed in vLLM when it is
+installed: its `generate` runs prefill and decode in one call, so the prefill is timed as a
+generation of one token and the decode as the rest of a generation of new_tokens (prefix caching
+off, so that the second call computes the prompt again). vLLM takes its KV cache up front; it is
+given exactly what the larger batch needs (kv_cache_memory_bytes, `vllm_kv_bytes`), so that its
+device memory in use (weights, that cache, CUDA graphs and buffers) compares with the others'
+peaks. Each row of the report names the engine that timed it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
+import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -353,3 +362,81 @@ def _generate(lib, ctx, rows: np.ndarray, n: int, n_vocab: int) -> tuple[float, 
     finally:
         lib.llama_batch_free(batch)
     return prefilled - start, done - prefilled, np.array(generated, dtype=np.int64).T
+
+
+# --------------------------------------------------------------------------------------------
+# vLLM
+# --------------------------------------------------------------------------------------------
+
+VLLM_BLOCK = 16  # tokens per KV-cache block (vLLM's default block size)
+
+
+def vllm_applies(model_dir: Path) -> str | None:
+    """Why vLLM times this variant, or None: a compressed-tensors checkpoint, vLLM installed, a GPU."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method != "compressed-tensors" or importlib.util.find_spec("vllm") is None or not _cuda():
+        return None
+    return "a compressed-tensors checkpoint, served by vLLM"
+
+
+def vllm_kv_bytes(config: dict, rows: int, tokens: int) -> int:
+    """The KV cache `rows` sequences of `tokens` tokens take in vLLM: keys and values of every layer,
+    in whole blocks per sequence, in the checkpoint's dtype (what dtype="auto" runs in)."""
+    cfg = config.get("text_config", config)
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or config.get("torch_dtype") or "bfloat16")
+    width = 4 if dtype in ("float32", "float") else 2
+    per_token = 2 * int(cfg["num_hidden_layers"]) * kv_heads * head_dim * width
+    return rows * math.ceil(tokens / VLLM_BLOCK) * VLLM_BLOCK * per_token
+
+
+def vllm(model_dir: Path, prompt_rows: np.ndarray, new_tokens: int, batches: list[int]) -> Speed:
+    """Time a checkpoint in vLLM at each batch size (see the module's docstring)."""
+    import gc
+
+    import torch
+
+    engine = importlib.import_module("vllm")
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    length = prompt_rows.shape[1] + new_tokens
+    footprint = Footprint("device")
+    footprint.before_load()
+    llm = engine.LLM(
+        model=str(model_dir), dtype="auto", seed=0, max_model_len=length, max_num_seqs=max(batches),
+        enable_prefix_caching=False, kv_cache_memory_bytes=vllm_kv_bytes(config, max(batches), length),
+    )
+    try:
+        footprint.sample()
+
+        def generate(prompts: list[dict], n: int) -> list:
+            params = engine.SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+            return llm.generate(prompts, params, use_tqdm=False)
+
+        def run(rows: np.ndarray, n: int) -> tuple[float, float, np.ndarray]:
+            prompts = [{"prompt_token_ids": [int(t) for t in row]} for row in rows]
+            start = time.perf_counter()
+            generate(prompts, 1)
+            prefill = time.perf_counter() - start
+            start = time.perf_counter()
+            outputs = generate(prompts, n)
+            whole = time.perf_counter() - start
+            ids = np.array([list(o.outputs[0].token_ids) for o in outputs], dtype=np.int64)
+            return prefill, max(whole - prefill, 1e-9), ids
+
+        timed = Speed("vllm (cuda)", [], None)
+        for b in batches:
+            _timed(timed, run, prompt_rows, b, new_tokens)
+            footprint.sample()
+        timed.peak_memory_bytes = footprint.peak()
+        timed.memory_note = "vLLM's device memory in use: weights, a KV cache sized for the larger batch, CUDA graphs"
+    finally:
+        del llm  # its engine process ends with it, and the device memory goes back
+        gc.collect()
+        torch.cuda.empty_cache()
+    return timed

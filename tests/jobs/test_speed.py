@@ -7,6 +7,8 @@ next to the converted teacher it uses.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 from kondense.errors import InvalidInput
@@ -99,3 +101,44 @@ def test_warm_up_charges_the_processs_one_time_costs_to_no_variant(tiny_teacher)
     warm_first, warm_again = twice("warm")
     assert cold_first - cold_again > 12 * MIB, (cold_first, cold_again)  # what warm_up removes
     assert abs(warm_first - warm_again) < 6 * MIB, (warm_first, warm_again)
+
+
+def test_vllm_gets_a_kv_cache_of_whole_blocks_for_the_larger_batch():
+    llama = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 128, "dtype": "bfloat16"}
+    per_token = 2 * 2 * 2 * 32 * 2  # keys and values x layers x kv heads x head_dim x bf16
+    assert speed.vllm_kv_bytes(llama, rows=8, tokens=96) == 8 * 96 * per_token  # 6 whole blocks per sequence
+    assert speed.vllm_kv_bytes(llama, rows=8, tokens=97) == 8 * 112 * per_token  # a 7th block for the 97th token
+    assert speed.vllm_kv_bytes({**llama, "dtype": "float32"}, rows=1, tokens=16) == 16 * per_token * 2
+    assert speed.vllm_kv_bytes({**llama, "head_dim": 64}, rows=1, tokens=16) == 16 * per_token * 2
+
+
+@pytest.mark.parametrize(
+    "method, vllm, cuda, applies",
+    [("compressed-tensors", True, True, True), ("bitsandbytes", True, True, False),
+     ("compressed-tensors", False, True, False), ("compressed-tensors", True, False, False), (None, True, True, False)],
+)
+def test_vllm_times_compressed_tensors_variants_where_it_is_installed_on_a_gpu(tmp_path, monkeypatch, method, vllm, cuda, applies):
+    import json
+
+    config = {"model_type": "llama"} | ({"quantization_config": {"quant_method": method}} if method else {})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (object() if vllm else None) if name == "vllm" else found(name, *a))
+    monkeypatch.setattr(speed, "_cuda", lambda: cuda)
+    assert bool(speed.vllm_applies(tmp_path)) is applies
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (kondense[vllm], GPU nodes)")
+def test_vllm_loop_generates_what_transformers_does(tiny_teacher, argmax_steps):
+    """On a GPU with vLLM installed only (never in CI): the tiny teacher timed in vLLM."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("vLLM runs on a GPU")
+    rows = np.arange(3, 3 + 4 * 24, dtype=np.int64).reshape(4, 24) % 500
+    timed = speed.vllm(tiny_teacher, rows, 6, [1, 4])
+    assert timed.engine == "vllm (cuda)" and timed.peak_memory_bytes > 0
+    assert [t.batch for t in timed.timings] == [1, 4] and all(t.decode_tokens_per_second > 0 for t in timed.timings)
+    expected = argmax_steps(tiny_teacher, rows, 6)
+    agree = np.mean(timed.generated[4] == np.array(expected))  # fp32 in both; kernels may break near-ties
+    assert agree >= 0.9, (timed.generated[4], expected)
