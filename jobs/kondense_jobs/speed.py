@@ -413,30 +413,34 @@ def vllm(model_dir: Path, prompt_rows: np.ndarray, new_tokens: int, batches: lis
     )
     try:
         footprint.sample()
-
-        def generate(prompts: list[dict], n: int) -> list:
-            params = engine.SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-            return llm.generate(prompts, params, use_tqdm=False)
-
-        def run(rows: np.ndarray, n: int) -> tuple[float, float, np.ndarray]:
-            prompts = [{"prompt_token_ids": [int(t) for t in row]} for row in rows]
-            start = time.perf_counter()
-            generate(prompts, 1)
-            prefill = time.perf_counter() - start
-            start = time.perf_counter()
-            outputs = generate(prompts, n)
-            whole = time.perf_counter() - start
-            ids = np.array([list(o.outputs[0].token_ids) for o in outputs], dtype=np.int64)
-            return prefill, max(whole - prefill, 1e-9), ids
-
-        timed = Speed("vllm (cuda)", [], None)
-        for b in batches:
-            _timed(timed, run, prompt_rows, b, new_tokens)
-            footprint.sample()
-        timed.peak_memory_bytes = footprint.peak()
-        timed.memory_note = "vLLM's device memory in use: weights, a KV cache sized for the larger batch, CUDA graphs"
+        timed = _vllm_timed(engine, llm, prompt_rows, new_tokens, batches, footprint)
     finally:
         del llm  # its engine process ends with it, and the device memory goes back
         gc.collect()
         torch.cuda.empty_cache()
+    return timed
+
+
+def _vllm_timed(engine, llm, prompt_rows: np.ndarray, new_tokens: int, batches: list[int], footprint: Footprint) -> Speed:
+    def generate(prompts: list[dict], n: int) -> list:
+        params = engine.SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        return llm.generate(prompts, params, use_tqdm=False)
+
+    def run(rows: np.ndarray, n: int) -> tuple[float, float, np.ndarray]:
+        prompts = [{"prompt_token_ids": [int(t) for t in row]} for row in rows]
+        start = time.perf_counter()
+        generate(prompts, 1)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        outputs = generate(prompts, n)
+        whole = time.perf_counter() - start
+        ids = np.array([list(o.outputs[0].token_ids) for o in outputs], dtype=np.int64)
+        return prefill, max(whole - prefill, 1e-9), ids
+
+    timed = Speed("vllm (cuda)", [], None)
+    for b in batches:
+        _timed(timed, run, prompt_rows, b, new_tokens)
+        footprint.sample()
+    timed.peak_memory_bytes = footprint.peak()
+    timed.memory_note = "vLLM's device memory in use: weights, a KV cache sized for the larger batch, CUDA graphs"
     return timed
