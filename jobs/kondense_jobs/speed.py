@@ -386,13 +386,11 @@ def vllm_applies(model_dir: Path) -> str | None:
 def vllm_kv_bytes(config: dict, rows: int, tokens: int) -> int:
     """The KV cache `rows` sequences of `tokens` tokens take in vLLM: keys and values of every layer,
     in whole blocks per sequence, in the checkpoint's dtype (what dtype="auto" runs in)."""
-    cfg = config.get("text_config", config)
-    heads = int(cfg["num_attention_heads"])
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
-    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or config.get("torch_dtype") or "bfloat16")
-    width = 4 if dtype in ("float32", "float") else 2
-    per_token = 2 * int(cfg["num_hidden_layers"]) * kv_heads * head_dim * width
+    from kondense.memory import DTYPE_BYTES, Shape
+
+    shape = Shape.from_config(config)
+    head_dim = int(config.get("text_config", config).get("head_dim") or shape.hidden // shape.heads)
+    per_token = 2 * shape.layers * shape.kv_heads * head_dim * int(DTYPE_BYTES[shape.dtype or "bf16"])
     return rows * math.ceil(tokens / VLLM_BLOCK) * VLLM_BLOCK * per_token
 
 

@@ -21,7 +21,7 @@ from typing import TextIO
 from kondense import events, preload
 from kondense.api import CompressionPipeline, PipelineStatus, Report, StageStatus, Summary
 from kondense.errors import HINTS, InvalidSpec, Reason, outcome_for_exit
-from kondense.launch import distributed, stage_command
+from kondense.launch import stage_command
 from kondense.plan import StagePlan, decide, missing_reasons, resolve, settle, stage_run
 from kondense.status import now_rfc3339, summarize
 from kondense.store import Store, open_store
@@ -196,16 +196,13 @@ class LocalRunner:
     def _env(self) -> dict[str, str]:
         return {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **self.env}
 
-    @staticmethod
-    def _preloadable(plan: StagePlan) -> bool:
-        return plan.resources.gpus == 0 and not distributed(plan.kind, plan.resources)
-
     def _fork(self, plan: StagePlan, cmd: list[str]) -> preload.Forked | None:
         """The stage as a child of the preloaded interpreter (kondense.preload), started with the
-        first stage that can use it; None where it cannot (a plain process is started instead)."""
+        first stage that can use it; None where it cannot (a plain process is started instead): a
+        stage with GPUs, or one under the launcher (module_of answers None for its command)."""
         target = preload.module_of(cmd)
         env = self._env()
-        if target is None or not self._preloadable(plan) or not preload.wanted(env):
+        if target is None or plan.resources.gpus > 0 or not preload.wanted(env):
             return None
         if self.zygote is None:
             with open(self.state_dir / "logs" / "zygote.log", "a") as log:  # the zygote keeps its own copy

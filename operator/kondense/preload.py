@@ -45,7 +45,7 @@ def wanted(env: dict[str, str] | None = None) -> bool:
 
 class Forked:
     """A child of the zygote, as far as the runner uses a subprocess.Popen: pid, stdout, poll(),
-    wait(), send_signal(), kill()."""
+    wait(), kill() (and send_signal())."""
 
     def __init__(self, zygote: Zygote, rid: int, stdout: IO[str]):
         self.zygote, self.rid, self.stdout = zygote, rid, stdout
@@ -73,9 +73,6 @@ class Forked:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
 
     def _ended(self, code: int) -> None:
         self.returncode = code

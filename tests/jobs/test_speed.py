@@ -104,7 +104,8 @@ def test_warm_up_charges_the_processs_one_time_costs_to_no_variant(tiny_teacher)
 
 
 def test_vllm_gets_a_kv_cache_of_whole_blocks_for_the_larger_batch():
-    llama = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 128, "dtype": "bfloat16"}
+    llama = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 128, "vocab_size": 512,
+             "dtype": "bfloat16"}
     per_token = 2 * 2 * 2 * 32 * 2  # keys and values x layers x kv heads x head_dim x bf16
     assert speed.vllm_kv_bytes(llama, rows=8, tokens=96) == 8 * 96 * per_token  # 6 whole blocks per sequence
     assert speed.vllm_kv_bytes(llama, rows=8, tokens=97) == 8 * 112 * per_token  # a 7th block for the 97th token
