@@ -558,12 +558,13 @@ def _replace_into(src: Path, dst: Path) -> dict:
     files = hash_folder(src)
     dst.mkdir(parents=True, exist_ok=True)
     for rel in files:
-        tmp = dst / f".tmp-{os.getpid()}-{rel}"
+        tmp = dst / f".tmp-{src.name}-{rel}"  # src is this builder's own mkdtemp folder: no two writers share a name
         try:
             os.link(src / rel, tmp)
         except OSError:
             shutil.copyfile(src / rel, tmp)
         os.replace(tmp, dst / rel)
+        tmp.unlink(missing_ok=True)  # rename(2) is a no-op when both names link one inode: a republish of the same files
     return files
 
 

@@ -153,9 +153,16 @@ def run_module(module: str, args: list[str]) -> int:
     except BaseException:  # noqa: BLE001 - reported as the interpreter would, then exit 1
         traceback.print_exc()
         code = 1
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    try:
+        for thread in threading.enumerate():
+            if thread is threading.main_thread() or thread.daemon:
+                continue
+            try:
+                thread.join()
+            except RuntimeError:  # a Ctrl-C interrupted its start(): it never ran, nothing to wait for
+                pass
+    except KeyboardInterrupt:  # a second Ctrl-C stops the wait, as it stops python's
+        code = 130
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -172,6 +172,34 @@ def test_a_partial_artifact_is_never_read_and_is_rebuilt(make_run, tmp_path, tin
     assert (folder / MANIFEST).is_file()
 
 
+def test_publishes_into_one_folder_from_two_builders_at_once_never_collide(tmp_path):
+    """file:// publish (data._replace_into) from two builders at a time, and again with the same
+    files: every call lands, nothing temporary is left behind."""
+    dst, errors = tmp_path / "published", []
+    barrier = threading.Barrier(2)
+
+    def publish(builder: int) -> None:
+        barrier.wait()
+        for i in range(60):
+            src = tmp_path / f"tokens.partial-{builder}-{i}"  # each build has its own folder, as mkdtemp gives
+            src.mkdir()
+            for name in ("train.bin", "eval.bin"):
+                (src / name).write_bytes(bytes([builder, i]) * 512)
+            try:
+                data._replace_into(src, dst)
+                data._replace_into(src, dst)  # the same files again: dst already links them
+            except OSError as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=publish, args=(b,)) for b in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(p.name for p in dst.iterdir()) == ["eval.bin", "train.bin"]
+
+
 def test_concurrent_builders_both_end_up_correct(make_run, tmp_path, tiny_dataset, tiny_tokenizer_dir, list_path):
     from transformers import AutoTokenizer
 

@@ -25,6 +25,10 @@ atexit.register(lambda: print("atexit", flush=True))
 def later():
     time.sleep(0.3)
     print("thread", flush=True)
+if sys.argv[1] == "ctrl-c-in-start":  # Ctrl-C landing inside Thread.start(), as it can: the thread stays unstarted
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    threading._start_new_thread = interrupted
 threading.Thread(target=later).start()  # not a daemon: the interpreter waits for it before atexit
 if sys.argv[1] == "sleep":
     time.sleep(60)
@@ -80,6 +84,11 @@ def test_ctrl_c_reaches_the_child_and_a_kill_is_reported_as_the_signal(zygote):
     child.send_signal(signal.SIGINT)  # the zygote ignores SIGINT; the child raises KeyboardInterrupt
     assert child.wait(30) == 130
     assert "KeyboardInterrupt" in child.stdout.read()
+
+    # a Ctrl-C that lands while the stage starts a thread: still 130, and atexit still runs
+    child = zygote.spawn("kondense_probe", ["ctrl-c-in-start"])
+    assert child.wait(30) == 130
+    assert child.stdout.read().splitlines()[-1] == "atexit"
 
     child = zygote.spawn("kondense_probe", ["sleep"])
     child.stdout.readline()
