@@ -17,12 +17,17 @@ micro-batch, h hidden size, i MLP width, V vocabulary):
   gate, up and product), in the compute dtype; SDPA/flash attention keeps no s x s matrix. With
   activation checkpointing each layer keeps only its input (h values), plus one layer's full set
   while it is recomputed.
-- logits: the student's logits in the compute dtype and three fp32 tensors of the same shape
-  (the upcast, its log-softmax and its gradient); the teacher's logits and two fp32 copies.
+- logits: with the logits method's own loss (kondense_jobs.distill.losses.kd_loss, which computes
+  the gradient with the loss a block of positions at a time), the student's logits and their
+  gradient in the compute dtype, the teacher's logits, and six fp32 temporaries of one block
+  (`KD_BLOCK_ELEMENTS`). With a library's autograd loss (TRL's SFT and GKD, the stored top-k),
+  the student's logits and three fp32 tensors of the same shape (the upcast, its log-softmax and
+  its gradient), the teacher's logits and two fp32 copies.
 - teacher: its weights by load mode (replicated, sharded over W plus two gathered layers,
   int8 1 byte per linear weight, nf4 about 0.56), embeddings kept in 16 bits.
-- runtime: a fixed 1 GiB per GPU worker (CUDA context, NCCL buffers), 0.25 GiB per CPU worker
-  (measured by benchmarks/memory_estimate.py: allocator arenas, thread pools), and 10% for allocator
+- runtime: a fixed 1 GiB per GPU worker (CUDA context, NCCL buffers), 0.05 GiB per CPU worker
+  (fitted by benchmarks/memory_estimate.py: allocator arenas, thread pools; it was 0.25 while the
+  loss's fp32 copies were under-counted and it made up for them), and 10% for allocator
   fragmentation.
 """
 
@@ -35,12 +40,14 @@ from typing import Any
 from kondense.api import DistillSpec, EvaluateSpec, QuantizeSpec, Resources, TeacherLogitsSpec
 
 GIB = 1024**3
-RUNTIME_GIB = {"gpu": 1.0, "cpu": 0.25}  # per worker: CUDA context, NCCL and cuBLAS workspaces; malloc arenas, OpenMP
+RUNTIME_GIB = {"gpu": 1.0, "cpu": 0.05}  # per worker: CUDA context, NCCL and cuBLAS workspaces; malloc arenas, OpenMP
 FRAGMENTATION = 1.10
 DTYPE_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "int8": 1.0, "nf4": 0.5625}
 DDP_BUCKET_BYTES = 4.0  # DDP's fp32 gradient buckets
 GATHERED_LAYERS = 2  # fsdp: the layer computing and the one prefetched
 CONFIG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+KD_BLOCK_ELEMENTS = {"cpu": 1 << 20, "gpu": 1 << 24}  # kd_loss's block, rows x vocabulary: CPU caches; few GPU launches
+KD_BLOCK_TEMPORARIES = 6  # fp32 tensors of one block alive at once in kd_loss
 PLAIN_MLP = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi"}  # two MLP matrices, not three
 
 
@@ -218,12 +225,22 @@ def activation_bytes(shape: Shape, batch: int, seq: int, dtype: str, checkpointi
     return shape.layers * per_layer
 
 
-def logits_bytes(student: Shape, teacher: Shape | None, batch: int, seq: int, dtype: str) -> float:
-    n = batch * seq * student.vocab
-    out = n * (DTYPE_BYTES[dtype] + 3 * 4)
-    if teacher is not None:
-        out += batch * seq * teacher.vocab * (DTYPE_BYTES[dtype] + 2 * 4)
-    return out
+def fused_loss(spec: DistillSpec) -> bool:
+    """Whether the stage trains on kd_loss (the logits method with an online teacher or none),
+    whose logits' gradient is computed blockwise, rather than on a library's autograd loss."""
+    return spec.method == "logits" and spec.teacher_logits is None
+
+
+def logits_bytes(
+    student: Shape, teacher: Shape | None, batch: int, seq: int, dtype: str, fused: bool, device: str
+) -> float:
+    n = batch * seq
+    b = DTYPE_BYTES[dtype]
+    if fused:
+        out = n * student.vocab * 2 * b + KD_BLOCK_TEMPORARIES * 4 * KD_BLOCK_ELEMENTS[device]
+        return out + (n * teacher.vocab * b if teacher is not None else 0.0)
+    out = n * student.vocab * (b + 3 * 4)
+    return out + (n * teacher.vocab * (b + 2 * 4) if teacher is not None else 0.0)
 
 
 def training(
@@ -234,8 +251,9 @@ def training(
     dtype: str,
     resources: Resources,
     host_bytes: float | None = None,
+    fused: bool = True,
 ) -> Estimate:
-    """One training worker of a distill stage."""
+    """One training worker of a distill stage; `fused`: its loss is kd_loss (see `fused_loss`)."""
     world = resources.world_size
     p = student.total_parameters
     if choice.strategy == "fsdp":
@@ -252,9 +270,11 @@ def training(
             "optimizer": 8 * p,
         }
     parts["activations"] = activation_bytes(student, choice.batch_size, seq, dtype, choice.checkpointing)
-    parts["logits"] = logits_bytes(student, teacher if choice.teacher_load != "none" else None, choice.batch_size, seq, dtype)
+    device = "gpu" if resources.gpus else "cpu"
+    held = teacher if choice.teacher_load != "none" else None
+    parts["logits"] = logits_bytes(student, held, choice.batch_size, seq, dtype, fused, device)
     parts["teacher"] = teacher_bytes(teacher, choice.teacher_load, dtype, world) if teacher else 0.0
-    parts["runtime"] = RUNTIME_GIB["gpu" if resources.gpus else "cpu"] * GIB
+    parts["runtime"] = RUNTIME_GIB[device] * GIB
     cap, what = capacity(resources, host_bytes)
     return Estimate(parts, cap, what, choice, resources.workers_per_node, resources.nodes)
 
@@ -315,7 +335,11 @@ def distill_plan(
     when nothing fits, the cheapest changes that would."""
     dtype = compute_dtype(spec.precision, resources.gpus)
     seq = sequence_length(spec.max_seq_length, student, teacher)
-    options = [training(student, teacher, c, seq, dtype, resources, host_bytes) for c in choices(spec, resources, teacher is not None)]
+    fused = fused_loss(spec)
+    options = [
+        training(student, teacher, c, seq, dtype, resources, host_bytes, fused)
+        for c in choices(spec, resources, teacher is not None)
+    ]
     chosen = next((e for e in options if e.fits), None) or min(options, key=lambda e: e.total)
     if chosen.fits:
         return chosen, []
@@ -344,7 +368,7 @@ def fixes(
     loads = [] if teacher is None or base.teacher_load == "none" else ["sharded", "int8", "nf4"]
 
     def est(choice: Choice, r: Resources = resources) -> Estimate:
-        return training(student, teacher, choice, seq, dtype, r, host_bytes)
+        return training(student, teacher, choice, seq, dtype, r, host_bytes, fused_loss(spec))
 
     candidates: list[tuple[list[tuple[str, str]], Choice, Resources, int]] = []
     more_gpus = [] if not resources.gpus else [

@@ -95,6 +95,83 @@ def test_num_items_in_batch_makes_gradient_accumulation_exact():
     assert halves.item() == pytest.approx(whole.item(), rel=1e-5)
 
 
+def autograd_kd_loss(student, teacher, labels, temperature, alpha, num_items_in_batch=None):
+    """The same loss as plain autograd formulas (what kd_loss replaced), on the ids both logits share."""
+    vocab = student.shape[-1] if teacher is None else min(student.shape[-1], teacher.shape[-1])
+    s, y = student[:, :-1, :vocab].float(), labels[:, 1:]
+    mask = y != -100
+    n = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+    loss = (1 - alpha) * F.cross_entropy(s.reshape(-1, vocab), y.reshape(-1), ignore_index=-100, reduction="sum")
+    if alpha > 0:
+        t = teacher[:, :-1, :vocab].float()
+        kl = F.kl_div(F.log_softmax(s[mask] / temperature, -1), F.log_softmax(t[mask] / temperature, -1),
+                      log_target=True, reduction="sum")
+        loss = loss + alpha * temperature**2 * kl
+    return loss / n
+
+
+@pytest.mark.parametrize(
+    "temperature, alpha, dtype, student_vocab, teacher_vocab",
+    [
+        (2.0, 0.5, torch.float32, 11, 11),
+        (1.0, 0.5, torch.float32, 11, 11),
+        (4.0, 1.0, torch.float32, 11, 11),
+        (2.0, 0.0, torch.float32, 11, 11),
+        (2.0, 0.5, torch.float32, 13, 11),  # the student's vocabulary padded wider
+        (2.0, 0.5, torch.float32, 11, 16),  # the teacher's
+        (2.0, 0.5, torch.bfloat16, 11, 11),
+    ],
+    ids=lambda v: str(v).removeprefix("torch."),
+)
+def test_kd_loss_and_its_gradient_equal_the_autograd_formula_across_blocks(
+    monkeypatch, temperature, alpha, dtype, student_vocab, teacher_vocab
+):
+    from kondense import memory
+
+    monkeypatch.setitem(memory.KD_BLOCK_ELEMENTS, "cpu", 4 * 13)  # blocks of 4 rows or fewer: 21 rows, 6 blocks
+    g = torch.Generator().manual_seed(1)
+    student = torch.randn(3, 7, student_vocab, generator=g).to(dtype)
+    teacher = torch.randn(3, 7, teacher_vocab, generator=g).to(dtype)
+    labels = torch.randint(0, min(student_vocab, teacher_vocab), (3, 7), generator=g)
+    labels[0, -3:] = -100
+    labels[1, :2] = -100
+    ours, theirs = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    loss = kd_loss(ours, teacher, labels, temperature, alpha, num_items_in_batch=torch.tensor(17))
+    expected = autograd_kd_loss(theirs, teacher, labels, temperature, alpha, num_items_in_batch=torch.tensor(17))
+    (3 * loss).backward()
+    (3 * expected).backward()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert loss.item() == pytest.approx(expected.item(), rel=tol)
+    assert ours.grad.dtype == dtype
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=tol, atol=tol * ours.grad.abs().max().item())
+    assert ours.grad[..., min(student_vocab, teacher_vocab):].abs().sum() == 0  # ids the teacher lacks: no gradient
+    assert ours.grad[:, -1].abs().sum() == 0 and ours.grad[0, -4:].abs().sum() == 0  # no target: no gradient
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for backward while fn() runs (each storage once)."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_kd_loss_keeps_one_logits_sized_tensor_for_backward():
+    """The memory kondense.memory counts for the logits method: the gradient in the logits' dtype,
+    not the fp32 upcasts and log-softmaxes that the autograd formula keeps."""
+    student, teacher, labels = logits_and_labels(batch=4, seq=64, vocab=512)
+    student = student.to(torch.bfloat16).requires_grad_(True)
+    teacher = teacher.to(torch.bfloat16)
+    logits_bytes = student.numel() * student.element_size()
+    assert saved_bytes(lambda: kd_loss(student, teacher, labels, 2.0, 0.5)) <= logits_bytes
+    assert saved_bytes(lambda: autograd_kd_loss(student, teacher, labels, 2.0, 0.5)) > 5 * logits_bytes
+
+
 # ---------------------------------------------------------------------------------------------
 # Inputs: vocabularies and GKD records
 # ---------------------------------------------------------------------------------------------

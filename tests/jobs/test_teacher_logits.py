@@ -18,7 +18,7 @@ import torch
 from kondense.api import DistillSpec, InputRef, TeacherLogitsSpec
 from kondense.store import FileStore
 from kondense_jobs.distill import kd_loss
-from kondense_jobs.distill.logits import topk_kd_loss
+from kondense_jobs.distill.losses import topk_kd_loss
 
 FAST = dict(learning_rate=3e-3, batch_size=4, max_seq_length=64, checkpoint_every=1000, seed=0)
 

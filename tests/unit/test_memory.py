@@ -53,6 +53,23 @@ def test_fsdp_divides_the_training_state_by_the_workers():
     del spec
 
 
+def test_logits_column_follows_the_stages_loss():
+    """The logits method's kd_loss keeps the logits and their gradient in bf16 (4 bytes a value) and
+    the teacher's (2); TRL's SFT loss the logits and three fp32 tensors (14), whatever the teacher."""
+    r = Resources(gpus=4)
+    n = 2 * 4096 * LLAMA_8B.vocab
+    block = memory.KD_BLOCK_TEMPORARIES * 4 * memory.KD_BLOCK_ELEMENTS["gpu"]
+
+    def logits(method: str, teacher=LLAMA_70B, **fields) -> float:
+        spec = DistillSpec(method=method, batch_size=2, max_seq_length=4096, gradient_checkpointing=True, **fields)
+        return memory.distill_plan(spec, r, LLAMA_8B, teacher)[0].parts["logits"]
+
+    assert logits("logits") == pytest.approx(n * (4 + 2) + block)
+    assert logits("logits", None, alpha=0.0) == pytest.approx(n * 4 + block)  # CE-only: no teacher
+    assert logits("synthetic") == pytest.approx(n * (14 + 10))
+    assert logits("logits", None, teacher_logits="stored") == pytest.approx(n * 14)  # topk_kd_loss: autograd
+
+
 @pytest.mark.parametrize("load, ratio", [("replicated", 1.0), ("int8", 0.51), ("nf4", 0.29)])
 def test_teacher_load_modes(load, ratio):
     full = memory.teacher_bytes(LLAMA_70B, "replicated", "bf16", 8)

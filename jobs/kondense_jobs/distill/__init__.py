@@ -7,7 +7,8 @@ One module per method, each `build(ctx, job) -> Built` on a library trainer, so 
 accumulation, the schedule, mixed precision, activation checkpointing, data parallelism, FSDP2
 and checkpoint/resume come from the library, not from here:
 
-- logits.py: transformers.Trainer with the KD loss (kd_loss), teacher online;
+- logits.py: transformers.Trainer with the KD loss, teacher online or its stored top-k;
+- losses.py: kd_loss (loss and gradient in one blockwise pass) and topk_kd_loss;
 - synthetic.py: teacher completions, then trl.SFTTrainer;
 - gkd.py: trl.experimental.gkd.GKDTrainer (on-policy);
 - setup.py: what they share (inputs, memory plan, model loading, the training config);
@@ -35,7 +36,8 @@ from kondense_jobs import data
 from kondense_jobs.distill import gkd, logits, synthetic
 from kondense_jobs.distill.checkpoints import Checkpoints
 from kondense_jobs.distill.gkd import gkd_records
-from kondense_jobs.distill.logits import Windows, kd_loss
+from kondense_jobs.distill.logits import Windows
+from kondense_jobs.distill.losses import kd_loss
 from kondense_jobs.distill.setup import (
     FSDP_NEEDS_GPUS,
     Inputs,
