@@ -17,10 +17,10 @@ micro-batch, h hidden size, i MLP width, V vocabulary):
   gate, up and product), in the compute dtype; SDPA/flash attention keeps no s x s matrix. With
   activation checkpointing each layer keeps only its input (h values), plus one layer's full set
   while it is recomputed.
-- logits: with the logits method's own loss (kondense_jobs.distill.losses.kd_loss, which computes
-  the gradient with the loss a block of positions at a time), the student's logits and their
-  gradient in the compute dtype, the teacher's logits, and six fp32 temporaries of one block
-  (`KD_BLOCK_ELEMENTS`). With a library's autograd loss (TRL's SFT and GKD, the stored top-k),
+- logits: with the logits method's own losses (kondense_jobs.distill.losses, which compute the
+  gradient with the loss a block of positions at a time), the student's logits and their
+  gradient in the compute dtype, the teacher's logits (none from stored top-k), and six fp32
+  temporaries of one block (`KD_BLOCK_ELEMENTS`). With a library's autograd loss (TRL's SFT and GKD),
   the student's logits and three fp32 tensors of the same shape (the upcast, its log-softmax and
   its gradient), the teacher's logits and two fp32 copies.
 - teacher: its weights by load mode (replicated, sharded over W plus two gathered layers,
@@ -226,9 +226,9 @@ def activation_bytes(shape: Shape, batch: int, seq: int, dtype: str, checkpointi
 
 
 def fused_loss(spec: DistillSpec) -> bool:
-    """Whether the stage trains on kd_loss (the logits method with an online teacher or none),
-    whose logits' gradient is computed blockwise, rather than on a library's autograd loss."""
-    return spec.method == "logits" and spec.teacher_logits is None
+    """Whether the stage trains on the logits method's own loss (kd_loss, or topk_kd_loss on stored
+    logits), whose gradient is computed blockwise, rather than on a library's autograd loss."""
+    return spec.method == "logits"
 
 
 def logits_bytes(

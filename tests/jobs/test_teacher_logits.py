@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kondense.api import DistillSpec, InputRef, TeacherLogitsSpec
 from kondense.store import FileStore
@@ -45,6 +46,43 @@ def stored(teacher, k: int):
     """What a teacher_logits stage stores: the top-k log-probabilities at T=1 (and ids) of the predicting positions."""
     values, ids = torch.log_softmax(teacher[:, :-1].float(), -1).topk(k, -1)
     return values, ids
+
+
+def autograd_topk_kd_loss(student, values, ids, labels, temperature, alpha, vocabulary):
+    """topk_kd_loss's formula (its docstring) as plain autograd, position by position, in float64."""
+    s, y = student[:, :-1, :vocabulary].double(), labels[:, 1:]
+    mask = y != -100
+    loss = (1 - alpha) * F.cross_entropy(s.reshape(-1, vocabulary), y.reshape(-1), ignore_index=-100, reduction="sum")
+    z = s[mask] / temperature
+    v, i = values[mask].double(), ids[mask]
+    tail = vocabulary - v.shape[-1]
+    q = torch.log_softmax(z, -1)
+    tail_1 = torch.log1p(-v.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))
+    p = torch.log_softmax(torch.cat([v / temperature, math.log(tail) + (tail_1 - math.log(tail)) / temperature], -1), -1)
+    outside = torch.logsumexp(q.scatter(-1, i, float("-inf")), -1, keepdim=True)
+    kl = (p.exp() * (p - torch.cat([q.gather(-1, i), outside], -1))).sum()
+    return (loss + alpha * temperature**2 * kl) / mask.sum()
+
+
+@pytest.mark.parametrize("temperature, alpha", [(1.0, 1.0), (2.0, 0.5), (4.0, 0.3)], ids=lambda v: f"{v:g}")
+def test_topk_loss_and_its_gradient_equal_the_autograd_formula_across_blocks(monkeypatch, temperature, alpha):
+    from kondense import memory
+
+    vocab, k = 96, 8
+    monkeypatch.setitem(memory.KD_BLOCK_ELEMENTS, "cpu", 5 * vocab)  # blocks of 5 rows: 66 rows, 14 blocks
+    student, teacher, labels = teacher_student("peaked", vocab=vocab + 4, seq=33)  # 4 padding logits past the vocabulary
+    teacher = teacher[..., :vocab]
+    labels = labels % vocab
+    labels[1, :6] = -100
+    values, ids = stored(teacher, k)
+    ours, theirs = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    loss = topk_kd_loss(ours, values.half(), ids, labels, temperature, alpha, vocabulary=vocab)
+    expected = autograd_topk_kd_loss(theirs, values.half(), ids, labels, temperature, alpha, vocab)
+    loss.backward()
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-5, atol=1e-7)
+    assert ours.grad[..., vocab:].abs().sum() == 0 and ours.grad[1, :5].abs().sum() == 0
 
 
 def test_topk_loss_is_the_full_loss_when_k_covers_the_vocabulary():

@@ -54,7 +54,7 @@ def test_fsdp_divides_the_training_state_by_the_workers():
 
 
 def test_logits_column_follows_the_stages_loss():
-    """The logits method's kd_loss keeps the logits and their gradient in bf16 (4 bytes a value) and
+    """The logits method's losses keep the logits and their gradient in bf16 (4 bytes a value) and
     the teacher's (2); TRL's SFT loss the logits and three fp32 tensors (14), whatever the teacher."""
     r = Resources(gpus=4)
     n = 2 * 4096 * LLAMA_8B.vocab
@@ -67,7 +67,7 @@ def test_logits_column_follows_the_stages_loss():
     assert logits("logits") == pytest.approx(n * (4 + 2) + block)
     assert logits("logits", None, alpha=0.0) == pytest.approx(n * 4 + block)  # CE-only: no teacher
     assert logits("synthetic") == pytest.approx(n * (14 + 10))
-    assert logits("logits", None, teacher_logits="stored") == pytest.approx(n * 14)  # topk_kd_loss: autograd
+    assert logits("logits", None, teacher_logits="stored") == pytest.approx(n * 4 + block)  # topk_kd_loss
 
 
 @pytest.mark.parametrize("load, ratio", [("replicated", 1.0), ("int8", 0.51), ("nf4", 0.29)])

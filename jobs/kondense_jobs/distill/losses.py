@@ -1,13 +1,13 @@
 """The logit-distillation losses: the full-distribution KD term (online teacher) and its top-k
 approximation (the teacher's stored logits).
 
-`kd_loss` computes the loss and its gradient together, a block of positions at a time, so that no
-fp32 copy of the (batch, seq, vocab) logits is ever whole in memory: it keeps one tensor of the
+Both compute the loss and its gradient together, a block of positions at a time, so that no
+fp32 copy of the (batch, seq, vocab) logits is ever whole in memory: each keeps one tensor of the
 logits' shape and dtype (the gradient, handed to backward) and per block a few fp32 tensors of
-`KD_BLOCK_ELEMENTS` values (kondense.memory, whose estimate counts them). The autograd version of
-the same formula keeps the upcast logits, their log-softmax at T and at 1 and the teacher's fp32
+`KD_BLOCK_ELEMENTS` values (kondense.memory, whose estimate counts them). The autograd versions of
+the same formulas keep the upcast logits, their log-softmax at T and at 1 and the teacher's fp32
 log-probabilities alive until backward, each as large as the logits: at real size (128k
-vocabulary, 32k tokens a micro-batch) each is 16 GiB. It works on the logits any causal LM
+vocabulary, 32k tokens a micro-batch) each is 16 GiB. They work on the logits any causal LM
 returns, whatever comes before them (soft-capping, scaled or tied embeddings, FSDP-sharded
 heads), which a loss fused with the LM head would have to know.
 """
@@ -20,69 +20,71 @@ import math
 from kondense.memory import KD_BLOCK_ELEMENTS
 
 
-def _shifted(student_logits, labels, num_items_in_batch):
-    """The logits that predict a token, their targets, the mask of real targets and the divisor."""
-    logits = student_logits[:, :-1, :]
-    target = labels[:, 1:]
-    mask = target != -100
-    denom = num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp_min(1)
-    return logits, target, mask, denom
-
-
-def _ce_term(logits, target, denom, alpha: float):
-    import torch.nn.functional as F
-
-    ce = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return (1 - alpha) * ce / denom
-
-
-def _masked(x, mask):
-    """The rows of x (batch, seq, ...) at the masked positions, without a copy when all count."""
-    return x.reshape(-1, *x.shape[2:]) if bool(mask.all()) else x[mask]
-
-
-def _block(s, t, target, mask, temperature: float, alpha: float):
-    """One block of rows: the loss summed over its rows and its gradient w.r.t. s (fp32, unscaled).
-
-    s, t: (rows, vocab) student and teacher logits; target: (rows,) token ids, -100 where none;
-    mask: target != -100. The KD term's gradient is alpha * T * (q_T - p_T), the CE term's
-    (1 - alpha) * (q_1 - onehot(target)), q and p the student's and the teacher's softmax.
-    """
+def _cross_entropy(s, target, alpha: float):
+    """(1 - alpha) * CE per row of s (fp32 logits), and its gradient (1 - alpha) * (q - onehot(target))."""
     import torch
 
-    s = s.float()
-    weight = mask.to(s.dtype)
-    loss = s.new_zeros(())
-    grad = None
-    if alpha < 1:
-        log_q = torch.log_softmax(s, -1)
-        index = target.clamp_min(0).unsqueeze(1)
-        loss = loss - (1 - alpha) * (log_q.gather(1, index).squeeze(1) * weight).sum()
-        grad = log_q.exp_().scatter_add_(1, index, torch.full_like(index, -1, dtype=s.dtype)).mul_(1 - alpha)
-    if alpha > 0:
-        log_p = torch.log_softmax(t.float() / temperature, -1)
-        log_q = torch.log_softmax(s / temperature, -1)
-        p = log_p.exp()
-        kl = log_p.sub_(log_q).mul_(p).sum(-1)  # log_p is spent: KL(p || q) per row
-        loss = loss + alpha * temperature**2 * (kl * weight).sum()
-        kd = log_q.exp_().sub_(p).mul_(alpha * temperature)
-        grad = kd if grad is None else grad.add_(kd)
-    return loss, grad.mul_(weight.unsqueeze(1))
+    log_q = torch.log_softmax(s, -1)
+    index = target.clamp_min(0).unsqueeze(1)
+    loss = -(1 - alpha) * log_q.gather(1, index).squeeze(1)
+    grad = log_q.exp_().scatter_add_(1, index, torch.full_like(index, -1, dtype=s.dtype)).mul_(1 - alpha)
+    return loss, grad
+
+
+def _full_kd(s, t, temperature: float, alpha: float):
+    """alpha * T^2 * KL(p_T || q_T) per row, and its gradient alpha * T * (q_T - p_T)."""
+    import torch
+
+    log_p = torch.log_softmax(t.float() / temperature, -1)
+    log_q = torch.log_softmax(s / temperature, -1)
+    p = log_p.exp()
+    kl = log_p.sub_(log_q).mul_(p).sum(-1)  # log_p is spent: KL(p || q) per row
+    return alpha * temperature**2 * kl, log_q.exp_().sub_(p).mul_(alpha * temperature)
+
+
+def _topk_kd(s, values, ids, temperature: float, alpha: float, vocabulary: int):
+    """topk_kd_loss's KD term per row (see there), and its gradient: alpha * T * (q_T - p~ on the
+    teacher's top k - tau * the student's own distribution over the other tokens at T)."""
+    import torch
+
+    z = s / temperature
+    total = z.logsumexp(-1, keepdim=True)
+    values, ids = values.float(), ids.long()
+    teacher = values / temperature
+    log_q = z.gather(-1, ids) - total
+    tail_tokens = vocabulary - values.shape[-1]
+    if tail_tokens > 0:
+        # the teacher's tail mass at T = 1 (fp16 sums may reach 1: keep it above 0), spread evenly; in
+        # float64, as 1 - (top-k mass) of a peaked teacher is below fp32's resolution near 1
+        top = values.double().logsumexp(-1, keepdim=True).clamp(max=-1e-6)
+        tail_1 = torch.log(-torch.expm1(top)).float()
+        tail_t = math.log(tail_tokens) + (tail_1 - math.log(tail_tokens)) / temperature
+        teacher = torch.cat([teacher, tail_t], -1)
+        outside = z.scatter(-1, ids, float("-inf"))
+        outside_total = outside.logsumexp(-1, keepdim=True)
+        log_q = torch.cat([log_q, outside_total - total], -1)
+    log_p = torch.log_softmax(teacher, -1)
+    p = log_p.exp()
+    kl = (p * (log_p - log_q)).sum(-1)
+    grad = z.sub_(total).exp_()  # q_T; z is spent
+    if tail_tokens > 0:
+        grad.sub_(outside.sub_(outside_total).exp_().mul_(p[:, -1:]))  # the bucket's mass, spread as q_T spreads it
+    grad.scatter_add_(-1, ids, -p[:, : ids.shape[-1]])
+    return alpha * temperature**2 * kl, grad.mul_(alpha * temperature)
 
 
 @functools.cache
-def _kd_function():
+def _function():
     import torch
 
-    class FusedKD(torch.autograd.Function):
-        """The KD + CE loss of (rows, V) logits, its gradient computed in the forward pass block by
-        block and kept in the logits' dtype for backward (which only scales it)."""
+    class Blockwise(torch.autograd.Function):
+        """A loss of (rows, V) logits summed over the rows with a target, divided by `denom`; its
+        gradient is computed in the forward pass a block of rows at a time, by `terms(rows, s,
+        target) -> (loss per row, gradient)` on the block's first `vocab` logits in fp32, and kept
+        in the logits' dtype for backward (which only scales it)."""
 
         @staticmethod
-        def forward(ctx, student, teacher, target, temperature, alpha, denom):
-            vocab = student.shape[-1] if teacher is None else min(student.shape[-1], teacher.shape[-1])
+        def forward(ctx, student, target, denom, vocab, terms):
             grad = torch.zeros_like(student)
             total = student.new_zeros((), dtype=torch.float32)
             step = max(1, KD_BLOCK_ELEMENTS["cpu" if student.device.type == "cpu" else "gpu"] // vocab)
@@ -91,19 +93,42 @@ def _kd_function():
                 mask = target[rows] != -100
                 if not bool(mask.any()):
                     continue
-                t = None if teacher is None else teacher[rows, :vocab]
-                loss, g = _block(student[rows, :vocab], t, target[rows], mask, temperature, alpha)
-                total += loss
-                grad[rows, :vocab] = g.div_(denom)
+                weight = mask.float()
+                loss, g = terms(rows, student[rows, :vocab].float(), target[rows])
+                total += (loss * weight).sum()
+                grad[rows, :vocab] = g.mul_(weight.unsqueeze(1)).div_(denom)
             ctx.save_for_backward(grad)
             return total / denom
 
         @staticmethod
         def backward(ctx, grad_output):
             (grad,) = ctx.saved_tensors
-            return grad * grad_output.to(grad.dtype), None, None, None, None, None
+            return grad * grad_output.to(grad.dtype), None, None, None, None
 
-    return FusedKD
+    return Blockwise
+
+
+def _blockwise(student_logits, labels, num_items_in_batch, vocab: int, alpha: float, kd_term):
+    """(1 - alpha) * CE + kd_term over the positions with a target, through `Blockwise`.
+
+    kd_term(rows, s) -> (loss per row, gradient) for the flattened rows (batch * seq) of a block;
+    None when alpha is 0."""
+    import torch
+
+    target = torch.full_like(labels, -100)
+    target[:, :-1] = labels[:, 1:]  # position t predicts labels[t + 1]
+    target = target.reshape(-1)
+    denom = num_items_in_batch if num_items_in_batch is not None else (target != -100).sum().clamp_min(1)
+
+    def terms(rows, s, y):
+        loss, grad = _cross_entropy(s, y, alpha) if alpha < 1 else (None, None)
+        if kd_term is not None:
+            kd, kd_grad = kd_term(rows, s)
+            loss, grad = (kd, kd_grad) if loss is None else (loss.add_(kd), grad.add_(kd_grad))
+        return loss, grad
+
+    flat = student_logits.reshape(-1, student_logits.shape[-1])
+    return _function().apply(flat, target, denom, vocab, terms)
 
 
 def kd_loss(
@@ -121,21 +146,18 @@ def kd_loss(
     they share; the student's other logits get no gradient.
     Memory: see the module's docstring; the values equal the plain autograd formula's.
     """
-    import torch
-
     if alpha > 0 and teacher_logits is None:
         raise ValueError("kd_loss: alpha > 0 needs teacher_logits")
-    target = torch.full_like(labels, -100)
-    target[:, :-1] = labels[:, 1:]
-    denom = num_items_in_batch if num_items_in_batch is not None else (target != -100).sum().clamp_min(1)
-    rows = student_logits.shape[0] * student_logits.shape[1]
-    teacher = None
+    vocab = student_logits.shape[-1]
+    kd_term = None
     if alpha > 0:
-        teacher = teacher_logits.reshape(rows, teacher_logits.shape[-1])
-    return _kd_function().apply(
-        student_logits.reshape(rows, student_logits.shape[-1]), teacher, target.reshape(-1), float(temperature),
-        float(alpha), denom,
-    )
+        vocab = min(vocab, teacher_logits.shape[-1])
+        teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+
+        def kd_term(rows, s):
+            return _full_kd(s, teacher[rows, :vocab], temperature, alpha)
+
+    return _blockwise(student_logits, labels, num_items_in_batch, vocab, alpha, kd_term)
 
 
 def topk_kd_loss(
@@ -167,29 +189,16 @@ def topk_kd_loss(
     at most the full one (coarsening never increases a KL). Equal to kd_loss when k covers the
     vocabulary. tests/jobs/test_teacher_logits.py checks these on random and peaked teachers.
     """
-    import torch
+    import torch.nn.functional as F
 
-    if vocabulary is not None:
-        student_logits = student_logits[..., :vocabulary]
-    logits, target, mask, denom = _shifted(student_logits, labels, num_items_in_batch)
-    loss = logits.new_zeros((), dtype=torch.float32)
-    if alpha < 1:
-        loss = loss + _ce_term(logits, target, denom, alpha)
+    vocab = vocabulary or student_logits.shape[-1]
+    kd_term = None
     if alpha > 0:
-        s = _masked(logits, mask).float() / temperature
-        values, ids = _masked(top_logprobs, mask).float(), _masked(top_ids, mask).long()
-        tail_tokens = (vocabulary or s.shape[-1]) - values.shape[-1]
-        total = s.logsumexp(-1, keepdim=True)
-        log_q = s.gather(-1, ids) - total
-        teacher = values / temperature
-        if tail_tokens > 0:
-            # the teacher's tail mass at T = 1 (fp16 sums may reach 1: keep it above 0), spread evenly
-            tail_1 = torch.log(-torch.expm1(values.logsumexp(-1, keepdim=True).clamp(max=-1e-6)))
-            tail_t = math.log(tail_tokens) + (tail_1 - math.log(tail_tokens)) / temperature
-            teacher = torch.cat([teacher, tail_t], -1)
-            outside = s.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True) - total
-            log_q = torch.cat([log_q, outside], -1)
-        log_p = torch.log_softmax(teacher, -1)
-        kl = (log_p.exp() * (log_p - log_q)).sum()
-        loss = loss + alpha * temperature**2 * kl / denom
-    return loss
+        # (batch, seq - 1, k) -> one row per position, as the logits: the last position has no target
+        values = F.pad(top_logprobs, (0, 0, 0, 1)).reshape(-1, top_logprobs.shape[-1])
+        ids = F.pad(top_ids, (0, 0, 0, 1)).reshape(-1, top_ids.shape[-1])
+
+        def kd_term(rows, s):
+            return _topk_kd(s, values[rows], ids[rows], temperature, alpha, vocab)
+
+    return _blockwise(student_logits, labels, num_items_in_batch, vocab, alpha, kd_term)
