@@ -85,6 +85,12 @@ def test_masked_positions_do_not_count():
     masked = torch.nn.functional.pad(labels[:, 1:] == -100, (0, 1))
     noisy = student + 100 * masked.unsqueeze(-1) * torch.randn_like(student)
     assert kd_loss(noisy, teacher, labels, 2.0, 0.5).item() == pytest.approx(before.item(), rel=1e-6)
+    # even NaN there (a fully masked attention row under padding): neither the loss nor a gradient sees it
+    poisoned = student.masked_fill(masked.unsqueeze(-1), float("nan")).requires_grad_(True)
+    loss = kd_loss(poisoned, teacher.masked_fill(masked.unsqueeze(-1), float("nan")), labels, 2.0, 0.5)
+    loss.backward()
+    assert loss.item() == pytest.approx(before.item(), rel=1e-6)
+    assert torch.isfinite(poisoned.grad).all()
 
 
 def test_num_items_in_batch_makes_gradient_accumulation_exact():

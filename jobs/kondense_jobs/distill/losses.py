@@ -93,10 +93,10 @@ def _function():
                 mask = target[rows] != -100
                 if not bool(mask.any()):
                     continue
-                weight = mask.float()
                 loss, g = terms(rows, student[rows, :vocab].float(), target[rows])
-                total += (loss * weight).sum()
-                grad[rows, :vocab] = g.mul_(weight.unsqueeze(1)).div_(denom)
+                # where, not a product: a position without a target may hold any logits (NaN under padding)
+                total += torch.where(mask, loss, 0.0).sum()
+                grad[rows, :vocab] = g.masked_fill_(~mask.unsqueeze(1), 0.0).div_(denom)
             ctx.save_for_backward(grad)
             return total / denom
 
