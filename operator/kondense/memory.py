@@ -47,7 +47,7 @@ DDP_BUCKET_BYTES = 4.0  # DDP's fp32 gradient buckets
 GATHERED_LAYERS = 2  # fsdp: the layer computing and the one prefetched
 CONFIG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 KD_BLOCK_ELEMENTS = {"cpu": 1 << 20, "gpu": 1 << 24}  # kd_loss's block, rows x vocabulary: CPU caches; few GPU launches
-KD_BLOCK_TEMPORARIES = 6  # fp32 tensors of one block alive at once in kd_loss
+KD_BLOCK_TEMPORARIES = 6  # fp32 tensors of one block alive at once in the blockwise losses
 PLAIN_MLP = {"gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi"}  # two MLP matrices, not three
 
 
@@ -253,7 +253,7 @@ def training(
     host_bytes: float | None = None,
     fused: bool = True,
 ) -> Estimate:
-    """One training worker of a distill stage; `fused`: its loss is kd_loss (see `fused_loss`)."""
+    """One training worker of a distill stage; `fused`: its loss is blockwise (see `fused_loss`)."""
     world = resources.world_size
     p = student.total_parameters
     if choice.strategy == "fsdp":

@@ -90,9 +90,7 @@ def _function():
             step = max(1, KD_BLOCK_ELEMENTS["cpu" if student.device.type == "cpu" else "gpu"] // vocab)
             for start in range(0, student.shape[0], step):
                 rows = slice(start, start + step)
-                mask = target[rows] != -100
-                if not bool(mask.any()):
-                    continue
+                mask = target[rows] != -100  # no skipping of empty blocks: bool(mask.any()) syncs a GPU per block
                 loss, g = terms(rows, student[rows, :vocab].float(), target[rows])
                 # where, not a product: a position without a target may hold any logits (NaN under padding)
                 total += torch.where(mask, loss, 0.0).sum()
