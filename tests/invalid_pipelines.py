@@ -244,8 +244,8 @@ CASES = [
     # Effective resources: the planner alone (a stage inherits what it does not set).
     Case("workers-not-gpus", both(setter(resources, gpus=2), setter(stage(DISTILL), resources={"workers": 3})),
          f"{S}[0].resources.workers", "3 workers on 2 GPUs", None, planner=True),
-    Case("fsdp-on-cpu", setter(distill, strategy="fsdp"), f"{S}[0].distill.strategy",
-         "fsdp shards the student over GPUs", None, planner=True),
+    Case("cpu-nodes", setter(stage(DISTILL), resources={"nodes": 2}), f"{S}[0].resources.nodes",
+         "2 nodes with gpus 0 would train on CPUs across nodes", None, planner=True),
     Case("nodes-of-a-quantize-stage", setter(stage(GGUF), resources={"nodes": 2}), f"{S}[4].resources.nodes",
          "only distill stages run several workers", None, planner=True),
     Case("global-batch-over-workers", both(setter(distill, globalBatchSize=24),

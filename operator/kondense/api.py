@@ -1486,6 +1486,11 @@ class StageRun(Model):
     def config(self) -> DistillSpec | QuantizeSpec | EvaluateSpec | TeacherLogitsSpec:
         return getattr(self, self.stage_kind)
 
+    @property
+    def sharded(self) -> bool:
+        """A distill stage whose student is sharded with FSDP (distill.strategy: fsdp)."""
+        return self.distill is not None and self.distill.strategy == "fsdp"
+
 
 class Summary(Model):
     """A stage's one-line result: the termination message and the last stdout line."""

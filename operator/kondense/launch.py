@@ -19,9 +19,10 @@ ENTRY = ["-m", "kondense_jobs"]
 LAUNCHER = ["-m", "kondense_jobs.launch"]
 
 
-def distributed(kind: str, resources: Resources) -> bool:
-    """Whether a stage runs under the launcher: a distill stage with more than one worker in all."""
-    return kind == "distill" and resources.world_size > 1
+def distributed(kind: str, resources: Resources, sharded: bool = False) -> bool:
+    """Whether a stage runs under the launcher: a distill stage with more than one worker in all, or
+    one sharded with FSDP (a world of one writes the same checkpoints as eight, so either resumes)."""
+    return kind == "distill" and (resources.world_size > 1 or sharded)
 
 
 def rendezvous_endpoint(job: str, service: str, port: int = RDZV_PORT) -> str:
@@ -35,9 +36,11 @@ def stage_command(
     resources: Resources,
     python: str = "python",
     rendezvous: tuple[str, str] | None = None,
+    sharded: bool = False,
 ) -> list[str]:
-    """argv of a stage process. `rendezvous` is (endpoint, run id) for multi-node stages."""
-    if not distributed(kind, resources):
+    """argv of a stage process. `rendezvous` is (endpoint, run id) for multi-node stages; `sharded`:
+    the stage's student is sharded with FSDP (StageRun.sharded)."""
+    if not distributed(kind, resources, sharded):
         return [python, *ENTRY, kind, *stage_args]
     launcher = [
         python, *LAUNCHER,

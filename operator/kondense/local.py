@@ -178,7 +178,7 @@ class LocalRunner:
         stage_args = ["--spec", str(spec_path), "--termination-log", str(termination)]
         if self.cache_dir:
             stage_args += ["--cache-dir", str(self.cache_dir)]
-        cmd = stage_command(plan.kind, stage_args, plan.resources, python=sys.executable)
+        cmd = stage_command(plan.kind, stage_args, plan.resources, python=sys.executable, sharded=run.sharded)
         began = time.monotonic()  # the stage's time includes waiting for the preloaded interpreter
         popen = self._fork(plan, cmd) or subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=self._env()

@@ -237,12 +237,12 @@ def _job(name: str, namespace: str, job_labels: dict[str, str], annotations: dic
     }
 
 
-def _stage_argv(kind: str, r: api.Resources, job: str) -> list[str]:
-    """`python -m kondense_jobs <kind> ...`, under torch's launcher when the stage has several workers;
-    on several nodes the workers meet at the c10d store of the pod of index 0, run id = the Job."""
+def _stage_argv(kind: str, r: api.Resources, job: str, sharded: bool = False) -> list[str]:
+    """`python -m kondense_jobs <kind> ...`, under torch's launcher when the stage has several workers
+    or is sharded; on several nodes the workers meet at the c10d store of the pod of index 0, run id = the Job."""
     rendezvous = (rendezvous_endpoint(job, service_name(job)), job) if r.nodes > 1 else None
     stage_args = ["--spec", f"{SPEC_DIR}/{SPEC_FILE}", "--work-dir", SCRATCH]
-    return stage_command(kind, stage_args, r, rendezvous=rendezvous)
+    return stage_command(kind, stage_args, r, rendezvous=rendezvous, sharded=sharded)
 
 
 def _indexed(job: dict, nodes: int, service: str) -> dict:
@@ -281,7 +281,7 @@ def build_job(run: api.StageRun, plan: StagePlan, name: str, image: str, setting
     for claim in _pvc_claims(run):
         volumes.append({"name": f"pvc-{claim}"[:63], "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": f"pvc-{claim}"[:63], "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True})
-    argv = _stage_argv(run.stage_kind, r, name)
+    argv = _stage_argv(run.stage_kind, r, name, run.sharded)
     container = _container(
         image, settings, argv[:3], argv[3:],  # `python -m <module>` | its arguments
         [*_env(run.storage), *(v.dump() for v in r.env)], _resources(r, scratch_size(r, settings)), mounts,

@@ -296,10 +296,11 @@ def choices(spec: DistillSpec, resources: Resources, has_teacher: bool) -> list[
     """Every way the stage may run under its spec, the preferred (fastest) first.
 
     auto tries ddp before fsdp and a replicated teacher before a sharded one; a value set in
-    the spec is the only one tried. On one worker fsdp and sharded mean one full copy.
+    the spec is the only one tried. On one worker a sharded teacher is a replicated one, and fsdp
+    (only when asked: its checkpoints resume on any worker count) holds one full copy.
     """
     world = resources.world_size
-    fsdp = ["fsdp"] if world > 1 and resources.gpus else []  # accelerate runs FSDP on GPUs only
+    fsdp = ["fsdp"] if world > 1 else []
     strategies = [spec.strategy] if spec.strategy != "auto" else ["ddp", *fsdp]
     if not has_teacher:
         loads = ["none"]
@@ -309,8 +310,7 @@ def choices(spec: DistillSpec, resources: Resources, has_teacher: bool) -> list[
         loads = ["replicated", "sharded"]
     else:
         loads = ["replicated"]
-    if world == 1:  # nothing to shard over: one worker holds everything
-        strategies = ["ddp" if s == "fsdp" else s for s in strategies]
+    if world == 1:  # nothing to shard over: one worker holds everything (fsdp over a world of one, if asked)
         loads = ["replicated" if t == "sharded" else t for t in loads]
     return [Choice(s, t, spec.batch_size, spec.gradient_checkpointing) for t in loads for s in strategies]
 
@@ -403,8 +403,6 @@ def fixes(
                         edits.append(("distill.batchSize", str(b)))
                         cost = max(cost, 1)
                     needs_world = strategy == "fsdp" or load == "sharded"
-                    if strategy == "fsdp" and not resources.gpus:
-                        continue
                     if choice != base and (not needs_world or world > 1):
                         candidates.append((edits, choice, resources, cost + len(edits) * 0.1))
                     for f, v, r in hardware:

@@ -148,11 +148,6 @@ def resource_errors(spec: PipelineSpec, i: int) -> list[str]:
             f"{_resource_path(spec, i, 'nodes')}: {r.nodes} nodes with gpus 0 would train on CPUs across nodes; set "
             "resources.gpus, or set resources.workers to run CPU workers on purpose"
         )
-    if d.strategy == "fsdp" and not r.gpus:
-        errors.append(
-            f"{_path(i, 'distill.strategy')}: fsdp shards the student over GPUs (accelerate runs FSDP on CUDA "
-            "devices only); CPU workers train with ddp: use strategy ddp or auto, or set resources.gpus"
-        )
     world = r.world_size
     if d.global_batch_size is not None and d.global_batch_size % (d.batch_size * world):
         errors.append(

@@ -325,10 +325,10 @@ def test_delete_policy_removes_the_artifacts_before_the_pipeline_goes(operator, 
 
 def test_invalid_spec_gets_failed_condition_and_no_job_while_others_run(operator, api_client, workspace, s3_bucket, s3_endpoint):
     ns = workspace
-    # Admitted (each field is valid) but not plannable: FSDP shards over GPUs, and the stage
-    # inherits gpus: 0. Admission refuses what the fields alone decide (test_admission.py).
+    # Admitted (each field is valid) but not plannable: two nodes of CPU workers nobody asked for
+    # (the stage inherits gpus: 0). Admission refuses what the fields alone decide (test_admission.py).
     bad = pipeline_doc("bad", s3_bucket, s3_endpoint, [
-        {"name": "d", "distill": {"maxSteps": 1, "strategy": "fsdp"}},
+        {"name": "d", "distill": {"maxSteps": 1}, "resources": {"nodes": 2}},
     ])
     good = pipeline_doc("good", s3_bucket, s3_endpoint, [
         {"name": "gguf", "from": "student", "quantize": {"method": "gguf", "type": "q8_0"}},
@@ -337,7 +337,7 @@ def test_invalid_spec_gets_failed_condition_and_no_job_while_others_run(operator
         custom(api_client).create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
     failed = wait_condition(api_client, ns, "bad", "Failed", timeout=60)
     c = condition(failed, "Failed")
-    assert c["reason"] == "InvalidSpec" and "spec.stages[0].distill.strategy: fsdp shards the student over GPUs" in c["message"]
+    assert c["reason"] == "InvalidSpec" and "spec.stages[0].resources.nodes: 2 nodes with gpus 0" in c["message"]
     wait_condition(api_client, ns, "good", "Ready", timeout=300)
     assert all(j.metadata.labels["kondense.io/pipeline"] == "good" for j in jobs(api_client, ns))
     events = client.CoreV1Api(api_client).list_namespaced_event(ns, field_selector="involvedObject.name=bad").items

@@ -118,11 +118,13 @@ def _make_run(
 def _run_stage(kind: str, spec: Path, tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 600) -> tuple[int, Summary | None, str]:
     """Run the stage's command as the operator and the local runner do; return (exit, summary, output)."""
     term = tmp_path / f"termination-{spec.stem}.log"
-    # only the resources: a test may hand the stage a deliberately invalid document
-    resources = Resources.model_validate(json.loads(spec.read_text()).get("resources", {}))
+    # only the resources and the strategy: a test may hand the stage a deliberately invalid document
+    doc = json.loads(spec.read_text())
+    resources = Resources.model_validate(doc.get("resources", {}))
+    sharded = (doc.get("distill") or {}).get("strategy") == "fsdp"
     stage_args = ["--spec", str(spec), "--termination-log", str(term), "--cache-dir", str(tmp_path / "cache")]
     proc = subprocess.run(
-        stage_command(kind, stage_args, resources, python=sys.executable),  # the launcher when workers > 1
+        stage_command(kind, stage_args, resources, python=sys.executable, sharded=sharded),  # the launcher when workers > 1
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -226,7 +228,7 @@ def _kill_when_committed(
     log = tmp_path / "first.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            stage_command(run.stage_kind, stage_args, run.resources, python=sys.executable),
+            stage_command(run.stage_kind, stage_args, run.resources, python=sys.executable, sharded=run.sharded),
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
         )
         try:

@@ -89,11 +89,17 @@ def test_teacher_sharded_over_the_workers_gives_the_same_student(tmp_path, make_
     assert_same_training(one_worker, summary, output)
 
 
-def test_bf16_student_is_published_in_bf16(tmp_path, make_run, run_stage, models, one_worker):
+@pytest.mark.parametrize("strategy, workers", [("ddp", 1), ("fsdp", 2)])
+def test_bf16_student_is_published_in_bf16(tmp_path, make_run, run_stage, models, one_worker, strategy, workers):
+    """bf16 autocast (ddp) or FSDP2's bf16 mixed precision with activation checkpointing (fsdp): the student
+    is published in bf16 as ordinary safetensors that transformers loads, and it learned."""
     from transformers import AutoModelForCausalLM
 
-    code, summary, output = distill(tmp_path, make_run, run_stage, models, "bf16", 1, precision="bf16")
+    code, summary, output = distill(tmp_path, make_run, run_stage, models, "bf16", workers, precision="bf16",
+                                    strategy=strategy, gradient_checkpointing=strategy == "fsdp")
     assert code == 0, output[-3000:]
+    if strategy == "fsdp":
+        assert "FSDP2: computes in bfloat16" in output and "recomputes the activations of 2 layers" in output
     state = weights(summary)
     assert {t.dtype for t in state.values()} == {torch.bfloat16}
     # Against fp32 (4 bytes a weight) the artifact is about half the size.
@@ -103,32 +109,57 @@ def test_bf16_student_is_published_in_bf16(tmp_path, make_run, run_stage, models
     assert summary.metrics["finalLoss"] < summary.metrics["initialLoss"]
 
 
-def test_killed_two_worker_run_resumes_on_one_worker(tmp_path, make_run, run_stage, kill_at_first_checkpoint, models):
-    """A preempted stage restarts on fewer workers: same global batch, same digest, same result."""
-    config = DistillSpec(**{**SPEC, "max_steps": RESUME_STEPS, "checkpoint_every": 2})
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, make_run, run_stage, models):
+    """RESUME_STEPS on one worker, never killed: where a resumed run must end."""
+    code, summary, output = distill(tmp_path_factory.mktemp("fresh"), make_run, run_stage, models, "fresh", 1,
+                                    max_steps=RESUME_STEPS, checkpoint_every=2)
+    assert code == 0, output[-3000:]
+    return summary
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_killed_two_worker_run_resumes_on_one_worker(tmp_path, make_run, run_stage, kill_at_first_checkpoint, models,
+                                                     uninterrupted, strategy):
+    """A preempted stage restarts on fewer workers: same global batch, same digest, same result. FSDP's
+    checkpoints (torch.distributed.checkpoint, one shard per worker) reshard onto a world of one."""
+    config = DistillSpec(**{**SPEC, "max_steps": RESUME_STEPS, "checkpoint_every": 2, "strategy": strategy})
     run, path = make_run(tmp_path, "distill", config, models[0], models[1], resources=Resources(gpus=0, workers=2))
     committed = kill_at_first_checkpoint(run, path, tmp_path)
     assert committed and committed[-1] < RESUME_STEPS
 
-    one = run.model_copy(update={"resources": Resources(gpus=0, workers=1)})
-    path.write_text(one.model_dump_json(by_alias=True, exclude_none=True))
-    code, summary, output = run_stage("distill", path, tmp_path)
+    def resume(**update):
+        changed = run.model_copy(update=update)
+        path.write_text(changed.model_dump_json(by_alias=True, exclude_none=True))
+        return run_stage("distill", path, tmp_path)
+
+    one = Resources(gpus=0, workers=1)
+    if strategy == "fsdp":  # the other strategy cannot read these checkpoints: it is told how, and loads nothing
+        code, summary, output = resume(resources=one, distill=config.model_copy(update={"strategy": "ddp"}))
+        assert code == 10, output[-3000:]
+        assert summary.reason == "InvalidSpec" and "written by fsdp workers" in summary.message
+        assert "set distill.strategy: fsdp to resume it" in summary.message
+        assert "Teacher held" not in output
+    code, summary, output = resume(resources=one)
     assert code == 0, output[-3000:]
     assert summary.metrics.get("resumedFromStep") == committed[-1], output[-3000:]
     assert summary.metrics["steps"] == RESUME_STEPS
-
-    code, reference, output = distill(tmp_path, make_run, run_stage, models, "fresh", 1, max_steps=RESUME_STEPS, checkpoint_every=2)
-    assert code == 0, output[-3000:]
-    a, b = weights(reference), weights(summary)
+    assert f"1 worker(s) on 1 node(s), student {'fsdp' if strategy == 'fsdp' else 'on one worker'}" in output
+    a, b = weights(uninterrupted), weights(summary)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < WEIGHTS_ATOL, f"resumed on 1 worker vs uninterrupted: max |w1 - w2| = {worst:.2e}"
 
 
-def test_fsdp_on_cpu_workers_is_refused_before_loading_weights(tmp_path, make_run, run_stage, models):
+def test_student_sharded_over_two_workers_trains_as_one(tmp_path, make_run, run_stage, models, one_worker):
+    """FSDP2 (accelerate, on CPU with gloo): each worker holds half of every weight, and the training is
+    one worker's: the same losses, gradient norms and published weights."""
     code, summary, output = distill(tmp_path, make_run, run_stage, models, "fsdp", 2, strategy="fsdp")
-    assert code == 10, output[-3000:]
-    assert summary.reason == "InvalidSpec" and "distill.strategy" in summary.message
-    assert "Loading weights" not in output
+    assert code == 0, output[-3000:]
+    assert "2 worker(s) on 1 node(s), student fsdp" in output
+    assert "Teacher held replicated" in output and "as FSDPLlamaForCausalLM" in output
+    # rotary inv_freq, a buffer of 16 floats, is the only thing both keep whole
+    assert summary.metrics["studentMemoryMiB"] == pytest.approx(one_worker.metrics["studentMemoryMiB"] / 2, rel=1e-3)
+    assert_same_training(one_worker, summary, output)
 
 
 def test_a_refusal_on_the_workers_keeps_its_exit_code_under_the_launcher(tmp_path, make_run, run_stage, models):

@@ -128,11 +128,20 @@ def test_auto_prefers_ddp_and_a_replicated_teacher_when_they_fit():
     assert (estimate.choice.strategy, estimate.choice.teacher_load) == ("ddp", "replicated")
 
 
-def test_fixes_never_offer_fsdp_to_cpu_workers():
-    spec = DistillSpec(batch_size=8, max_seq_length=4096)
-    estimate, fixes = memory.distill_plan(spec, Resources(gpus=0, workers=2, memory="40Gi"), LLAMA_8B, None)
-    assert not estimate.fits
-    assert all("fsdp" not in f.field for f in fixes)
+def test_cpu_workers_shard_the_student_when_a_replica_does_not_fit():
+    """FSDP2 runs on CPU workers too (gloo): auto picks it where ddp does not fit, and a ddp spec is told to switch."""
+    spec = DistillSpec(batch_size=1, max_seq_length=1024, gradient_checkpointing=True)
+    r = Resources(gpus=0, workers=4, memory="200Gi")
+    auto, fixes = memory.distill_plan(spec, r, LLAMA_8B, None)
+    assert auto.fits and not fixes and auto.choice.strategy == "fsdp"
+    ddp, fixes = memory.distill_plan(spec.model_copy(update={"strategy": "ddp"}), r, LLAMA_8B, None)
+    assert not ddp.fits
+    assert fixes[0].field == "distill.strategy: fsdp" and fixes[0].estimate.total == auto.total
+    # One worker has nothing to shard over: auto keeps the full copy; fsdp, when asked, is a world of one.
+    one = Resources(gpus=0, workers=1, memory="200Gi")
+    assert memory.distill_plan(spec, one, LLAMA_8B, None)[0].choice.strategy == "ddp"
+    asked, _ = memory.distill_plan(spec.model_copy(update={"strategy": "fsdp"}), one, LLAMA_8B, None)
+    assert asked.choice.strategy == "fsdp" and asked.parts["optimizer"] == 8 * LLAMA_8B.total_parameters
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,21 +192,28 @@ def test_plan_reads_config_json_given_on_the_command_line(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+LAUNCHED = ["python", "-m", "kondense_jobs.launch", "--nnodes"]
+
+
 @pytest.mark.parametrize(
-    "kind, resources, expected",
+    "kind, resources, sharded, expected",
     [
-        ("distill", Resources(gpus=1), ["python", "-m", "kondense_jobs", "distill", "--spec", "s.json"]),
-        ("quantize", Resources(gpus=4), ["python", "-m", "kondense_jobs", "quantize", "--spec", "s.json"]),
-        ("distill", Resources(gpus=4), ["python", "-m", "kondense_jobs.launch", "--nnodes", "1", "--nproc-per-node", "4",
-                                        "--standalone", "--", "distill", "--spec", "s.json"]),
-        ("distill", Resources(gpus=0, workers=2, nodes=2),
-         ["python", "-m", "kondense_jobs.launch", "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-endpoint",
-          "job-0.svc:29400", "--rdzv-id", "job", "--", "distill", "--spec", "s.json"]),
+        ("distill", Resources(gpus=1), False, ["python", "-m", "kondense_jobs", "distill", "--spec", "s.json"]),
+        ("quantize", Resources(gpus=4), False, ["python", "-m", "kondense_jobs", "quantize", "--spec", "s.json"]),
+        ("distill", Resources(gpus=4), False,
+         [*LAUNCHED, "1", "--nproc-per-node", "4", "--standalone", "--", "distill", "--spec", "s.json"]),
+        ("distill", Resources(gpus=0, workers=2, nodes=2), False,
+         [*LAUNCHED, "2", "--nproc-per-node", "2", "--rdzv-endpoint", "job-0.svc:29400", "--rdzv-id", "job", "--",
+          "distill", "--spec", "s.json"]),
+        # a world of one writes FSDP's resharding checkpoints, so a sharded stage resumes on any worker count
+        ("distill", Resources(gpus=1), True,
+         [*LAUNCHED, "1", "--nproc-per-node", "1", "--standalone", "--", "distill", "--spec", "s.json"]),
     ],
-    ids=["one-gpu", "quantize-on-4-gpus", "one-node", "two-nodes"],
+    ids=["one-gpu", "quantize-on-4-gpus", "one-node", "two-nodes", "fsdp-on-one-gpu"],
 )
-def test_stage_command(kind, resources, expected):
-    assert stage_command(kind, ["--spec", "s.json"], resources, rendezvous=("job-0.svc:29400", "job")) == expected
+def test_stage_command(kind, resources, sharded, expected):
+    argv = stage_command(kind, ["--spec", "s.json"], resources, rendezvous=("job-0.svc:29400", "job"), sharded=sharded)
+    assert argv == expected
 
 
 def test_launcher_keeps_the_exit_code_and_summary_of_the_worker_that_failed_first(tmp_path):

@@ -163,12 +163,10 @@ GLOBAL = {"method": "logits", "batchSize": 2, "globalBatchSize": 16}
          "does not divide into batchSize 2 x 12 workers (4 per node x 3 nodes)"),
         ({"stages__0__resources": {"gpus": 4, "workers": 2}}, "spec.stages[0].resources.workers: 2 workers on 4 GPUs"),
         ({"stages__0__resources": {"gpus": 0, "nodes": 2}}, "spec.stages[0].resources.nodes: 2 nodes with gpus 0"),
-        ({"stages__0__resources": {"gpus": 0, "workers": 2}, "stages__0__distill": {**GLOBAL, "strategy": "fsdp"}},
-         "spec.stages[0].distill.strategy: fsdp shards"),
         ({"stages__2__resources": {"nodes": 2}}, "spec.stages[2].resources.nodes: 2, but only distill stages run several workers"),
         ({"resources": {"workers": 2, "gpus": 0}}, "spec.resources.workers: 2, but only distill stages"),
     ],
-    ids=["ok", "global-batch-gpus", "global-batch-nodes", "workers-vs-gpus", "cpu-nodes", "fsdp-on-cpu",
+    ids=["ok", "global-batch-gpus", "global-batch-nodes", "workers-vs-gpus", "cpu-nodes",
          "quantize-nodes", "inherited-workers"],
 )
 def test_parallel_fields_are_checked_with_their_path(changes, expected):

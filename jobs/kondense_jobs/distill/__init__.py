@@ -39,17 +39,19 @@ from kondense_jobs.distill.gkd import gkd_records
 from kondense_jobs.distill.logits import Windows
 from kondense_jobs.distill.losses import kd_loss
 from kondense_jobs.distill.setup import (
-    FSDP_NEEDS_GPUS,
     Inputs,
     MemoryProbe,
     callback,
     check_strategy,
     check_vocabularies,
+    fsdp_on_cpu,
+    held_bytes,
     log_published,
     plan_memory,
     resolve_precision,
     save_student,
     sequence_length,
+    sharding,
     training_metrics,
 )
 from kondense_jobs.parallel import World
@@ -90,6 +92,22 @@ def fetch_inputs(ctx: Context, world: World) -> Inputs:
     )
 
 
+def resume_mismatch(resume, strategy: str) -> str:
+    """Why a checkpoint of the other strategy cannot be resumed, and the edit that resumes it.
+
+    FSDP writes torch.distributed.checkpoint shards (one per worker, resharded on load on any
+    worker count), DDP the full state: the Trainer reads only the format it wrote. The strategy is
+    not in the input digest, so setting it keeps the checkpoints.
+    """
+    wrote = "fsdp" if resume.sharded else "ddp"
+    return (
+        f"distill.strategy: the checkpoint of step {resume.step} ({resume.uri}) was written by {wrote} workers and "
+        f"this run planned {strategy}; set distill.strategy: {wrote} to resume it"
+        + (" (on any worker count, one included)" if wrote == "fsdp" else "")
+        + f", or delete {resume.uri.rsplit('/', 1)[0]} to start over"
+    )
+
+
 def run(ctx: Context) -> Summary:
     spec: DistillSpec = ctx.config
     transformers = require("transformers", "distillation")
@@ -109,17 +127,22 @@ def run(ctx: Context) -> Summary:
         len(job.tokenizer),
         f"{len(job.split.train)} training records" if job.split is not None else "training windows from the tokens",
         job.precision, world.size, world.nodes,
-        job.plan.strategy if world.distributed else "on one worker", job.plan.teacher_load,
+        "on one worker" if job.plan.strategy == "ddp" and not world.distributed else job.plan.strategy,
+        job.plan.teacher_load,
     )
 
     # 2. Transform: train the student, resuming from the newest staged checkpoint.
     checkpoints = Checkpoints(ctx, world)
     resume = checkpoints.latest(ctx.work_dir / "resume")
+    if resume and resume.sharded != (job.plan.strategy == "fsdp"):
+        raise InvalidSpec(resume_mismatch(resume, job.plan.strategy))
     transformers.set_seed(spec.seed)
-    built = METHODS[spec.method](ctx, job)
+    with fsdp_on_cpu(job.plan):
+        built = METHODS[spec.method](ctx, job)
     trainer = built.trainer
-    if job.plan.strategy == "fsdp" and world.distributed and not trainer.is_fsdp_enabled:
-        raise InvalidSpec(FSDP_NEEDS_GPUS)  # a DDP fallback would break the memory plan
+    if job.plan.strategy == "fsdp" and not trainer.is_fsdp_enabled:  # a DDP fallback would break the memory plan
+        raise InvalidSpec("distill.strategy: fsdp, but accelerate did not shard the student: a sharded stage "
+                          "runs under the launcher (python -m kondense_jobs.launch), as kondense run and the Job start it")
     trainer.remove_callback(transformers.PrinterCallback)  # it prints a dict per log; we print progress lines
     progress = callback(ctx, checkpoints, world)
     trainer.add_callback(progress)
@@ -131,12 +154,13 @@ def run(ctx: Context) -> Summary:
     started = time.monotonic()
     trainer.train(resume_from_checkpoint=str(resume.path) if resume else None)
     train_seconds = time.monotonic() - started
-    log.info("Trained %s as %s", type(trainer.model).__name__, type(trainer.model_wrapped).__name__)
+    log.info("Trained %s as %s%s", type(trainer.model).__name__, type(trainer.model_wrapped).__name__, sharding(trainer))
     checkpoints.wait()
 
     # 3. Publish the student (rank 0); the staged checkpoints are no longer needed.
     metrics = training_metrics(trainer.state, progress, built, train_seconds)
     metrics["peakMemoryGiB"] = job.probe.peak_gib()
+    metrics["studentMemoryMiB"] = round(held_bytes(trainer.model) / 2**20, 3)  # this worker's shard under FSDP
     if resume:
         metrics["resumedFromStep"] = float(resume.step)
     save_student(trainer, job.tokenizer, ctx.output_dir(), job.precision, world)

@@ -33,6 +33,7 @@ log = logging.getLogger("kondense_jobs.distill")
 
 CHECKPOINTS_KEPT = 2
 STEP_DIR = re.compile(r"step-(\d+)")
+SHARDED_MODEL = "pytorch_model_fsdp_"  # accelerate's folder of a model's FSDP shards in a checkpoint
 
 
 def list_dirs(store: Store, uri: str) -> list[str]:
@@ -50,6 +51,11 @@ class Resume:
     step: int
     path: Path
     uri: str
+
+    @property
+    def sharded(self) -> bool:
+        """Written by FSDP workers: torch.distributed.checkpoint shards, not the full state."""
+        return any(self.path.glob(f"{SHARDED_MODEL}*"))
 
 
 class Checkpoints:

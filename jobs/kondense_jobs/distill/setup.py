@@ -3,11 +3,13 @@ models loaded the way the plan chose, the library's training config, progress an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import resource
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +26,7 @@ from kondense_jobs.runtime import Context, require
 log = logging.getLogger("kondense_jobs.distill")
 
 LOGGING_RATIO = 0.02  # log the loss every 2% of the steps (Trainer reads a float < 1 as a ratio)
-MAX_SHARD_SIZE = "5GB"
-FSDP_NEEDS_GPUS = (
-    "distill.strategy: fsdp needs CUDA devices (accelerate runs FSDP on GPUs only; on CPU it would silently "
-    "train with DDP); CPU workers train with ddp: use strategy ddp or auto"
-)  # the published student's safetensors shards, as the hub's models have them
+MAX_SHARD_SIZE = "5GB"  # the published student's safetensors shards, as the hub's models have them
 
 
 @dataclass(frozen=True)
@@ -163,9 +161,6 @@ def plan_memory(ctx: Context, spec: DistillSpec, teacher_dir: Path | None, stude
 
 def check_strategy(teacher_dir: Path | None, plan: memory.Choice) -> None:
     """A way of running that this machine or the teacher's architecture cannot use: exit 10 naming the field."""
-    torch = require("torch", "distillation")
-    if plan.strategy == "fsdp" and not torch.cuda.is_available():
-        raise InvalidSpec(FSDP_NEEDS_GPUS)
     cfg = _config(teacher_dir) if teacher_dir else {}
     if plan.teacher_load in ("int8", "nf4") and cfg.get("model_type") == "gpt2":
         raise InvalidSpec(
@@ -304,6 +299,56 @@ def fsdp_options(job: Inputs, student_dir: Path) -> dict[str, Any]:
             "cpu_ram_efficient_loading": False,
         },
     }
+
+
+@contextlib.contextmanager
+def fsdp_on_cpu(plan: memory.Choice) -> Iterator[None]:
+    """While the Trainer creates its Accelerator: FSDP2 on CPU workers as on GPUs.
+
+    accelerate 1.15 turns an FSDP plugin into FSDP on accelerator devices only; on CPU its state
+    stays MULTI_CPU and the Trainer silently wraps the student in DDP. FSDP2 itself (fully_shard
+    over a gloo mesh) runs on CPU, as the sharded teacher does. So a CPU state given an FSDP plugin
+    is made FSDP, with the plugin's mixed precision, as the GPU branch of AcceleratorState does;
+    once accelerate takes CPUs itself the state is already FSDP and this does nothing.
+    """
+    if plan.strategy != "fsdp":
+        yield
+        return
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = self.distributed_type
+
+    AcceleratorState.__init__ = init
+    try:
+        yield
+    finally:
+        AcceleratorState.__init__ = original
+
+
+def sharding(trainer) -> str:
+    """How FSDP holds the student, for the log: its mixed precision and the layers it recomputes."""
+    if not trainer.is_fsdp_enabled:
+        return ""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    policy = trainer.accelerator.state.fsdp_plugin.mixed_precision_policy
+    compute = getattr(policy, "param_dtype", None) or next(trainer.model.parameters()).dtype
+    reduce = getattr(policy, "reduce_dtype", None) or compute  # FSDP2 reduces in param_dtype unless told
+    recomputed = sum(isinstance(m, CheckpointWrapper) for m in trainer.model.modules())
+    return (
+        f" (FSDP2: computes in {str(compute).removeprefix('torch.')}, reduces gradients in "
+        f"{str(reduce).removeprefix('torch.')}, recomputes the activations of {recomputed} layers)"
+    )
 
 
 def training_args(config_class, job: Inputs, **extra):
