@@ -6,7 +6,10 @@ Uses the real stages in-process on models built on the spot (no hub):
      memory plan's per-GPU estimate (kondense.memory, what `kondense plan` prints) against
      torch.cuda.max_memory_allocated. Exits 1 below MIN_MFU or outside ESTIMATE_ERROR. One GPU
      runs one worker: the multi-worker paths (DDP, FSDP2, the sharded teacher) are tested on
-     CPU workers in tests/jobs/test_parallel.py, FSDP2 of the student needs two or more GPUs.
+     CPU workers in tests/jobs/test_parallel.py.
+  0a. the same step with the student under FSDP2 (strategy fsdp: the launcher, NCCL, bf16 compute
+     with fp32 gradient reduction, activation checkpointing) over a world of one: tokens/s
+     against the unsharded run, and the plan's estimate against the measured peak (ESTIMATE_ERROR).
   0b. GPTQ of the ~1B model (fp32, built from config) through the quantize stage: llm-compressor's
      sequential pipeline onloads one layer at a time, so torch.cuda.max_memory_allocated must stay
      within the plan's per-GPU estimate (kondense.memory.quantize_plan, less the CUDA context,
@@ -26,6 +29,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +39,8 @@ from pathlib import Path
 import torch
 
 from kondense.api import DatasetRef, DistillSpec, EvaluateSpec, InputRef, QuantizeSpec, Resources, StageRun, Storage
-from kondense.events import Progress
+from kondense.events import Progress, parse_summary
+from kondense.launch import stage_command
 from kondense.store import FileStore
 from kondense_jobs import distill, evaluate, quantize, tiny
 from kondense_jobs.runtime import Context
@@ -56,6 +62,27 @@ def stage(root: Path, kind: str, config, models: dict[str, Path | InputRef], dat
     fn = {"distill": distill.run, "quantize": quantize.run, "evaluate": evaluate.run}[kind]
     summary = fn(Context(run, root / "work" / name, root / "cache", Progress(name, min_interval=30)))
     return {"uri": run.output, "digest": run.input_digest, "metrics": summary.metrics, "report": summary.report}
+
+
+def launched(root: Path, config: DistillSpec, models: dict[str, Path], dataset: Path, name: str) -> dict:
+    """A distill stage as a pod runs it (a subprocess, under the launcher when sharded): its metrics."""
+    folder = root / name
+    folder.mkdir()
+    run = StageRun(
+        pipeline="gpu", namespace="check", stage=name, stage_kind="distill", distill=config,
+        models={k: InputRef(uri=f"file://{v}") for k, v in models.items()},
+        dataset=DatasetRef(uri=f"file://{dataset}", eval_split=0.1), output=f"file://{root}/store/{name}",
+        input_digest=f"sha256:{name}", storage=Storage(uri=f"file://{root}/store"), resources=Resources(gpus=1),
+    )
+    (folder / "stage.json").write_text(run.model_dump_json(by_alias=True, exclude_none=True))
+    args = ["--spec", str(folder / "stage.json"), "--termination-log", str(folder / "t"), "--cache-dir", str(root / "cache")]
+    proc = subprocess.run(stage_command("distill", args, run.resources, python=sys.executable, sharded=run.sharded),
+                          capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    summary = parse_summary((folder / "t").read_text()) if (folder / "t").exists() else None
+    if proc.returncode != 0 or summary is None:
+        raise SystemExit(f"{name} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    print(next((line for line in proc.stdout.splitlines() if "FSDP2:" in line), "no FSDP2 line"), flush=True)
+    return summary.metrics
 
 
 def main() -> int:
@@ -102,6 +129,16 @@ def main() -> int:
         failures.append(f"MFU {mfu:.2f} < {MIN_MFU}")
     if abs(error) > ESTIMATE_ERROR:
         failures.append(f"estimate {m['preflightGiB']:.1f} GiB vs measured {m['peakMemoryGiB']:.1f} GiB: {error:+.0%}")
+
+    # 0a. The same step, the student sharded by FSDP2 (a world of one, under the launcher).
+    torch.cuda.empty_cache()
+    f = launched(root, cfg.model_copy(update={"strategy": "fsdp"}), {"teacher": t3, "student": s1}, dataset, "kd-1b-3b-fsdp")
+    fsdp_error = f["preflightGiB"] / f["peakMemoryGiB"] - 1
+    figures |= {"kd_1b_3b_fsdp_tokens_per_second": f["tokensPerSecond"],
+                "fsdp_over_unsharded": f["tokensPerSecond"] / tokens_s, "fsdp_plan_estimate_GiB": f["preflightGiB"],
+                "fsdp_measured_peak_GiB": f["peakMemoryGiB"], "fsdp_estimate_error": fsdp_error}
+    if abs(fsdp_error) > ESTIMATE_ERROR:
+        failures.append(f"fsdp: estimate {f['preflightGiB']:.1f} GiB vs measured {f['peakMemoryGiB']:.1f} GiB: {fsdp_error:+.0%}")
 
     # 0b. GPTQ of the ~1B model: one layer on the GPU, the model and the offloaded activations in host memory.
     from llmcompressor.modifiers.gptq import helpers as gptq_helpers

@@ -11,7 +11,8 @@ micro-batch, h hidden size, i MLP width, V vocabulary):
 - weights, gradients, optimizer: mixed-precision AdamW keeps fp32 master weights (4 bytes),
   fp32 gradients (4) and two fp32 moments (8). ddp replicates all of it and adds DDP's fp32
   gradient buckets (4); fsdp divides it by W and adds the gathered 16-bit copies of the layers
-  in flight (two layers: the one computing and the one prefetched).
+  in flight (two layers: the one computing and the one prefetched). To publish, fsdp's rank 0
+  gathers the full fp32 weights into host memory (4P), which on CPU workers is the same memory.
 - activations: what autograd keeps per token and layer of a Llama-style block, counted from
   the block's saved tensors: about 10h + 4i values (norms, q/k/v, attention output, the MLP's
   gate, up and product), in the compute dtype; SDPA/flash attention keeps no s x s matrix. With
@@ -256,10 +257,12 @@ def training(
     """One training worker of a distill stage; `fused`: its loss is blockwise (see `fused_loss`)."""
     world = resources.world_size
     p = student.total_parameters
+    device = "gpu" if resources.gpus else "cpu"
     if choice.strategy == "fsdp":
         gathered = GATHERED_LAYERS * student.layer_parameters * DTYPE_BYTES[dtype]
+        published = 4 * p if device == "cpu" else 0.0  # rank 0's full copy to publish, in host memory
         parts = {
-            "weights": 4 * p / world + gathered,
+            "weights": 4 * p / world + gathered + published,
             "gradients": 4 * p / world,
             "optimizer": 8 * p / world,
         }
@@ -270,7 +273,6 @@ def training(
             "optimizer": 8 * p,
         }
     parts["activations"] = activation_bytes(student, choice.batch_size, seq, dtype, choice.checkpointing)
-    device = "gpu" if resources.gpus else "cpu"
     held = teacher if choice.teacher_load != "none" else None
     parts["logits"] = logits_bytes(student, held, choice.batch_size, seq, dtype, fused, device)
     parts["teacher"] = teacher_bytes(teacher, choice.teacher_load, dtype, world) if teacher else 0.0

@@ -50,6 +50,12 @@ def test_fsdp_divides_the_training_state_by_the_workers():
     assert ddp.parts["optimizer"] == 8 * p and ddp.parts["gradients"] == 8 * p  # fp32 grads + DDP buckets
     assert fsdp.parts["optimizer"] == 8 * p / 8 and fsdp.parts["gradients"] == 4 * p / 8
     assert fsdp.parts["activations"] == ddp.parts["activations"]
+    # To publish, rank 0 gathers the full fp32 weights into host memory: a GPU's estimate leaves them
+    # out, a CPU worker's (host memory is its memory) counts them.
+    cpu = memory.training(LLAMA_8B, None, memory.Choice("fsdp", "none", 1, True), 2048, "fp32",
+                          Resources(gpus=0, workers=8))
+    on_gpu = memory.training(LLAMA_8B, None, memory.Choice("fsdp", "none", 1, True), 2048, "fp32", r)
+    assert cpu.parts["weights"] - on_gpu.parts["weights"] == 4 * p
     del spec
 
 
@@ -131,14 +137,14 @@ def test_auto_prefers_ddp_and_a_replicated_teacher_when_they_fit():
 def test_cpu_workers_shard_the_student_when_a_replica_does_not_fit():
     """FSDP2 runs on CPU workers too (gloo): auto picks it where ddp does not fit, and a ddp spec is told to switch."""
     spec = DistillSpec(batch_size=1, max_seq_length=1024, gradient_checkpointing=True)
-    r = Resources(gpus=0, workers=4, memory="200Gi")
+    r = Resources(gpus=0, workers=4, memory="400Gi")
     auto, fixes = memory.distill_plan(spec, r, LLAMA_8B, None)
     assert auto.fits and not fixes and auto.choice.strategy == "fsdp"
     ddp, fixes = memory.distill_plan(spec.model_copy(update={"strategy": "ddp"}), r, LLAMA_8B, None)
     assert not ddp.fits
     assert fixes[0].field == "distill.strategy: fsdp" and fixes[0].estimate.total == auto.total
     # One worker has nothing to shard over: auto keeps the full copy; fsdp, when asked, is a world of one.
-    one = Resources(gpus=0, workers=1, memory="200Gi")
+    one = Resources(gpus=0, workers=1, memory="400Gi")
     assert memory.distill_plan(spec, one, LLAMA_8B, None)[0].choice.strategy == "ddp"
     asked, _ = memory.distill_plan(spec.model_copy(update={"strategy": "fsdp"}), one, LLAMA_8B, None)
     assert asked.choice.strategy == "fsdp" and asked.parts["optimizer"] == 8 * LLAMA_8B.total_parameters

@@ -43,8 +43,8 @@ from kondense_jobs.distill.setup import (
     MemoryProbe,
     callback,
     check_strategy,
+    accelerate_fsdp,
     check_vocabularies,
-    fsdp_on_cpu,
     held_bytes,
     log_published,
     plan_memory,
@@ -137,7 +137,7 @@ def run(ctx: Context) -> Summary:
     if resume and resume.sharded != (job.plan.strategy == "fsdp"):
         raise InvalidSpec(resume_mismatch(resume, job.plan.strategy))
     transformers.set_seed(spec.seed)
-    with fsdp_on_cpu(job.plan):
+    with accelerate_fsdp(job.plan, job.precision):
         built = METHODS[spec.method](ctx, job)
     trainer = built.trainer
     if job.plan.strategy == "fsdp" and not trainer.is_fsdp_enabled:  # a DDP fallback would break the memory plan

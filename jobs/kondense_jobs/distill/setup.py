@@ -302,24 +302,32 @@ def fsdp_options(job: Inputs, student_dir: Path) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def fsdp_on_cpu(plan: memory.Choice) -> Iterator[None]:
-    """While the Trainer creates its Accelerator: FSDP2 on CPU workers as on GPUs.
+def accelerate_fsdp(plan: memory.Choice, precision: str) -> Iterator[None]:
+    """While the Trainer creates its Accelerator: FSDP2 as kondense runs it, on GPUs and CPUs alike.
 
-    accelerate 1.15 turns an FSDP plugin into FSDP on accelerator devices only; on CPU its state
-    stays MULTI_CPU and the Trainer silently wraps the student in DDP. FSDP2 itself (fully_shard
-    over a gloo mesh) runs on CPU, as the sharded teacher does. So a CPU state given an FSDP plugin
-    is made FSDP, with the plugin's mixed precision, as the GPU branch of AcceleratorState does;
-    once accelerate takes CPUs itself the state is already FSDP and this does nothing.
+    - Gradients are reduced in fp32 under bf16/fp16 compute (accelerate's policy reduces in the
+      compute dtype: summing many workers' gradients in bf16 keeps 3 significant digits).
+    - CPU workers shard too. accelerate 1.15 turns an FSDP plugin into FSDP on accelerator devices
+      only; on CPU its state stays MULTI_CPU and the Trainer silently wraps the student in DDP.
+      FSDP2 itself (fully_shard over a gloo mesh) runs on CPU, as the sharded teacher does, so a
+      CPU state given an FSDP plugin is made FSDP as the GPU branch of AcceleratorState does; once
+      accelerate takes CPUs itself the state is already FSDP and this part does nothing.
     """
     if plan.strategy != "fsdp":
         yield
         return
+    torch = require("torch", "distillation")
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
+    compute = _dtype(precision)
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute != torch.float32 else None
     original = AcceleratorState.__init__
 
     def init(self, *args, fsdp_plugin=None, **kwargs):
+        if fsdp_plugin is not None and fsdp_plugin.mixed_precision_policy is None:
+            fsdp_plugin.mixed_precision_policy = policy  # accelerate sets its own only where none is
         original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
