@@ -34,16 +34,16 @@ from kondense.errors import InvalidSpec
 
 from kondense_jobs import data
 from kondense_jobs.distill import gkd, logits, synthetic
-from kondense_jobs.distill.checkpoints import Checkpoints
+from kondense_jobs.distill.checkpoints import Checkpoints, Resume
 from kondense_jobs.distill.gkd import gkd_records
 from kondense_jobs.distill.logits import Windows
 from kondense_jobs.distill.losses import kd_loss
 from kondense_jobs.distill.setup import (
     Inputs,
     MemoryProbe,
+    accelerate_fsdp,
     callback,
     check_strategy,
-    accelerate_fsdp,
     check_vocabularies,
     held_bytes,
     log_published,
@@ -92,7 +92,7 @@ def fetch_inputs(ctx: Context, world: World) -> Inputs:
     )
 
 
-def resume_mismatch(resume, strategy: str) -> str:
+def resume_mismatch(resume: Resume, strategy: str) -> str:
     """Why a checkpoint of the other strategy cannot be resumed, and the edit that resumes it.
 
     FSDP writes torch.distributed.checkpoint shards (one per worker, resharded on load on any
