@@ -91,14 +91,18 @@ def test_teacher_sharded_over_the_workers_gives_the_same_student(tmp_path, make_
 
 @pytest.mark.parametrize("strategy, workers", [("ddp", 1), ("fsdp", 2)])
 def test_bf16_student_is_published_in_bf16(tmp_path, make_run, run_stage, models, one_worker, strategy, workers):
-    """bf16 autocast (ddp) or FSDP2's bf16 mixed precision with activation checkpointing (fsdp): the student
-    is published in bf16 as ordinary safetensors that transformers loads, and it learned."""
+    """bf16 autocast (ddp), or the flagship's way (fsdp): FSDP2's bf16 mixed precision with activation
+    checkpointing and the teacher sharded too. The student is published in bf16 as ordinary safetensors
+    that transformers loads, and it learned."""
     from transformers import AutoModelForCausalLM
 
+    sharded = strategy == "fsdp"
     code, summary, output = distill(tmp_path, make_run, run_stage, models, "bf16", workers, precision="bf16",
-                                    strategy=strategy, gradient_checkpointing=strategy == "fsdp")
+                                    strategy=strategy, gradient_checkpointing=sharded,
+                                    teacher_load="sharded" if sharded else "replicated")
     assert code == 0, output[-3000:]
-    if strategy == "fsdp":
+    if sharded:
+        assert "student fsdp, teacher sharded" in output and "Teacher sharded over 2 workers (FSDP2)" in output
         assert "FSDP2: computes in bfloat16, reduces gradients in float32, recomputes the activations of 2 layers" in output
     state = weights(summary)
     assert {t.dtype for t in state.values()} == {torch.bfloat16}
