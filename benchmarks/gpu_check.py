@@ -117,10 +117,11 @@ def main() -> int:
     torch.cuda.reset_peak_memory_stats()
     m = stage(root, "distill", cfg, {"teacher": t3, "student": s1}, dataset, "kd-1b-3b")["metrics"]
     tokens_s = m["tokensPerSecond"]
-    # training the student: 6 FLOPs per parameter and token (+2 for the recomputed forward); the teacher's forward: 2
-    flops = tokens_s * ((6 + 2) * p_s + 2 * p_t)
     name = torch.cuda.get_device_name(0)
-    mfu = flops / next((peak for gpu, peak in PEAK_BF16.items() if gpu in name), PEAK_BF16["H100"])
+    peak = next((peak for gpu, peak in PEAK_BF16.items() if gpu in name), PEAK_BF16["H100"])
+    # training the student: 6 FLOPs per parameter and token (+2 for the recomputed forward); the teacher's forward: 2
+    flops_per_token = (6 + 2) * p_s + 2 * p_t
+    mfu = tokens_s * flops_per_token / peak
     error = m["preflightGiB"] / m["peakMemoryGiB"] - 1
     figures |= {"student_parameters_B": p_s / 1e9, "teacher_parameters_B": p_t / 1e9, "kd_1b_3b_tokens_per_second": tokens_s,
                 "kd_1b_3b_mfu": mfu, "plan_estimate_GiB": m["preflightGiB"], "measured_peak_GiB": m["peakMemoryGiB"],
@@ -135,6 +136,7 @@ def main() -> int:
     f = launched(root, cfg.model_copy(update={"strategy": "fsdp"}), {"teacher": t3, "student": s1}, dataset, "kd-1b-3b-fsdp")
     fsdp_error = f["preflightGiB"] / f["peakMemoryGiB"] - 1
     figures |= {"kd_1b_3b_fsdp_tokens_per_second": f["tokensPerSecond"],
+                "kd_1b_3b_fsdp_mfu": f["tokensPerSecond"] * flops_per_token / peak,
                 "fsdp_over_unsharded": f["tokensPerSecond"] / tokens_s, "fsdp_plan_estimate_GiB": f["preflightGiB"],
                 "fsdp_measured_peak_GiB": f["peakMemoryGiB"], "fsdp_estimate_error": fsdp_error}
     if abs(fsdp_error) > ESTIMATE_ERROR:
