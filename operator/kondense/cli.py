@@ -60,9 +60,13 @@ def cmd_demo(args) -> int:
     from kondense.store import to_uri
 
     base = to_uri(args.base or str(Path.home() / ".cache" / "kondense" / "demo"))
+    pipeline = demo.pipeline(base)
+    fetching = demo.prefetch_tools(pipeline)  # beside the inputs' build, which is CPU-bound
     inputs = demo.build_inputs(demo.inputs_cache())
     demo.stage_inputs(inputs, base)
-    return _run_pipeline(demo.pipeline(base), args)
+    if fetching:
+        fetching.join()
+    return _run_pipeline(pipeline, args)
 
 
 def cmd_validate(args) -> int:

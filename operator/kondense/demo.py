@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import logging
 import shutil
+import threading
 import time
 from importlib import resources
 from pathlib import Path
@@ -26,8 +28,8 @@ from kondense.validation import parse
 PLACEHOLDER = "s3://kondense-demo"
 # Bump when the recipe below changes, so that cached inputs are rebuilt.
 RECIPE = {
-    "version": 2, "vocab": 4096, "docs": 6000, "teacher": [4, 256, 4], "student": [2, 128, 4], "steps": 300, "lr": 1e-3,
-    "inDomain": 3,
+    "version": 3, "vocab": 4096, "docs": 6000, "teacher": [4, 256, 4], "student": [2, 128, 4], "steps": 400, "batch": 8,
+    "lr": 7e-4, "inDomain": 8,
 }
 # The tasks have their own marker: changing them rebuilds them alone, not the models.
 TASKS_RECIPE = {"version": 1, "examples": 60, "fewshot": 8, "seed": 0}
@@ -67,13 +69,35 @@ def build_inputs(folder: Path, out=print) -> Path:
     layers, hidden, heads = RECIPE["teacher"]
     teacher = tiny.build_model(folder / "teacher", tokenizer, "llama", layers, hidden, heads, seed=1)
     out(f"Training the teacher on {cut} paragraphs and the dataset's {len(train)} training ones ({RECIPE['steps']} steps)")
-    tiny.pretrain(teacher, texts[:cut] + train * RECIPE["inDomain"], steps=RECIPE["steps"], seq_len=128, batch=16,
-                  lr=RECIPE["lr"], progress=_Printed(out))
+    tiny.pretrain(teacher, texts[:cut] + train * RECIPE["inDomain"], steps=RECIPE["steps"], seq_len=128,
+                  batch=RECIPE["batch"], lr=RECIPE["lr"], progress=_Printed(out))
     layers, hidden, heads = RECIPE["student"]
     tiny.build_model(folder / "student", tokenizer, "llama", layers, hidden, heads, seed=2)
     marker.write_text(json.dumps(RECIPE))
     build_tasks(folder, out)
     return folder
+
+
+def prefetch_tools(pipeline: CompressionPipeline) -> threading.Thread | None:
+    """Fetch llama.cpp's converter for a gguf stage in the background (a one-time `pip download` of
+    the llama-cpp-python sdist: 5 to 30 s of network and pip, little CPU) while the inputs build.
+
+    The install is atomic, so the stage finds it whole or installs it itself; a failure here (no
+    llama-cpp-python, no index) is left to the stage, which says what went wrong and how to fix it.
+    """
+    if not any(s.quantize and s.quantize.method == "gguf" for s in pipeline.spec.stages):
+        return None
+    def fetch() -> None:
+        try:
+            from kondense_jobs import gguf
+
+            gguf.ensure_converter()  # returns at once when installed
+        except Exception as e:
+            logging.getLogger(__name__).debug("prefetching llama.cpp's converter failed: %s", e)
+
+    thread = threading.Thread(target=fetch, name="prefetch-gguf-converter", daemon=True)
+    thread.start()
+    return thread
 
 
 def build_tasks(folder: Path, out=print) -> Path:

@@ -14,6 +14,7 @@ import math
 import shutil
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,41 @@ def test_install_converter_without_an_index_says_how_to_fix(tmp_path, monkeypatc
         gguf.install_converter("0.0.1", tmp_path / "conv")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "conv").exists()
+
+
+def test_demo_fetches_the_converter_beside_the_inputs_and_leaves_failures_to_the_stage(tmp_path, monkeypatch):
+    from kondense import demo
+
+    version = gguf.llama_cpp_version()
+    monkeypatch.setenv("KONDENSE_LLAMA_CPP_DIR", str(tmp_path / "conv"))
+    fetched_in = []
+
+    def download(v, folder, what, command):  # the pip download; extraction and install are real
+        fetched_in.append(threading.current_thread().name)
+        return _fake_sdist(tmp_path / f"llama_cpp_python-{v}.tar.gz", v)
+
+    monkeypatch.setattr(gguf, "_download_sdist", download)
+    pipeline = demo.pipeline("file:///unused")
+    thread = demo.prefetch_tools(pipeline)
+    thread.join(30)
+    assert fetched_in == ["prefetch-gguf-converter"]
+    assert (tmp_path / "conv" / ".complete").read_text().strip() == f"llama-cpp-python=={version}"
+
+    # no gguf stage: nothing to fetch
+    pipeline.spec.stages = [s for s in pipeline.spec.stages if not (s.quantize and s.quantize.method == "gguf")]
+    assert demo.prefetch_tools(pipeline) is None
+
+    # an unreachable index: the thread ends quietly, nothing is half installed, the stage will say why
+    def unreachable(v, folder, what, command):
+        raise MissingDependency("no index")
+
+    monkeypatch.setenv("KONDENSE_LLAMA_CPP_DIR", str(tmp_path / "conv2"))
+    monkeypatch.setattr(gguf, "_download_sdist", unreachable)
+    raised = []
+    monkeypatch.setattr(threading, "excepthook", raised.append)
+    thread = demo.prefetch_tools(demo.pipeline("file:///unused"))
+    thread.join(30)
+    assert not thread.is_alive() and raised == [] and not (tmp_path / "conv2").exists()
 
 
 def test_converter_dir_honours_env(tmp_path, monkeypatch):
