@@ -381,14 +381,14 @@ def test_preflight_refuses_gptq_that_cannot_fit_host_memory_before_loading_weigh
     spec_ = QuantizeSpec(method="gptq", group_size=32, calibration_samples=4, calibration_seq_length=SEQ)
     run, spec = make_run(tmp_path, "quantize", spec_, {"model": tiny_student}, dataset=tiny_dataset,
                          resources=Resources(gpus=0, memory="1Mi"))
-    code, summary, output = run_stage("quantize", spec, tmp_path)
+    code, summary, output = run_stage("quantize", spec, tmp_path, env={"TRANSFORMERS_VERBOSITY": "info"})  # logs each load
     assert code == 14, output[-3000:]
     assert summary.reason == "InsufficientResources"
     assert summary.message.startswith("quantize needs ") and "(resources.memory 1Mi)" in summary.message
     assert "Changes that would make it fit" in summary.message and "resources.memory: 1Gi" in summary.message
     assert summary.message in one_error_line(output)
     # refused from config.json and the safetensors headers: no weight loaded, nothing published
-    assert "Loading weights" not in output and "Preflight" not in output and "Quantizing" not in output
+    assert "loading weights file" not in output and "Preflight" not in output and "Quantizing" not in output
     assert not FileStore.path(run.output).exists() or not any(FileStore.path(run.output).iterdir())
 
 
@@ -399,11 +399,11 @@ def test_preflight_logs_the_plan_and_records_it_when_gptq_fits(tmp_path, make_ru
     spec_ = QuantizeSpec(method="gptq", group_size=32, calibration_samples=4, calibration_seq_length=SEQ)
     resources = Resources(gpus=0, memory="4Gi")
     run, spec = make_run(tmp_path, "quantize", spec_, {"model": tiny_student}, dataset=tiny_dataset, resources=resources)
-    code, summary, output = run_stage("quantize", spec, tmp_path)
+    code, summary, output = run_stage("quantize", spec, tmp_path, env={"TRANSFORMERS_VERBOSITY": "info"})  # logs each load
     assert code == 0, output[-3000:]
     expected = memory.quantize_plan(spec_, resources, preflight.shape_of(tiny_student, "model"))
     line = next(line for line in output.splitlines() if "Preflight: " in line)
     assert line.split("Preflight: ", 1)[1] == expected.table() and "(resources.memory 4Gi)" in line
     assert summary.metrics["preflightGiB"] == round(expected.total / memory.GIB, 3) > 0
-    assert output.index("Preflight: ") < output.index("Quantizing ")  # before the model loads
+    assert output.index("Preflight: ") < output.index("loading weights file") < output.index("Quantizing ")
     assert "sequential pipeline, layer by layer on the CPU" in output or CUDA
