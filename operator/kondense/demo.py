@@ -11,9 +11,10 @@ s3://kondense-demo replaced by the base URI.
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import shutil
+import tarfile
 import threading
 import time
 from importlib import resources
@@ -22,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from kondense.api import CompressionPipeline
+from kondense.errors import KondenseError
 from kondense.store import join, open_store
 from kondense.validation import parse
 
@@ -92,7 +94,7 @@ def prefetch_tools(pipeline: CompressionPipeline) -> threading.Thread | None:
             from kondense_jobs import gguf
 
             gguf.ensure_converter()  # returns at once when installed
-        except Exception as e:
+        except (ImportError, KondenseError, OSError, tarfile.TarError) as e:
             logging.getLogger(__name__).debug("prefetching llama.cpp's converter failed: %s", e)
 
     thread = threading.Thread(target=fetch, name="prefetch-gguf-converter", daemon=True)
