@@ -89,6 +89,7 @@ def prefetch_tools(pipeline: CompressionPipeline) -> threading.Thread | None:
     """
     if not any(s.quantize and s.quantize.method == "gguf" for s in pipeline.spec.stages):
         return None
+
     def fetch() -> None:
         try:
             from kondense_jobs import gguf
