@@ -430,7 +430,12 @@ def test_distill_on_two_nodes_is_an_indexed_job_that_trains_what_one_worker_trai
     assert service.spec.selector == {"batch.kubernetes.io/job-name": jname}
     assert [(o.kind, o.name) for o in service.metadata.owner_references] == [(api.KIND, "two-nodes")]
 
-    done = {name: wait_condition(api_client, ns, name, "Ready", timeout=600) for name in shapes}
+    try:
+        done = {name: wait_condition(api_client, ns, name, "Ready", timeout=600) for name in shapes}
+    except TimeoutError as e:  # say why: each pod's exit and the end of its log (a flake in CI once)
+        pods = "\n".join(f"--- {r.name}: exit {r.exit_code} {r.reason or ''}\n{r.output()[-2500:]}"
+                          for r in fake_kubelet.runs if r.namespace == ns)
+        raise AssertionError(f"{e}\n{pods}") from e
     for obj in done.values():
         (stage,) = obj["status"]["stages"]
         assert stage["state"] == "Succeeded" and stage["artifact"]["uri"]
