@@ -179,6 +179,7 @@ def test_demo_fetches_the_converter_beside_the_inputs_and_leaves_failures_to_the
 
     # an unreachable index: the thread ends quietly, nothing is half installed, the stage will say why
     def unreachable(v, folder, what, command):
+        fetched_in.append(threading.current_thread().name)
         raise MissingDependency("no index")
 
     monkeypatch.setenv("KONDENSE_LLAMA_CPP_DIR", str(tmp_path / "conv2"))
@@ -187,6 +188,7 @@ def test_demo_fetches_the_converter_beside_the_inputs_and_leaves_failures_to_the
     monkeypatch.setattr(threading, "excepthook", raised.append)
     thread = demo.prefetch_tools(demo.pipeline("file:///unused"))
     thread.join(30)
+    assert fetched_in == ["prefetch-gguf-converter"] * 2  # it did try
     assert not thread.is_alive() and raised == [] and not (tmp_path / "conv2").exists()
 
 
